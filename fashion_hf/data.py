@@ -1,0 +1,668 @@
+"""Training data for the fashion tagger: loaders that all return the same shape, tag mining from product names, and
+the vocabulary the model config is built from.
+
+Every loader returns a `datasets.Dataset` with
+- `image`: an `Image()` column,
+- one string column per attribute, `None` where the label is missing (never a fake "unknown" class),
+- `tags`: the target tag sequence, a list of `"group:text"` keys: attribute values in head order, then detail tags,
+- `productDisplayName` where the source has product names (detail tags and brands are mined from it).
+
+Typical use:
+
+    train = load_fashion_product_images(split="train", with_brand=True)
+    attributes, tags = build_vocabulary(train, [*PRODUCT_ATTRIBUTES, BRAND])
+    train = apply_vocabulary(train, attributes, tags)
+    config = FashionTaggerConfig(attributes=attributes, tags=tags)
+"""
+
+import gzip
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+from datasets import Dataset, Features, Image, List, Value, load_dataset
+from huggingface_hub import constants as hub_constants
+
+from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
+
+PRODUCT_IMAGES_HUB_ID = "ashraq/fashion-product-images-small"
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+DATA_DIR_ENV = "FASHION_DATA_DIR"
+
+PRODUCT_ATTRIBUTES = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage")
+BRAND = "brand"
+NAME_COLUMN = "productDisplayName"
+TAGS_COLUMN = "tags"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
+
+_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+_FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), _SHARED_DATA / "fashion-mnist")
+_FASHION_MNIST_PREFIXES = {"train": "train", "test": "t10k"}
+# The Hub copy of the product images spells a missing label as "NA" or "" instead of null.
+_MISSING_LABELS = frozenset({"", "NA"})
+# Deterministic split by product id (the local copy's README): buckets 0-14 test, 15-24 validation, 25-99 train.
+_SPLIT_BUCKETS = {"test": range(0, 15), "validation": range(15, 25), "train": range(25, 100)}
+
+_STRING = Value("string")
+_TAG_LIST = List(Value("string"))
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tag mining: a curated lexicon, kept as data.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Canonical detail tag -> other spellings that mean the same. Matching is whole-word and case-insensitive, spaces and
+# hyphens are interchangeable ("V Neck" = "v-neck"), and the longest phrase wins ("non-padded" before "padded").
+# Built from the words shoppers filter on in the product names of the train split. Words that an attribute head
+# already predicts (colours, article types, usage such as "casual" or "formal", gender) are left out on purpose: a
+# detail tag should say something the heads do not. The order here is the order of detail tags in every vocabulary.
+DETAIL_LEXICON: dict[str, tuple[str, ...]] = {
+    # pattern and finish
+    "printed": ("print", "prints"),
+    "solid": ("plain",),
+    "check": ("checks", "checked", "chequered", "checkered", "gingham", "plaid", "tartan"),
+    "striped": ("stripes", "stripe", "stripped", "pinstripe", "pinstriped", "pin stripe"),
+    "graphic": ("graphics",),
+    "floral": ("florals",),
+    "polka dot": ("polka dots", "polka"),
+    "logo": ("logos",),
+    "colourblocked": ("colour blocked", "colorblocked", "color blocked", "colourblock", "colorblock"),
+    "embroidered": ("embroidery",),
+    "camouflage": ("camo",),
+    "animal print": ("leopard print", "leopard", "zebra print"),
+    "paisley": (),
+    "abstract": (),
+    "melange": ("heather",),
+    "washed": ("stone washed", "stonewashed"),
+    "sequinned": ("sequined", "sequins", "sequin"),
+    "beaded": (),
+    "metallic": (),
+    "matte": ("matt",),
+    "shimmer": ("shimmery", "glitter"),
+    # material
+    "cotton": (),
+    "denim": (),
+    "leather": ("genuine leather",),
+    "faux leather": ("leatherette", "leatherite", "pu leather", "synthetic leather"),
+    "suede": (),
+    "canvas": (),
+    "silk": (),
+    "satin": (),
+    "linen": (),
+    "wool": ("woollen", "woolen"),
+    "fleece": (),
+    "knit": ("knitted", "knitwear"),
+    "lace": (),
+    "mesh": (),
+    "chiffon": (),
+    "georgette": (),
+    "crepe": (),
+    "chanderi": (),
+    "sterling silver": (),
+    "gold plated": (),
+    "pearl": ("pearls",),
+    "crystal": ("crystals",),
+    # fit and rise
+    "slim fit": ("slim",),
+    "skinny": ("skinny fit",),
+    "regular fit": (),
+    "relaxed fit": ("loose fit",),
+    "oversized": ("oversize",),
+    "stretch": ("stretchable",),
+    "low rise": (),
+    "mid rise": (),
+    "high rise": ("high waist", "high waisted"),
+    # neck, sleeve, build
+    "polo": ("polo neck",),
+    "round neck": ("crew neck", "crewneck"),
+    "v-neck": ("vneck",),
+    "mandarin collar": ("mandarin", "chinese collar"),
+    "hooded": ("hood", "hoodie"),
+    "sleeveless": (),
+    "short sleeve": ("short sleeves", "short sleeved", "half sleeve", "half sleeves", "half sleeved"),
+    "full sleeve": ("full sleeves", "full sleeved", "long sleeve", "long sleeves", "long sleeved"),
+    "reversible": (),
+    # footwear
+    "slip-on": ("slip ons",),
+    "lace-up": ("lace ups", "laceup"),
+    "peep toe": ("peep toes", "peeptoe"),
+    "stiletto": ("stilettos",),
+    "wedge": ("wedges",),
+    "ballerina": ("ballerinas", "ballet flats"),
+    # sport and activity
+    "running": ("run",),
+    "training": ("trainng", "trainer", "trainers"),
+    "football": ("soccer",),
+    "basketball": (),
+    "tennis": (),
+    "cricket": (),
+    "badminton": (),
+    "yoga": (),
+    "swimming": ("swim",),
+    "cycling": (),
+    "golf": (),
+    "hiking": ("trekking", "trek"),
+    "outdoor": ("outdoors",),
+    "skateboarding": ("skate", "skateboard"),
+    "motorsport": ("motorsports",),
+    # watches and eyewear
+    "analog": ("analogue",),
+    "digital": (),
+    "chronograph": (),
+    "multifunction": ("multi function",),
+    "aviator": ("aviators",),
+    "wayfarer": ("wayfarers",),
+    "polarized": ("polarised",),
+    "uv protection": ("uv protected", "uv"),
+    # lingerie
+    "padded": (),
+    "non-padded": (),
+    "push-up": (),
+    "full coverage": (),
+    "seamless": (),
+    # how it is sold, occasion
+    "multipack": ("pack of", "set of", "combo"),
+    "gift set": ("gift pack", "gift box"),
+    "wedding": ("bridal",),
+    "vintage": ("retro",),
+    "waterproof": ("water resistant",),
+}
+
+# Brands whose name holds a lexicon word but says nothing about the item ("U.S. Polo Assn." belts are not polos).
+# The name is mined without them.
+NON_DESCRIPTIVE_BRANDS = frozenset(
+    {"u.s. polo assn.", "u.s. polo assn. denim co.", "classic polo", "urban yoga", "denim"}
+)
+
+# The word after the brand in a product name ("Puma Men Slim Fit Running Shoes"): brand = the words before it.
+GENDER_WORDS = frozenset(
+    {"men", "men's", "mens", "man", "man's", "women", "women's", "womens", "woman", "woman's", "ladies",
+     "boys", "boy's", "boys'", "boy", "girls", "girl's", "girls'", "girl", "unisex",
+     "kids", "kid's", "kids'", "kid", "kids-boys", "kids-girls", "infant", "infants", "teen", "teens"}
+)  # fmt: skip
+_TOKEN_PUNCTUATION = ".,;:()[]"
+
+
+def _phrase_key(text: str) -> str:
+    """Case, spaces and hyphens do not distinguish phrases: "V-Neck", "v neck" -> "v neck"."""
+    return " ".join(re.split(r"[\s\-]+", text.casefold().strip()))
+
+
+def _compile_lexicon(lexicon: Mapping[str, Sequence[str]]) -> tuple[re.Pattern, dict[str, str]]:
+    """One alternation, longest phrase first, so that the regex engine prefers "slim fit" to "slim"."""
+    surface_to_tag = {}
+    for tag, spellings in lexicon.items():
+        for spelling in (tag, *spellings):
+            surface_to_tag[_phrase_key(spelling)] = tag
+    phrases = sorted(surface_to_tag, key=lambda phrase: (-len(phrase), phrase))
+    alternation = "|".join(r"[\s\-]+".join(map(re.escape, phrase.split(" "))) for phrase in phrases)
+    return re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE), surface_to_tag
+
+
+_DETAIL_PATTERN, _SURFACE_TO_TAG = _compile_lexicon(DETAIL_LEXICON)
+_LEXICON_RANK = {tag: rank for rank, tag in enumerate(DETAIL_LEXICON)}
+
+
+def detail_tag_order(tag: str) -> tuple[int, int, str]:
+    """Sort key of detail tags: lexicon order first, then tags from elsewhere (feedback) alphabetically."""
+    rank = _LEXICON_RANK.get(tag)
+    return (0, rank, "") if rank is not None else (1, 0, tag)
+
+
+def canonical_detail_tag(text: str) -> str:
+    """A typed tag in canonical form: a lexicon spelling maps to its tag ("Checked" -> "check"), else lower case."""
+    key = _phrase_key(text)
+    return _SURFACE_TO_TAG.get(key, " ".join(text.casefold().split()))
+
+
+def _split_brand(name: str, gender: str | None = None) -> tuple[str | None, str]:
+    """(brand, rest of the name from the gender word on); (None, name) when no gender word is found."""
+    words = GENDER_WORDS | {gender.casefold()} if gender else GENDER_WORDS
+    tokens = name.split()
+    for position, token in enumerate(tokens):
+        if token.casefold().strip(_TOKEN_PUNCTUATION) in words:
+            return " ".join(tokens[:position]) or None, " ".join(tokens[position:])
+    return None, name
+
+
+def extract_brand(name: str | None, gender: str | None = None) -> str | None:
+    """The words of a product name before its gender word ("Turtle Check Men Navy Blue Shirt" -> "Turtle Check").
+
+    Myntra names read "<brand> <gender> <description>". `gender` (the item's gender label) also counts as a gender
+    word, for catalogues that spell it differently. Returns None when no gender word is found: a guess would put
+    product words into the brand head.
+    """
+    return _split_brand(name, gender)[0] if name else None
+
+
+def mine_detail_tags(name: str | None) -> list[str]:
+    """Canonical detail tags found in a product name, in lexicon order.
+
+    >>> mine_detail_tags("Puma Men Slim Fit Running Shoes")
+    ['slim fit', 'running']
+    """
+    if not name:
+        return []
+    brand, rest = _split_brand(name)
+    if brand is not None and brand.casefold() in NON_DESCRIPTIVE_BRANDS:
+        name = rest
+    found = {_SURFACE_TO_TAG[_phrase_key(match.group())] for match in _DETAIL_PATTERN.finditer(name)}
+    return sorted(found, key=detail_tag_order)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Column plumbing: read columns without decoding images, swap whole columns without rewriting the rest.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _require_columns(dataset: Dataset, columns: Iterable[str], what: str) -> None:
+    missing = [column for column in columns if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"{what} has no column {', '.join(map(repr, missing))}; its columns: {dataset.column_names}")
+
+
+def _read_columns(dataset: Dataset, columns: Sequence[str]) -> dict[str, list]:
+    """Python lists of the given columns, read through Arrow so that no image is decoded."""
+    table = dataset.select_columns(list(columns)).with_format("arrow")[:]
+    return {column: table.column(column).to_pylist() for column in columns}
+
+
+def _replace_columns(dataset: Dataset, columns: Mapping[str, tuple[list, object]]) -> Dataset:
+    """Set whole columns (`name -> (values, feature)`), keeping the column order; new columns go last."""
+    order = list(dataset.column_names) + [name for name in columns if name not in dataset.column_names]
+    dataset = dataset.remove_columns([name for name in columns if name in dataset.column_names])
+    for name, (values, feature) in columns.items():
+        dataset = dataset.add_column(name, values, feature=feature)
+    return dataset.select_columns(order)
+
+
+def _as_label(value) -> str | None:
+    """A label as a string; missing stays None (NaN from pandas, "" and "NA" from CSV exports)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value).strip()
+    return None if text in _MISSING_LABELS else text
+
+
+def _set_string_columns(dataset: Dataset, columns: Sequence[str]) -> Dataset:
+    """Make attribute columns plain strings with None for missing labels; untouched when they already are."""
+    values = _read_columns(dataset, columns)
+    changed = {}
+    for column in columns:
+        labels = [_as_label(value) for value in values[column]]
+        if labels != values[column] or dataset.features[column] != _STRING:
+            changed[column] = (labels, _STRING)
+    return _replace_columns(dataset, changed) if changed else dataset
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tag sequences and the vocabulary.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def add_tag_sequences(
+    dataset: Dataset, attributes: Sequence[str], detail_tags: Sequence[str] | None = None
+) -> Dataset:
+    """Set the `tags` column: each present attribute value in head order, then the item's detail tags in order.
+
+    An item's detail tags are those mined from its `productDisplayName` plus the detail tags already in its `tags`
+    (feedback carries typed tags and no name). `detail_tags` is the ordered list of detail tags to keep, normally
+    the vocabulary's; None keeps them all in lexicon order.
+    """
+    _require_columns(dataset, attributes, "the dataset")
+    sources = [column for column in (NAME_COLUMN, TAGS_COLUMN) if column in dataset.column_names]
+    columns = _read_columns(dataset, [*attributes, *sources])
+    names = columns.get(NAME_COLUMN, [None] * len(dataset))
+    previous = columns.get(TAGS_COLUMN, [[]] * len(dataset))
+    if detail_tags is None:
+        keep, order = None, detail_tag_order
+    else:
+        keep, order = set(detail_tags), {tag: rank for rank, tag in enumerate(detail_tags)}.__getitem__
+    prefix = tag_key(DETAIL_GROUP, "")
+    sequences = []
+    for row, name in enumerate(names):
+        details = set(mine_detail_tags(name))
+        details.update(key[len(prefix) :] for key in previous[row] or () if key.startswith(prefix))
+        if keep is not None:
+            details &= keep
+        labels = [tag_key(attribute, columns[attribute][row]) for attribute in attributes if columns[attribute][row]]
+        sequences.append(labels + [tag_key(DETAIL_GROUP, tag) for tag in sorted(details, key=order)])
+    return _replace_columns(dataset, {TAGS_COLUMN: (sequences, _TAG_LIST)})
+
+
+def build_vocabulary(
+    dataset: Dataset,
+    attributes: Sequence[str],
+    min_tag_count: int = 20,
+    min_label_count: int = 1,
+    min_brand_count: int = 20,
+) -> tuple[dict[str, list[str]], list[list[str]]]:
+    """The heads and the tag vocabulary of a training set, in the shape `FashionTaggerConfig` takes.
+
+    Returns `(attributes, tags)`: `attributes` maps each attribute (in the given head order) to its sorted labels
+    seen at least `min_label_count` times; `tags` is every attribute label as `[label, attribute]`, then the detail
+    tags on at least `min_tag_count` items as `[tag, "detail"]`, in lexicon order. Brands are an open set (hundreds
+    of names, most seen a handful of times), so the brand head keeps only brands seen `min_brand_count` times;
+    `apply_vocabulary` then makes the rest missing rather than a fake class.
+    """
+    _require_columns(dataset, [*attributes, TAGS_COLUMN], "the dataset")
+    columns = _read_columns(dataset, [*attributes, TAGS_COLUMN])
+    heads = {}
+    for attribute in attributes:
+        floor = min_brand_count if attribute == BRAND else min_label_count
+        counts = Counter(label for label in columns[attribute] if label is not None)
+        labels = sorted(label for label, count in counts.items() if count >= floor)
+        if not labels:
+            raise ValueError(f"attribute {attribute!r} has no label seen at least {floor} times")
+        heads[attribute] = labels
+    prefix = tag_key(DETAIL_GROUP, "")
+    detail_counts = Counter(
+        key[len(prefix) :] for sequence in columns[TAGS_COLUMN] for key in sequence or () if key.startswith(prefix)
+    )
+    details = sorted((tag for tag, count in detail_counts.items() if count >= min_tag_count), key=detail_tag_order)
+    tags = [[label, attribute] for attribute, labels in heads.items() for label in labels]
+    return heads, tags + [[tag, DETAIL_GROUP] for tag in details]
+
+
+def apply_vocabulary(
+    dataset: Dataset, attributes: Mapping[str, Sequence[str]], tags: Sequence[Sequence[str]]
+) -> Dataset:
+    """Fit a dataset to a vocabulary: labels outside it become None, tag sequences keep only vocabulary tags."""
+    _require_columns(dataset, attributes, "the dataset")
+    columns = _read_columns(dataset, list(attributes))
+    changed = {}
+    for attribute, labels in attributes.items():
+        known = set(labels)
+        values = [label if label in known else None for label in columns[attribute]]
+        if values != columns[attribute]:
+            changed[attribute] = (values, _STRING)
+    if changed:
+        dataset = _replace_columns(dataset, changed)
+    return add_tag_sequences(dataset, list(attributes), [text for text, group in tags if group == DETAIL_GROUP])
+
+
+def add_brand_column(dataset: Dataset) -> Dataset:
+    """Add a `brand` attribute mined from the product names, one spelling per brand.
+
+    Names spell a brand several ways ("ADIDAS", "Adidas"); each brand takes its most frequent spelling so that the
+    head does not split one brand into several classes.
+    """
+    _require_columns(dataset, [NAME_COLUMN], "the dataset")
+    has_gender = "gender" in dataset.column_names
+    columns = _read_columns(dataset, [NAME_COLUMN, "gender"] if has_gender else [NAME_COLUMN])
+    genders = columns["gender"] if has_gender else [None] * len(dataset)
+    brands = [extract_brand(name, gender) for name, gender in zip(columns[NAME_COLUMN], genders)]
+    spellings = Counter(brand for brand in brands if brand)
+    canonical = {}
+    for spelling, count in sorted(spellings.items(), key=lambda item: (-item[1], item[0])):
+        canonical.setdefault(spelling.casefold(), spelling)
+    values = [canonical[brand.casefold()] if brand else None for brand in brands]
+    return _replace_columns(dataset, {BRAND: (values, _STRING)})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Loaders.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _local_path(source: str | Path) -> Path | None:
+    """The local path `source` names, or None for a Hub id; a path-like source that does not exist is an error."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if isinstance(source, Path) or path.is_absolute() or str(source).startswith((".", "~")):
+        raise FileNotFoundError(f"{source} does not exist: pass an existing local path or a Hub dataset id")
+    return None
+
+
+def _load_from_hub(repo_id: str, split: str, hint: str) -> Dataset:
+    """load_dataset on a Hub id, with an error that says what to do when the Hub is out of reach."""
+    try:
+        return load_dataset(repo_id, split=split)
+    except ConnectionError as err:
+        offline = " (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else ""
+        raise FileNotFoundError(
+            f"{repo_id!r} is not a local path and the Hub cannot be reached{offline}, nor is it cached. {hint}"
+        ) from err
+
+
+def split_of(product_id) -> str:
+    """The split a product id belongs to, by hash, identical to the split of the local copy of the data."""
+    bucket = int(hashlib.sha1(str(product_id).encode()).hexdigest(), 16) % 100
+    return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def _default_product_images_source() -> str | Path:
+    """FASHION_DATA_DIR, else the shared data next to the repository, else the Hub."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV])
+    shared = _SHARED_DATA / "fashion-product-images"
+    return shared if shared.is_dir() else PRODUCT_IMAGES_HUB_ID
+
+
+def load_fashion_product_images(source=None, split: str = "train", with_brand: bool = False) -> Dataset:
+    """Myntra's Fashion Product Images (Small): photos with 7 attributes and a product name.
+
+    `source` is a local folder in the Hub parquet layout (`data/<split>-*.parquet`, as in the shared data) or a Hub
+    id; None means the folder in $FASHION_DATA_DIR, else `<repo>/../shared/data/fashion-product-images`, else
+    `ashraq/fashion-product-images-small`. That Hub copy has a single split, so a Hub id is split by product id with
+    the same hash as the local copy ("train", "validation", "test"): the same product never lands in two splits.
+    `with_brand` adds a `brand` attribute mined from the names (see `add_brand_column`).
+    """
+    source = _default_product_images_source() if source is None else source
+    path = _local_path(source)
+    if path is not None:
+        dataset = load_dataset(str(path), split=split)
+    else:
+        if split not in _SPLIT_BUCKETS:
+            raise ValueError(f"split must be one of {list(_SPLIT_BUCKETS)}, got {split!r}")
+        hint = f"Set {DATA_DIR_ENV} to a local copy (a folder with data/{split}-*.parquet) or pass source=<folder>."
+        dataset = _load_from_hub(source, "train", hint)
+        ids = _read_columns(dataset, ["id"])["id"]
+        dataset = dataset.select([row for row, product_id in enumerate(ids) if split_of(product_id) == split])
+    _require_columns(dataset, ["image", *PRODUCT_ATTRIBUTES], f"the product images at {source}")
+    dataset = _set_string_columns(dataset, PRODUCT_ATTRIBUTES)
+    attributes = list(PRODUCT_ATTRIBUTES)
+    if with_brand:
+        dataset = add_brand_column(dataset)
+        attributes.append(BRAND)
+    return add_tag_sequences(dataset, attributes)
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """One gzip-compressed IDX file (the MNIST format) as a uint8 array, its header checked against its size."""
+    path = Path(path)
+    try:
+        with gzip.open(path, "rb") as file:
+            data = file.read()
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a complete gzip file ({err}); download it again") from err
+    # Magic: two zero bytes, the element type (0x08 = unsigned byte), the number of dimensions.
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes (magic {data[:4].hex() or 'missing'})")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    shape = struct.unpack(f">{ndim}I", data[4:header]) if len(data) >= header else None
+    if shape is None or len(data) != header + math.prod(shape):
+        raise ValueError(f"{path} is truncated or padded: its header announces shape {shape}, not {len(data)} bytes")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """The images (N, 28, 28) and labels (N,) of one split, checked against each other."""
+    prefix = _FASHION_MNIST_PREFIXES[split]
+    images_path = folder / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = folder / f"{prefix}-labels-idx1-ubyte.gz"
+    for path in (images_path, labels_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"Fashion-MNIST file {path} not found (split {split!r} needs {prefix}-*.gz)")
+    images, labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise ValueError(f"{images_path} must hold (N, rows, cols) images and {labels_path} (N,) labels")
+    if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{images_path} and {labels_path} do not match: {len(images)} images, {len(labels)} labels")
+    return images, labels
+
+
+def _default_fashion_mnist_source() -> str | Path:
+    return next((folder for folder in _FASHION_MNIST_DIRS if folder.is_dir()), FASHION_MNIST_HUB_ID)
+
+
+def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
+    """Zalando's Fashion-MNIST (28x28 greyscale, 10 classes) as an `articleType` attribute.
+
+    `source` is a folder with the IDX .gz files or a Hub id; None means /usr/share/datasets/fashion-mnist, else
+    `<repo>/../shared/data/fashion-mnist`, else `zalando-datasets/fashion_mnist`. Splits: "train" and "test".
+    """
+    if split not in _FASHION_MNIST_PREFIXES:
+        raise ValueError(f"Fashion-MNIST has the splits {list(_FASHION_MNIST_PREFIXES)}, got {split!r}")
+    source = _default_fashion_mnist_source() if source is None else source
+    path = _local_path(source)
+    if path is not None:
+        images, labels = _read_fashion_mnist(path, split)
+        # datasets encodes uint8 arrays as PNG (mode L): about 3 s for the 60,000 training images.
+        features = Features(image=Image(), articleType=_STRING)
+        names = [FASHION_MNIST_CLASSES[label] for label in labels.tolist()]
+        dataset = Dataset.from_dict({"image": list(images), "articleType": names}, features=features)
+    else:
+        hint = "Pass source=<folder with the Fashion-MNIST .gz files>."
+        dataset = _load_from_hub(source, split, hint)
+        labels = _read_columns(dataset, ["label"])["label"]
+        dataset = _replace_columns(
+            dataset.remove_columns("label"),
+            {"articleType": ([FASHION_MNIST_CLASSES[label] for label in labels], _STRING)},
+        )
+    return add_tag_sequences(dataset, ["articleType"])
+
+
+def _load_image_folder(folder: Path, attributes: Sequence[str] | None) -> tuple[Dataset, list[str] | None]:
+    """An imagefolder: labels from metadata.csv/jsonl, or sub-folder names as one attribute (default articleType)."""
+    dataset = load_dataset("imagefolder", data_dir=str(folder), split="train")
+    if "label" in dataset.column_names and isinstance(dataset.features["label"], datasets.ClassLabel):
+        if attributes is not None and len(attributes) != 1:
+            raise ValueError(f"{folder} labels images by sub-folder: name one attribute for it, got {attributes}")
+        attribute = attributes[0] if attributes else "articleType"
+        names = dataset.features["label"].int2str(_read_columns(dataset, ["label"])["label"])
+        dataset = _replace_columns(dataset.remove_columns("label"), {attribute: (names, _STRING)})
+        attributes = [attribute]
+    return dataset, attributes
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """A catalogue table with every column as text (ids and sizes are labels, not numbers)."""
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return pd.read_csv(path, sep="\t" if suffix == ".tsv" else ",", dtype=str)
+    if suffix == ".parquet":
+        return pd.read_parquet(path)
+    if suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
+    raise ValueError(f"catalogue {path}: expected an image folder or a .csv/.tsv/.parquet/.jsonl file")
+
+
+def _load_table(path: Path, image_column: str) -> Dataset:
+    """A catalogue table whose `image_column` holds image paths relative to the table's folder."""
+    frame = _read_table(path)
+    if image_column not in frame.columns:
+        raise ValueError(f"catalogue {path} has no image column {image_column!r}; its columns: {list(frame.columns)}")
+    images = [_as_label(value) for value in frame[image_column]]
+    if None in images:
+        raise ValueError(f"catalogue {path}: row {images.index(None)} has no image path in {image_column!r}")
+    images = [str((path.parent / image).resolve()) for image in images]
+    missing = [image for image in images if not Path(image).is_file()]
+    if missing:
+        raise FileNotFoundError(f"catalogue {path}: {len(missing)} image files not found, e.g. {missing[:3]}")
+    columns = {column: [_as_label(value) for value in frame[column]] for column in frame.columns if column != image_column}
+    features = Features({"image": Image(), **{column: _STRING for column in columns}})
+    return Dataset.from_dict({"image": images, **columns}, features=features)
+
+
+def load_catalogue(
+    path: str | Path,
+    attributes: Sequence[str] | None = None,
+    image_column: str = "image",
+    name_column: str | None = None,
+) -> Dataset:
+    """A user's own catalogue, to fine-tune on or to evaluate.
+
+    `path` is either an image folder (`load_dataset("imagefolder")` layout: a metadata.csv/jsonl with a `file_name`
+    column and label columns, or one sub-folder per class, which becomes the `articleType` attribute unless
+    `attributes` names another) or a CSV/TSV/parquet/JSONL file whose `image_column` holds image paths relative to
+    the file. `attributes` are the label columns (None: every column but the image and the name). `name_column`
+    holds product names (renamed to `productDisplayName`, the text detail tags are mined from).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"catalogue {path} not found: pass an image folder or a CSV/parquet/JSONL file")
+    if path.is_dir():
+        dataset, attributes = _load_image_folder(path, attributes)
+    else:
+        dataset = _load_table(path, image_column)
+    if name_column is not None and name_column != NAME_COLUMN:
+        _require_columns(dataset, [name_column], f"catalogue {path}")
+        dataset = dataset.rename_column(name_column, NAME_COLUMN)
+    if attributes is None:
+        attributes = [column for column in dataset.column_names if column not in ("image", NAME_COLUMN, TAGS_COLUMN)]
+    _require_columns(dataset, attributes, f"catalogue {path}")
+    dataset = _set_string_columns(dataset, [*attributes, *([NAME_COLUMN] if NAME_COLUMN in dataset.column_names else [])])
+    return add_tag_sequences(dataset, attributes)
+
+
+def _feedback_labels(record_id, attributes_json, typed_tags) -> tuple[dict[str, str], list[str]]:
+    """The corrected attributes and canonical detail tags of one feedback record."""
+    try:
+        corrected = json.loads(attributes_json) if attributes_json else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"feedback record {record_id}: corrected_attributes is not JSON ({err})") from err
+    if not isinstance(corrected, dict):
+        raise ValueError(f"feedback record {record_id}: corrected_attributes must be a JSON object, got {corrected!r}")
+    labels = {attribute: label for attribute, value in corrected.items() if (label := _as_label(value)) is not None}
+    tags = [canonical_detail_tag(tag) for tag in typed_tags or () if tag and tag.strip()]
+    return labels, tags
+
+
+def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -> Dataset:
+    """Training examples from the corrections users sent through the app (the feedback store folder or Hub dataset).
+
+    Records without consent are skipped, and so are records that correct nothing. Corrected attributes become
+    labels (attributes a record does not correct stay None); corrected tags become detail tags. `attributes` fixes
+    the attribute columns (None: every corrected attribute, product attributes first in head order).
+    """
+    path = _local_path(source)
+    if path is not None:
+        if not path.is_dir():
+            raise FileNotFoundError(f"feedback store {path} is not a folder")
+        records = load_dataset(str(path), split="train")
+    else:
+        records = _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
+    required = ["image", "consent", "corrected_attributes", "corrected_tags"]
+    _require_columns(records, required, f"the feedback store {source}")
+    has_id = "id" in records.column_names
+    columns = _read_columns(records, [*required[1:], *(["id"] if has_id else [])])
+    rows, labels, details = [], [], []
+    for row, (consent, attributes_json, typed_tags) in enumerate(zip(*(columns[name] for name in required[1:]))):
+        if consent is not True:
+            continue
+        record_labels, record_tags = _feedback_labels(columns["id"][row] if has_id else row, attributes_json, typed_tags)
+        if record_labels or record_tags:
+            rows.append(row)
+            labels.append(record_labels)
+            details.append(record_tags)
+    if attributes is None:
+        seen = {attribute for record in labels for attribute in record}
+        head_order = [*PRODUCT_ATTRIBUTES, BRAND]
+        attributes = [a for a in head_order if a in seen] + sorted(seen.difference(head_order))
+    dataset = records.select(rows).select_columns(["image", *(["id"] if has_id else [])])
+    new_columns = {attribute: ([record.get(attribute) for record in labels], _STRING) for attribute in attributes}
+    new_columns[TAGS_COLUMN] = ([[tag_key(DETAIL_GROUP, tag) for tag in tags] for tags in details], _TAG_LIST)
+    return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)

