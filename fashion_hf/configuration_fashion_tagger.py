@@ -135,6 +135,19 @@ class FashionTaggerConfig(PreTrainedConfig):
         """Tag key (`"group:text"`) -> decoder token id."""
         return {tag_key(group, text): index + len(SPECIAL_TAGS) for index, (text, group) in enumerate(self.tags)}
 
+    def attribute_label_ids(self, values) -> list[int]:
+        """`{attribute: label}` -> one label index per head in head order; -100 where missing or out of vocabulary."""
+        ids = []
+        for name, labels in self.attributes.items():
+            value = values.get(name)
+            ids.append(labels.index(value) if value in labels else -100)
+        return ids
+
+    def tag_sequence_ids(self, keys) -> list[int]:
+        """Tag keys -> `<bos> tag ... <eos>` ids for teacher forcing; keys outside the vocabulary are dropped."""
+        vocabulary = self.tag_to_id()
+        return [BOS_TAG_ID] + [vocabulary[key] for key in keys if key in vocabulary] + [EOS_TAG_ID]
+
     def id_to_tag(self, tag_id: int) -> tuple[str, str]:
         """Decoder token id -> `(text, group)`."""
         text, group = self.tags[tag_id - len(SPECIAL_TAGS)]

@@ -12,6 +12,7 @@ Typical use:
     train = load_fashion_product_images(split="train", with_brand=True)
     attributes, tags = build_vocabulary(train, [*PRODUCT_ATTRIBUTES, BRAND])
     train = apply_vocabulary(train, attributes, tags)
+    validation = apply_vocabulary(load_fashion_product_images(split="validation", with_brand=True), attributes, tags)
     config = FashionTaggerConfig(attributes=attributes, tags=tags)
 """
 
@@ -42,14 +43,13 @@ PRODUCT_ATTRIBUTES = ("gender", "masterCategory", "subCategory", "articleType", 
 BRAND = "brand"
 NAME_COLUMN = "productDisplayName"
 TAGS_COLUMN = "tags"
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), _SHARED_DATA / "fashion-mnist")
 _FASHION_MNIST_PREFIXES = {"train": "train", "test": "t10k"}
-# The Hub copy of the product images spells a missing label as "NA" or "" instead of null.
+# Exports of the original styles.csv spell a missing label "NA" or "" (see the shared copy's README): both are missing.
 _MISSING_LABELS = frozenset({"", "NA"})
 # Deterministic split by product id (the local copy's README): buckets 0-14 test, 15-24 validation, 25-99 train.
 _SPLIT_BUCKETS = {"test": range(0, 15), "validation": range(15, 25), "train": range(25, 100)}
@@ -179,18 +179,25 @@ DETAIL_LEXICON: dict[str, tuple[str, ...]] = {
 }
 
 # Brands whose name holds a lexicon word but says nothing about the item ("U.S. Polo Assn." belts are not polos).
-# The name is mined without them.
-NON_DESCRIPTIVE_BRANDS = frozenset(
-    {"u.s. polo assn.", "u.s. polo assn. denim co.", "classic polo", "urban yoga", "denim"}
-)
+# The name is mined without them. Product lines that do describe the item ("Turtle Check" shirts) are not listed.
+NON_DESCRIPTIVE_BRANDS = ("U.S. Polo Assn.", "U.S. Polo Assn. Denim Co.", "Regent Polo Club", "Classic Polo",
+                          "Urban Yoga", "Denim")
 
 # The word after the brand in a product name ("Puma Men Slim Fit Running Shoes"): brand = the words before it.
 GENDER_WORDS = frozenset(
     {"men", "men's", "mens", "man", "man's", "women", "women's", "womens", "woman", "woman's", "ladies",
      "boys", "boy's", "boys'", "boy", "girls", "girl's", "girls'", "girl", "unisex",
      "kids", "kid's", "kids'", "kid", "kids-boys", "kids-girls", "infant", "infants", "teen", "teens"}
-)  # fmt: skip
+)
 _TOKEN_PUNCTUATION = ".,;:()[]"
+
+
+def _brand_key(brand: str) -> str:
+    """Case, spaces and dots do not distinguish brands: "U.S.Polo Assn", "U.S. Polo Assn." -> "uspoloassn"."""
+    return re.sub(r"[\s.]+", "", brand.casefold())
+
+
+_NON_DESCRIPTIVE_BRAND_KEYS = frozenset(map(_brand_key, NON_DESCRIPTIVE_BRANDS))
 
 
 def _phrase_key(text: str) -> str:
@@ -254,7 +261,7 @@ def mine_detail_tags(name: str | None) -> list[str]:
     if not name:
         return []
     brand, rest = _split_brand(name)
-    if brand is not None and brand.casefold() in NON_DESCRIPTIVE_BRANDS:
+    if brand is not None and _brand_key(brand) in _NON_DESCRIPTIVE_BRAND_KEYS:
         name = rest
     found = {_SURFACE_TO_TAG[_phrase_key(match.group())] for match in _DETAIL_PATTERN.finditer(name)}
     return sorted(found, key=detail_tag_order)
@@ -377,13 +384,20 @@ def build_vocabulary(
 def apply_vocabulary(
     dataset: Dataset, attributes: Mapping[str, Sequence[str]], tags: Sequence[Sequence[str]]
 ) -> Dataset:
-    """Fit a dataset to a vocabulary: labels outside it become None, tag sequences keep only vocabulary tags."""
+    """Fit a dataset to a vocabulary: labels outside it become None, tag sequences keep only vocabulary tags.
+
+    Brands match whatever their spelling: another split may spell a brand "Adidas" where training said "ADIDAS".
+    """
     _require_columns(dataset, attributes, "the dataset")
     columns = _read_columns(dataset, list(attributes))
     changed = {}
     for attribute, labels in attributes.items():
-        known = set(labels)
-        values = [label if label in known else None for label in columns[attribute]]
+        if attribute == BRAND:
+            spelling = {_brand_key(label): label for label in labels}
+            values = [spelling.get(_brand_key(label)) if label else None for label in columns[attribute]]
+        else:
+            known = set(labels)
+            values = [label if label in known else None for label in columns[attribute]]
         if values != columns[attribute]:
             changed[attribute] = (values, _STRING)
     if changed:
@@ -394,8 +408,8 @@ def apply_vocabulary(
 def add_brand_column(dataset: Dataset) -> Dataset:
     """Add a `brand` attribute mined from the product names, one spelling per brand.
 
-    Names spell a brand several ways ("ADIDAS", "Adidas"); each brand takes its most frequent spelling so that the
-    head does not split one brand into several classes.
+    Names spell a brand several ways ("ADIDAS", "Adidas", "U.S.Polo Assn."); each brand takes its most frequent
+    spelling so that the head does not split one brand into several classes.
     """
     _require_columns(dataset, [NAME_COLUMN], "the dataset")
     has_gender = "gender" in dataset.column_names
@@ -405,8 +419,8 @@ def add_brand_column(dataset: Dataset) -> Dataset:
     spellings = Counter(brand for brand in brands if brand)
     canonical = {}
     for spelling, count in sorted(spellings.items(), key=lambda item: (-item[1], item[0])):
-        canonical.setdefault(spelling.casefold(), spelling)
-    values = [canonical[brand.casefold()] if brand else None for brand in brands]
+        canonical.setdefault(_brand_key(spelling), spelling)
+    values = [canonical[_brand_key(brand)] if brand else None for brand in brands]
     return _replace_columns(dataset, {BRAND: (values, _STRING)})
 
 
@@ -468,6 +482,7 @@ def load_fashion_product_images(source=None, split: str = "train", with_brand: b
             raise ValueError(f"split must be one of {list(_SPLIT_BUCKETS)}, got {split!r}")
         hint = f"Set {DATA_DIR_ENV} to a local copy (a folder with data/{split}-*.parquet) or pass source=<folder>."
         dataset = _load_from_hub(source, "train", hint)
+        _require_columns(dataset, ["id"], f"the Hub dataset {source}")
         ids = _read_columns(dataset, ["id"])["id"]
         dataset = dataset.select([row for row, product_id in enumerate(ids) if split_of(product_id) == split])
     _require_columns(dataset, ["image", *PRODUCT_ATTRIBUTES], f"the product images at {source}")
@@ -509,8 +524,10 @@ def _read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarra
     images, labels = read_idx(images_path), read_idx(labels_path)
     if images.ndim != 3 or labels.ndim != 1:
         raise ValueError(f"{images_path} must hold (N, rows, cols) images and {labels_path} (N,) labels")
-    if len(images) != len(labels) or labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+    if len(images) != len(labels):
         raise ValueError(f"{images_path} and {labels_path} do not match: {len(images)} images, {len(labels)} labels")
+    if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise ValueError(f"{labels_path} holds label {labels.max()}; Fashion-MNIST has {len(FASHION_MNIST_CLASSES)}")
     return images, labels
 
 
@@ -530,7 +547,7 @@ def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
     path = _local_path(source)
     if path is not None:
         images, labels = _read_fashion_mnist(path, split)
-        # datasets encodes uint8 arrays as PNG (mode L): about 3 s for the 60,000 training images.
+        # datasets encodes the uint8 arrays as PNG (mode L): a few seconds for the 60,000 training images.
         features = Features(image=Image(), articleType=_STRING)
         names = [FASHION_MNIST_CLASSES[label] for label in labels.tolist()]
         dataset = Dataset.from_dict({"image": list(images), "articleType": names}, features=features)
@@ -582,7 +599,7 @@ def _load_table(path: Path, image_column: str) -> Dataset:
     missing = [image for image in images if not Path(image).is_file()]
     if missing:
         raise FileNotFoundError(f"catalogue {path}: {len(missing)} image files not found, e.g. {missing[:3]}")
-    columns = {column: [_as_label(value) for value in frame[column]] for column in frame.columns if column != image_column}
+    columns = {name: [_as_label(value) for value in frame[name]] for name in frame.columns if name != image_column}
     features = Features({"image": Image(), **{column: _STRING for column in columns}})
     return Dataset.from_dict({"image": images, **columns}, features=features)
 
@@ -614,8 +631,8 @@ def load_catalogue(
     if attributes is None:
         attributes = [column for column in dataset.column_names if column not in ("image", NAME_COLUMN, TAGS_COLUMN)]
     _require_columns(dataset, attributes, f"catalogue {path}")
-    dataset = _set_string_columns(dataset, [*attributes, *([NAME_COLUMN] if NAME_COLUMN in dataset.column_names else [])])
-    return add_tag_sequences(dataset, attributes)
+    names = [NAME_COLUMN] if NAME_COLUMN in dataset.column_names else []
+    return add_tag_sequences(_set_string_columns(dataset, [*attributes, *names]), attributes)
 
 
 def _feedback_labels(record_id, attributes_json, typed_tags) -> tuple[dict[str, str], list[str]]:
@@ -631,6 +648,16 @@ def _feedback_labels(record_id, attributes_json, typed_tags) -> tuple[dict[str, 
     return labels, tags
 
 
+def _load_feedback_records(source: str | Path) -> Dataset:
+    """Every record of a feedback store: a local folder (images + JSONL metadata) or a Hub dataset id."""
+    path = _local_path(source)
+    if path is None:
+        return _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
+    if not path.is_dir():
+        raise FileNotFoundError(f"feedback store {path} is not a folder")
+    return load_dataset(str(path), split="train")
+
+
 def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -> Dataset:
     """Training examples from the corrections users sent through the app (the feedback store folder or Hub dataset).
 
@@ -638,31 +665,27 @@ def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -
     labels (attributes a record does not correct stay None); corrected tags become detail tags. `attributes` fixes
     the attribute columns (None: every corrected attribute, product attributes first in head order).
     """
-    path = _local_path(source)
-    if path is not None:
-        if not path.is_dir():
-            raise FileNotFoundError(f"feedback store {path} is not a folder")
-        records = load_dataset(str(path), split="train")
-    else:
-        records = _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
-    required = ["image", "consent", "corrected_attributes", "corrected_tags"]
-    _require_columns(records, required, f"the feedback store {source}")
-    has_id = "id" in records.column_names
-    columns = _read_columns(records, [*required[1:], *(["id"] if has_id else [])])
-    rows, labels, details = [], [], []
-    for row, (consent, attributes_json, typed_tags) in enumerate(zip(*(columns[name] for name in required[1:]))):
+    records = _load_feedback_records(source)
+    label_columns = ["consent", "corrected_attributes", "corrected_tags"]
+    _require_columns(records, ["image", *label_columns], f"the feedback store {source}")
+    kept = ["image", *(["id"] if "id" in records.column_names else [])]
+    columns = _read_columns(records, [*label_columns, *kept[1:]])
+    examples = {}  # row -> (corrected labels, detail tags)
+    for row, consent in enumerate(columns["consent"]):
         if consent is not True:
             continue
-        record_labels, record_tags = _feedback_labels(columns["id"][row] if has_id else row, attributes_json, typed_tags)
-        if record_labels or record_tags:
-            rows.append(row)
-            labels.append(record_labels)
-            details.append(record_tags)
+        record_id = columns["id"][row] if "id" in columns else row
+        labels, tags = _feedback_labels(record_id, columns["corrected_attributes"][row], columns["corrected_tags"][row])
+        if labels or tags:
+            examples[row] = labels, tags
     if attributes is None:
-        seen = {attribute for record in labels for attribute in record}
+        seen = {attribute for labels, _ in examples.values() for attribute in labels}
         head_order = [*PRODUCT_ATTRIBUTES, BRAND]
-        attributes = [a for a in head_order if a in seen] + sorted(seen.difference(head_order))
-    dataset = records.select(rows).select_columns(["image", *(["id"] if has_id else [])])
-    new_columns = {attribute: ([record.get(attribute) for record in labels], _STRING) for attribute in attributes}
-    new_columns[TAGS_COLUMN] = ([[tag_key(DETAIL_GROUP, tag) for tag in tags] for tags in details], _TAG_LIST)
+        attributes = [attribute for attribute in head_order if attribute in seen] + sorted(seen.difference(head_order))
+    new_columns = {
+        attribute: ([labels.get(attribute) for labels, _ in examples.values()], _STRING) for attribute in attributes
+    }
+    details = [[tag_key(DETAIL_GROUP, tag) for tag in tags] for _, tags in examples.values()]
+    new_columns[TAGS_COLUMN] = (details, _TAG_LIST)
+    dataset = records.select(list(examples)).select_columns(kept)
     return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)

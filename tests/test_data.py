@@ -1,0 +1,573 @@
+"""fashion_hf.data: every loader returns image + attributes (None when missing) + tags; tag mining; the vocabulary."""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import PRODUCT_IMAGES, SHARED_DATA, encode, product_photo
+from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
+
+from fashion_hf import FashionTaggerConfig, data
+from fashion_hf.data import (
+    BRAND,
+    DETAIL_LEXICON,
+    PRODUCT_ATTRIBUTES,
+    add_brand_column,
+    add_tag_sequences,
+    apply_vocabulary,
+    build_vocabulary,
+    canonical_detail_tag,
+    detail_tag_order,
+    extract_brand,
+    load_catalogue,
+    load_fashion_mnist,
+    load_fashion_product_images,
+    load_feedback,
+    mine_detail_tags,
+    read_idx,
+)
+from fashion_hf.feedback import FeedbackStore
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny fixtures, written in the layouts the loaders read.
+# ---------------------------------------------------------------------------------------------------------------------
+
+PRODUCTS = [  # id, gender, articleType, baseColour, usage, name
+    (1163, "Men", "Shirts", "Navy Blue", "Casual", "Turtle Check Men Navy Blue Shirt"),
+    (1164, "Men", "Sports Shoes", "Black", "Sports", "Puma Men Slim Fit Running Shoes"),
+    (1165, "Women", "Tops", None, None, "Catwalk Women Printed Top"),
+    (1166, "Women", "Tops", "Pink", "Casual", "Catwalk Women Striped Pink Top"),
+]
+
+
+def product_rows(products, na=None):
+    """Rows in the Hub column layout; `na` is how a missing label is spelled (None, or "NA" in CSV exports)."""
+    return [
+        {
+            "id": product_id,
+            "image": {"bytes": encode(product_photo(colour=(product_id % 255, 40, 40))), "path": f"{product_id}.jpg"},
+            "gender": gender,
+            "masterCategory": "Apparel",
+            "subCategory": "Topwear",
+            "articleType": article_type,
+            "baseColour": na if colour is None else colour,
+            "season": "Summer",
+            "usage": na if usage is None else usage,
+            "productDisplayName": name,
+            "year": 2012,
+        }
+        for product_id, gender, article_type, colour, usage, name in products
+    ]
+
+
+PRODUCT_FEATURES = Features(
+    {
+        "id": Value("int64"),
+        "image": Image(),
+        **{attribute: Value("string") for attribute in PRODUCT_ATTRIBUTES},
+        "productDisplayName": Value("string"),
+        "year": Value("int32"),
+    }
+)
+
+
+def as_dataset(rows, features=PRODUCT_FEATURES) -> Dataset:
+    return Dataset.from_list(rows, features=features)
+
+
+@pytest.fixture
+def product_folder(tmp_path):
+    """The shared data's layout: data/train-*.parquet and data/validation-*.parquet."""
+    folder = tmp_path / "fashion-product-images"
+    (folder / "data").mkdir(parents=True)
+    as_dataset(product_rows(PRODUCTS[:3])).to_parquet(folder / "data" / "train-00000-of-00001.parquet")
+    as_dataset(product_rows(PRODUCTS[3:])).to_parquet(folder / "data" / "validation-00000-of-00001.parquet")
+    return folder
+
+
+def write_idx(path, array: np.ndarray, magic: bytes | None = None):
+    magic = magic or bytes([0, 0, 0x08, array.ndim])
+    header = magic + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def mnist_folder(tmp_path, rng):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for prefix, labels in (("train", [9, 0, 3]), ("t10k", [8])):
+        images = rng.integers(0, 256, size=(len(labels), 28, 28), dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", np.array(labels))
+    return folder
+
+
+def save_photo(path, colour=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    product_photo(colour=colour).save(path)
+
+
+@pytest.fixture
+def csv_catalogue(tmp_path):
+    save_photo(tmp_path / "photos" / "a.jpg")
+    save_photo(tmp_path / "photos" / "b.png", colour=(20, 20, 200))
+    table = tmp_path / "catalogue.csv"
+    table.write_text(
+        "photo,category,colour,title\n"
+        "photos/a.jpg,Shirts,Red,Acme Men Checked Slim Fit Shirt\n"
+        "photos/b.png,Jeans,,Acme Women Skinny Denim Jeans\n"
+    )
+    return table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Brand and detail-tag mining.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, brand",
+    [
+        ("Turtle Check Men Navy Blue Shirt", "Turtle Check"),
+        ("Puma Men Slim Fit Running Shoes", "Puma"),
+        ("Gini and Jony Girl's Printed Pink Top", "Gini and Jony"),
+        ("Mr.Men Men's Must Sleep Blue T-shirt", "Mr.Men"),
+        ("Disney Kids Boy's Green Kidswear", "Disney"),
+        ("Nike Sahara Team India Fanwear Round Neck Jersey", None),  # no gender word: no guess
+        ("Men Black Shirt", None),
+    ],
+)
+def test_brand_is_the_words_before_the_gender_word(name, brand):
+    assert extract_brand(name, "Men") == brand
+
+
+def test_the_items_gender_label_counts_as_a_gender_word():
+    assert extract_brand("Acme Gents Blue Shirt") is None
+    assert extract_brand("Acme Gents Blue Shirt", gender="Gents") == "Acme"
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("Turtle Check Men Navy Blue Shirt", ["check"]),
+        ("Puma Men Slim Fit Running Shoes", ["slim fit", "running"]),
+        ("Arrow Men Checks Blue Shirt", ["check"]),
+        ("Basics Men Grey Slim Fit Checked Shirt", ["check", "slim fit"]),
+        ("Scullers Men Stripes Navy Shirt", ["striped"]),
+        ("Nike Women PRINTED V-Neck Top", ["printed", "v-neck"]),
+        ("W Women V Neck Short Sleeve Pink Kurta", ["v-neck", "short sleeve"]),
+        ("CASIO Men Black Chronograph Analogue Watch", ["analog", "chronograph"]),
+        ("Catwalk Women Black Heels", []),
+    ],
+)
+def test_detail_tags_are_canonical_and_in_lexicon_order(name, expected):
+    assert mine_detail_tags(name) == expected
+
+
+def test_detail_tags_match_whole_words_only():
+    assert mine_detail_tags("Baggit Women Leatherette Black Backpack") == ["faux leather"]  # not leather, not pack
+    assert mine_detail_tags("Acme Men Checkmate Solidarity Tee") == []
+
+
+def test_the_longest_phrase_wins():
+    assert mine_detail_tags("Amante Women Non-Padded Bra") == ["non-padded"]
+    assert mine_detail_tags("Amante Women Padded Bra") == ["padded"]
+
+
+def test_brands_that_name_a_tag_are_not_mined():
+    assert mine_detail_tags("U.S. Polo Assn. Men Brown Leather Belt") == ["leather"]
+    assert mine_detail_tags("U.S.Polo Assn. Men Solid Green Polo Tshirt") == ["solid", "polo"]
+    assert mine_detail_tags("Urban Yoga Women Black Track Pants") == []
+
+
+def test_every_spelling_belongs_to_one_tag():
+    spellings = [data._phrase_key(spelling) for tag, more in DETAIL_LEXICON.items() for spelling in (tag, *more)]
+    assert len(spellings) == len(set(spellings))
+    assert sorted(DETAIL_LEXICON, key=detail_tag_order) == list(DETAIL_LEXICON)
+
+
+def test_typed_tags_are_canonicalised():
+    assert canonical_detail_tag(" Checked ") == "check"
+    assert canonical_detail_tag("V Neck") == "v-neck"
+    assert canonical_detail_tag("Boho  Chic") == "boho chic"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tag sequences and vocabulary.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def labels_only(products=PRODUCTS, **extra) -> Dataset:
+    """The label columns of product rows, no images: sequences and vocabularies never look at pixels."""
+    rows = [{k: v for k, v in row.items() if k != "image"} for row in product_rows(products)]
+    return Dataset.from_list([{**row, **extra} for row in rows])
+
+
+def test_tag_sequence_is_attributes_in_head_order_then_details():
+    dataset = add_tag_sequences(labels_only(), ["articleType", "gender", "baseColour"])
+    assert dataset[1]["tags"] == [
+        "articleType:Sports Shoes",
+        "gender:Men",
+        "baseColour:Black",
+        "detail:slim fit",
+        "detail:running",
+    ]
+
+
+def test_missing_labels_stay_none_and_have_no_tag():
+    dataset = add_tag_sequences(labels_only(), list(PRODUCT_ATTRIBUTES))
+    assert dataset[2]["baseColour"] is None and dataset[2]["usage"] is None
+    assert not any(key.startswith(("baseColour:", "usage:")) for key in dataset[2]["tags"])
+    assert dataset[2]["tags"][-1] == "detail:printed"
+
+
+def test_existing_detail_tags_are_kept_and_ordered():
+    dataset = labels_only(PRODUCTS[:1], tags=["detail:boho", "detail:slim fit"])
+    assert add_tag_sequences(dataset, ["gender"])[0]["tags"] == [
+        "gender:Men",
+        "detail:check",
+        "detail:slim fit",
+        "detail:boho",
+    ]
+
+
+def test_vocabulary_lists_labels_then_frequent_details():
+    dataset = add_tag_sequences(labels_only(), ["gender", "baseColour"])
+    attributes, tags = build_vocabulary(dataset, ["gender", "baseColour"], min_tag_count=1)
+    assert attributes == {"gender": ["Men", "Women"], "baseColour": ["Black", "Navy Blue", "Pink"]}
+    assert tags == [
+        ["Men", "gender"],
+        ["Women", "gender"],
+        ["Black", "baseColour"],
+        ["Navy Blue", "baseColour"],
+        ["Pink", "baseColour"],
+        *[[tag, "detail"] for tag in ["printed", "check", "striped", "slim fit", "running"]],
+    ]
+    FashionTaggerConfig(attributes=attributes, tags=tags)  # the shape the config takes
+
+
+def test_vocabulary_does_not_depend_on_row_order():
+    dataset = add_tag_sequences(labels_only(PRODUCTS * 3), list(PRODUCT_ATTRIBUTES))
+    shuffled = dataset.shuffle(seed=1)
+    assert build_vocabulary(dataset, PRODUCT_ATTRIBUTES, min_tag_count=2) == build_vocabulary(
+        shuffled, PRODUCT_ATTRIBUTES, min_tag_count=2
+    )
+
+
+def test_rare_details_stay_out_of_the_vocabulary():
+    dataset = add_tag_sequences(labels_only(PRODUCTS + PRODUCTS[:1]), ["gender"])
+    _, tags = build_vocabulary(dataset, ["gender"], min_tag_count=2)
+    assert [text for text, group in tags if group == "detail"] == ["check"]
+
+
+def test_brand_spellings_merge_and_rare_brands_become_missing():
+    brands = ["ADIDAS", "ADIDAS", "Adidas", "Rarebrand", "Puma", "Puma"]
+    products = [(i, "Men", "Shirts", "Red", "Casual", f"{brand} Men Red Shirt") for i, brand in enumerate(brands)]
+    dataset = add_tag_sequences(add_brand_column(labels_only(products)), ["gender", BRAND])
+    assert dataset[BRAND] == ["ADIDAS", "ADIDAS", "ADIDAS", "Rarebrand", "Puma", "Puma"]
+    attributes, tags = build_vocabulary(dataset, ["gender", BRAND], min_brand_count=2)
+    assert attributes[BRAND] == ["ADIDAS", "Puma"]
+    fitted = apply_vocabulary(dataset, attributes, tags)
+    assert fitted[3][BRAND] is None and fitted[3]["tags"] == ["gender:Men"]
+    assert fitted[4]["tags"] == ["gender:Men", "brand:Puma"]
+
+
+def test_brands_of_another_split_match_whatever_their_spelling():
+    products = [(1, "Men", "Shirts", "Red", "Casual", "Adidas Men Red Shirt")]
+    validation = add_tag_sequences(add_brand_column(labels_only(products)), [BRAND])
+    fitted = apply_vocabulary(validation, {BRAND: ["ADIDAS"]}, [["ADIDAS", BRAND]])
+    assert fitted[0][BRAND] == "ADIDAS" and fitted[0]["tags"] == ["brand:ADIDAS"]
+
+
+def test_apply_vocabulary_drops_unknown_labels_and_tags():
+    dataset = add_tag_sequences(labels_only(), ["articleType"])
+    vocabulary = {"articleType": ["Shirts", "Tops"]}, [["Shirts", "articleType"], ["check", "detail"]]
+    fitted = apply_vocabulary(dataset, *vocabulary)
+    assert fitted["articleType"] == ["Shirts", None, "Tops", "Tops"]
+    assert fitted["tags"] == [["articleType:Shirts", "detail:check"], [], ["articleType:Tops"], ["articleType:Tops"]]
+
+
+def test_vocabulary_needs_a_label_per_attribute():
+    dataset = add_tag_sequences(labels_only(), ["gender"])
+    with pytest.raises(ValueError, match="gender"):
+        build_vocabulary(dataset, ["gender"], min_label_count=100)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fashion Product Images.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_product_images_from_a_local_folder(product_folder):
+    train = load_fashion_product_images(product_folder, split="train")
+    assert len(train) == 3
+    assert isinstance(train.features["image"], Image)
+    assert all(train.features[attribute] == Value("string") for attribute in PRODUCT_ATTRIBUTES)
+    first = train[0]
+    assert first["image"].size == (60, 80)
+    assert first["productDisplayName"] == "Turtle Check Men Navy Blue Shirt"
+    assert first["tags"][:4] == ["gender:Men", "masterCategory:Apparel", "subCategory:Topwear", "articleType:Shirts"]
+    assert first["tags"][-1] == "detail:check"
+    assert train[2]["baseColour"] is None and train[2]["usage"] is None
+    assert len(load_fashion_product_images(product_folder, split="validation")) == 1
+
+
+def test_product_images_with_brand(product_folder):
+    train = load_fashion_product_images(product_folder, with_brand=True)
+    assert train[BRAND] == ["Turtle Check", "Puma", "Catwalk"]
+    assert "brand:Puma" in train[1]["tags"]
+
+
+def test_product_images_folder_from_the_environment(product_folder, monkeypatch):
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(product_folder))
+    assert len(load_fashion_product_images(split="validation")) == 1
+
+
+def test_hub_copy_is_split_by_product_id_and_na_is_missing(monkeypatch):
+    products = [(product_id, "Men", "Shirts", None, None, "Acme Men Shirt") for product_id in range(1000, 1060)]
+    hub_train = as_dataset(product_rows(products, na="NA"))
+    monkeypatch.setattr(data, "load_dataset", lambda repo_id, split: hub_train)
+    splits = {split: load_fashion_product_images(data.PRODUCT_IMAGES_HUB_ID, split) for split in data._SPLIT_BUCKETS}
+    ids = {split: set(dataset["id"]) for split, dataset in splits.items()}
+    assert sum(map(len, ids.values())) == len(products) and set.union(*ids.values()) == set(range(1000, 1060))
+    assert all(ids.values())
+    assert all(data.split_of(product_id) == split for split, members in ids.items() for product_id in members)
+    assert splits["train"]["baseColour"] == [None] * len(splits["train"])
+
+
+def test_offline_without_local_data_says_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared-data")
+    with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
+        load_fashion_product_images()
+
+
+def test_missing_local_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        load_fashion_product_images(tmp_path / "no-such-folder")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_fashion_mnist_from_idx_files(mnist_folder):
+    train = load_fashion_mnist(mnist_folder, split="train")
+    assert train["articleType"] == ["Ankle boot", "T-shirt/top", "Dress"]
+    assert train["tags"][0] == ["articleType:Ankle boot"]
+    image = train[0]["image"]
+    assert image.mode == "L" and image.size == (28, 28)
+    raw = read_idx(mnist_folder / "train-images-idx3-ubyte.gz")
+    assert np.array_equal(np.asarray(image), raw[0])
+    assert load_fashion_mnist(mnist_folder, split="test")["articleType"] == ["Bag"]
+
+
+def test_fashion_mnist_unknown_split(mnist_folder):
+    with pytest.raises(ValueError, match="'train', 'test'"):
+        load_fashion_mnist(mnist_folder, split="validation")
+
+
+def test_fashion_mnist_missing_file_is_named(mnist_folder):
+    (mnist_folder / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte.gz"):
+        load_fashion_mnist(mnist_folder, split="test")
+
+
+@pytest.mark.parametrize(
+    "corruption, message",
+    [
+        ("bad magic", "not an IDX file"),
+        ("truncated", "truncated"),
+        ("not gzip", "not a complete gzip file"),
+    ],
+)
+def test_corrupt_idx_files_are_rejected(tmp_path, corruption, message):
+    path = tmp_path / "labels-idx1-ubyte.gz"
+    if corruption == "bad magic":
+        write_idx(path, np.arange(4), magic=b"\x00\x00\x0d\x01")
+    elif corruption == "truncated":
+        write_idx(path, np.arange(4))
+        path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes())[:-1]))
+    else:
+        path.write_bytes(b"plain bytes")
+    with pytest.raises(ValueError, match=message):
+        read_idx(path)
+
+
+def test_fashion_mnist_hub_names_are_ours(monkeypatch, rng):
+    hub_names = ["T - shirt / top", *data.FASHION_MNIST_CLASSES[1:]]  # the Hub spells class 0 with spaces
+    hub = Dataset.from_dict(
+        {"image": list(rng.integers(0, 256, size=(2, 28, 28), dtype=np.uint8)), "label": [0, 9]},
+        features=Features(image=Image(), label=ClassLabel(names=hub_names)),
+    )
+    monkeypatch.setattr(data, "load_dataset", lambda repo_id, split: hub)
+    dataset = load_fashion_mnist(data.FASHION_MNIST_HUB_ID)
+    assert dataset["articleType"] == ["T-shirt/top", "Ankle boot"]
+    assert "label" not in dataset.column_names
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A user's own catalogue.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_catalogue_table_with_relative_image_paths(csv_catalogue):
+    catalogue = load_catalogue(csv_catalogue, ["category", "colour"], image_column="photo", name_column="title")
+    assert catalogue.column_names == ["image", "category", "colour", "productDisplayName", "tags"]
+    assert catalogue[0]["image"].size == (60, 80)
+    assert catalogue["colour"] == ["Red", None]
+    assert catalogue[0]["tags"] == ["category:Shirts", "colour:Red", "detail:check", "detail:slim fit"]
+    assert catalogue[1]["tags"] == ["category:Jeans", "detail:denim", "detail:skinny"]
+
+
+def test_catalogue_parquet_with_every_other_column_as_attribute(tmp_path):
+    save_photo(tmp_path / "a.jpg")
+    pd.DataFrame({"image": ["a.jpg"], "articleType": ["Shirts"], "size": [42]}).to_parquet(tmp_path / "c.parquet")
+    catalogue = load_catalogue(tmp_path / "c.parquet")
+    assert catalogue[0]["tags"] == ["articleType:Shirts", "size:42"]
+
+
+def test_catalogue_folder_of_class_folders(tmp_path):
+    save_photo(tmp_path / "shop" / "Shirts" / "1.jpg")
+    save_photo(tmp_path / "shop" / "Jeans" / "2.jpg")
+    catalogue = load_catalogue(tmp_path / "shop")
+    assert sorted(catalogue["articleType"]) == ["Jeans", "Shirts"]
+    assert sorted(catalogue["tags"]) == [["articleType:Jeans"], ["articleType:Shirts"]]
+    renamed = load_catalogue(tmp_path / "shop", attributes=["subCategory"])
+    assert renamed.column_names == ["image", "subCategory", "tags"]
+
+
+def test_catalogue_image_folder_with_metadata(tmp_path):
+    save_photo(tmp_path / "shop" / "1.jpg")
+    save_photo(tmp_path / "shop" / "2.jpg")
+    (tmp_path / "shop" / "metadata.csv").write_text(
+        "file_name,articleType,baseColour,name\n1.jpg,Shirts,Red,Acme Men Striped Shirt\n2.jpg,Tops,,Acme Women Top\n"
+    )
+    catalogue = load_catalogue(tmp_path / "shop", name_column="name")
+    rows = sorted(zip(catalogue["articleType"], catalogue["baseColour"], catalogue["tags"]))
+    assert rows == [
+        ("Shirts", "Red", ["articleType:Shirts", "baseColour:Red", "detail:striped"]),
+        ("Tops", None, ["articleType:Tops"]),
+    ]
+
+
+def test_catalogue_errors_name_what_is_missing(csv_catalogue, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.csv"):
+        load_catalogue(tmp_path / "nothing.csv")
+    with pytest.raises(ValueError, match="'image'.*photo"):
+        load_catalogue(csv_catalogue)
+    with pytest.raises(ValueError, match="'season'"):
+        load_catalogue(csv_catalogue, attributes=["season"], image_column="photo")
+    with pytest.raises(ValueError, match="'name'"):
+        load_catalogue(csv_catalogue, image_column="photo", name_column="name")
+    (tmp_path / "photos" / "b.png").unlink()
+    with pytest.raises(FileNotFoundError, match="b.png"):
+        load_catalogue(csv_catalogue, image_column="photo")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Feedback.
+# ---------------------------------------------------------------------------------------------------------------------
+
+FEEDBACK = [  # corrected attributes, corrected tags
+    ({"articleType": "Shirts", "baseColour": "Navy Blue"}, ["Checked", "boho chic"]),
+    ({}, []),  # corrects nothing: no label to learn
+    ({"gender": "Women"}, []),
+]
+
+
+def write_unconsented_record(folder):
+    """The store refuses submissions without consent; a record without it (written by hand) must still be skipped."""
+    shard = folder / "data" / "handwritten-shard"
+    shard.mkdir(parents=True)
+    (shard / "0.jpg").write_bytes(encode(product_photo()))
+    record = {
+        "file_name": "0.jpg",
+        "id": "0" * 32,
+        "timestamp": "2025-01-01T00:00:00.000+00:00",
+        "image_sha256": "0" * 64,
+        "model_id": "tiny",
+        "model_revision": "0",
+        "predicted": "{}",
+        "corrected_attributes": json.dumps({"articleType": "Jeans"}),
+        "corrected_tags": ["denim"],
+        "annotator": "anonymous",
+        "consent": False,
+    }
+    (shard / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+
+
+@pytest.fixture
+def feedback_folder(tmp_path):
+    """A feedback store written by the real FeedbackStore, plus one record without consent."""
+    folder = tmp_path / "feedback"
+    with FeedbackStore(folder) as store:
+        for index, (attributes, tags) in enumerate(FEEDBACK):
+            store.add(
+                product_photo(colour=(index * 60, 0, 0)),
+                predicted={"attributes": {}, "tags": []},
+                corrected_attributes=attributes,
+                corrected_tags=tags,
+                consent=True,
+                model_id="tiny",
+                model_revision="0",
+            )
+    write_unconsented_record(folder)
+    return folder
+
+
+SHOPPER_TAG = "detail:boho chic"  # typed by a user, not in the lexicon: kept as typed, lower case
+
+
+def test_feedback_becomes_training_examples(feedback_folder):
+    assert len(load_dataset(str(feedback_folder), split="train")) == 4  # the store holds 4 records: 2 are skipped
+    examples = load_feedback(feedback_folder)
+    assert len(examples) == 2
+    assert isinstance(examples.features["image"], Image)
+    assert examples.column_names[-4:] == ["gender", "articleType", "baseColour", "tags"]
+    rows = sorted(zip(examples["gender"], examples["articleType"], examples["baseColour"], examples["tags"]), key=str)
+    assert rows == [
+        ("Women", None, None, ["gender:Women"]),
+        (None, "Shirts", "Navy Blue", ["articleType:Shirts", "baseColour:Navy Blue", "detail:check", SHOPPER_TAG]),
+    ]
+    assert examples[0]["image"].size == (60, 80)
+
+
+def test_feedback_with_fixed_attribute_columns(feedback_folder):
+    examples = load_feedback(feedback_folder, attributes=list(PRODUCT_ATTRIBUTES))
+    assert [column for column in examples.column_names if column in PRODUCT_ATTRIBUTES] == list(PRODUCT_ATTRIBUTES)
+
+
+def test_missing_feedback_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-feedback"):
+        load_feedback(tmp_path / "no-feedback")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real shared data (skipped where it is absent).
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (PRODUCT_IMAGES / "data").is_dir(), reason="shared product images not present")
+def test_real_product_images_splits_and_vocabulary():
+    train = load_fashion_product_images(PRODUCT_IMAGES, split="train")
+    validation = load_fashion_product_images(PRODUCT_IMAGES, split="validation")
+    assert (len(train), len(validation)) == (33315, 4503)
+    attributes, tags = build_vocabulary(train, PRODUCT_ATTRIBUTES)
+    assert list(attributes) == list(PRODUCT_ATTRIBUTES)
+    assert len(attributes["articleType"]) == 140 and len(attributes["gender"]) == 5
+    details = [text for text, group in tags if group == "detail"]
+    assert {"check", "striped", "slim fit", "running"} <= set(details)
+    assert details == sorted(details, key=detail_tag_order)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "fashion-mnist").is_dir(), reason="shared Fashion-MNIST not present")
+def test_real_fashion_mnist_test_split():
+    test = load_fashion_mnist(SHARED_DATA / "fashion-mnist", split="test")
+    assert len(test) == 10000
+    assert sorted(set(test["articleType"])) == sorted(data.FASHION_MNIST_CLASSES)
