@@ -65,6 +65,8 @@ class FashionTaggerConfig(PreTrainedConfig):
             Weight of the decoder loss against the mean attribute loss.
         label_smoothing (`float`, *optional*, defaults to 0.0):
             Label smoothing of the attribute and tag cross-entropies.
+        attribute_order (`list[str]`, *optional*):
+            Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
     Example:
 
@@ -94,11 +96,14 @@ class FashionTaggerConfig(PreTrainedConfig):
         classifier_dropout: float = 0.2,
         tag_loss_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        attribute_order: list[str] | None = None,
         **kwargs,
     ):
         if decoder_type not in ("gru", "lstm"):
             raise ValueError(f"decoder_type must be 'gru' or 'lstm', got {decoder_type!r}")
         attributes = {name: list(labels) for name, labels in (attributes or DEFAULT_ATTRIBUTES).items()}
+        if attribute_order is not None:  # config.json is written with sorted keys; the head order travels here
+            attributes = {name: attributes[name] for name in attribute_order}
         for name, labels in attributes.items():
             if not labels or len(set(labels)) != len(labels):
                 raise ValueError(f"attribute {name!r} needs a non-empty list of distinct labels, got {labels!r}")
@@ -116,6 +121,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.image_mean = list(image_mean)
         self.image_std = list(image_std)
         self.attributes = attributes
+        self.attribute_order = list(attributes)
         self.tags = tags
         self.decoder_type = decoder_type
         self.decoder_hidden_size = decoder_hidden_size

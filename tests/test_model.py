@@ -91,6 +91,12 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, decoder_type
     assert not list(tmp_path.glob("*.bin"))
 
 
+def test_head_order_survives_save_and_load(tmp_path):
+    attributes = {"usage": ["Casual", "Sports"], "articleType": ["Shirts", "Tshirts"], "baseColour": ["Black", "Red"]}
+    tiny_model(attributes=attributes).save_pretrained(tmp_path)
+    assert list(FashionTaggerConfig.from_pretrained(tmp_path).attributes) == ["usage", "articleType", "baseColour"]
+
+
 def test_auto_classes_load_a_saved_folder(tiny_model_dir):
     assert isinstance(AutoConfig.from_pretrained(tiny_model_dir), FashionTaggerConfig)
     assert isinstance(AutoModel.from_pretrained(tiny_model_dir), FashionTaggerModel)

@@ -71,6 +71,18 @@ def augment_product_photo(image: Image.Image, rng: np.random.Generator, strength
     return image
 
 
+def augment_geometry(image: Image.Image, rng: np.random.Generator, strength: float = 1.0) -> Image.Image:
+    """Flip and crop only: for data that is not studio shots on white (Fashion-MNIST is white on black)."""
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if rng.random() < 0.5 * strength:
+        image = random_resized_crop(image, rng, min_scale=0.75)
+    return image
+
+
+AUGMENTATIONS = {"product": augment_product_photo, "geometric": augment_geometry}
+
+
 def phone_photo_shift(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """The fixed, harder shift used to measure robustness: always a busy backdrop, a zoom-out or crop, and a tilt."""
     image = replace_background(image, rng)

@@ -10,8 +10,8 @@ layout, a parquet file with an image column (a `Dataset.to_parquet` export), or 
 Writes to `--output`: `metrics.json`, `confusion_matrix.png` (the head with the most labels), `attribute_accuracy.png`
 and, with `--logs`, `training_curves.png` from the TensorBoard event files of a training run.
 
-The training script calls `evaluate(model, processor, dataset, batch_size)` on its validation set and logs
-`scalars(metrics)`.
+From Python: `evaluate(model, processor, dataset, batch_size)` returns the figures (log them with `scalars`), and
+`write_evaluation(model, processor, dataset, output_dir, logs_dir=...)` also writes metrics.json and the plots.
 """
 
 import argparse
@@ -248,6 +248,12 @@ def scalars(metrics: dict, prefix: str = "val") -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def most_frequent_classes(y_true: np.ndarray, num_classes: int, limit: int) -> list[int]:
+    """The `limit` classes with the most items, most frequent first (ties: vocabulary order); absent ones left out."""
+    counts = np.bincount(y_true, minlength=num_classes)
+    return [int(index) for index in np.argsort(-counts, kind="stable") if counts[index] > 0][:limit]
+
+
 def plot_confusion_matrix(predictions: Predictions, attributes: dict[str, list[str]], path: Path) -> str | None:
     """Row-normalised confusion matrix of the labelled head with the most labels; its 30 most frequent classes at most.
 
@@ -262,7 +268,7 @@ def plot_confusion_matrix(predictions: Predictions, attributes: dict[str, list[s
     y_true = predictions.labels[name][present]
     y_pred = predictions.probs[name][present].argmax(axis=1)
     counts = np.bincount(y_true, minlength=len(names))
-    shown = [index for index in np.argsort(-counts, kind="stable") if counts[index] > 0][:CONFUSION_MAX_CLASSES]
+    shown = most_frequent_classes(y_true, len(names), CONFUSION_MAX_CLASSES)
     # Predictions outside the shown classes go to one last column, so every row still sums to its support.
     other = len(names)
     y_pred_shown = np.where(np.isin(y_pred, shown), y_pred, other)
@@ -283,7 +289,8 @@ def plot_confusion_matrix(predictions: Predictions, attributes: dict[str, list[s
         for row, column in np.ndindex(normalised.shape):
             colour = "white" if normalised[row, column] > 0.5 else "black"
             axes.text(column, row, f"{normalised[row, column]:.2f}", ha="center", va="center", fontsize=7, color=colour)
-    scope = f", {len(shown)} most frequent of {int((counts > 0).sum())} classes" if len(shown) < (counts > 0).sum() else ""
+    present_classes = int((counts > 0).sum())
+    scope = f", {len(shown)} most frequent of {present_classes} classes" if len(shown) < present_classes else ""
     axes.set_title(f"{name}: confusion matrix (rows sum to 1{scope})", fontsize=9)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     figure.tight_layout()
@@ -303,7 +310,8 @@ def plot_attribute_accuracy(metrics: dict, path: Path) -> bool:
         values = [scored[name][key] for name in scored]
         bars = axes.bar(positions + offset, values, width=0.4, label=label)
         axes.bar_label(bars, labels=[f"{value:.2f}" for value in values], fontsize=7, padding=2)
-    axes.set_xticks(positions, [f"{name}\n({values['num_labels']} labels)" for name, values in scored.items()], fontsize=8)
+    names = [f"{name}\n({values['num_labels']} labels)" for name, values in scored.items()]
+    axes.set_xticks(positions, names, fontsize=8)
     axes.set_ylim(0, 1.08)
     axes.set_ylabel("accuracy")
     axes.set_title(f"Attribute accuracy on {metrics.get('dataset', 'the dataset')} ({metrics['n_images']} images)")
@@ -415,6 +423,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def write_evaluation(
+    model,
+    processor,
+    dataset,
+    output_dir: str | Path,
+    logs_dir: str | Path | None = None,
+    dataset_name: str = "dataset",
+    split: str = "validation",
+    batch_size: int = 64,
+    num_beams: int = 1,
+    model_id: str | None = None,
+    progress: bool = True,
+    extra: dict | None = None,
+) -> dict:
+    """Evaluate, then write `metrics.json` and the plots to `output_dir`; returns the metrics as written.
+
+    `logs_dir`: a TensorBoard run folder to draw `training_curves.png` from. `model_id` defaults to the model's
+    `name_or_path`. `extra`: more run details to record in metrics.json.
+    """
+    output_dir = Path(output_dir)
+    started = time.perf_counter()
+    predictions = predict(model, processor, dataset, batch_size, num_beams, progress=progress)
+    metrics = {
+        "model": model_id or str(getattr(model, "name_or_path", "") or "model"),
+        "dataset": dataset_name,
+        "split": split,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **score(predictions, model.config.attributes),
+        "num_beams": num_beams,
+        "batch_size": batch_size,
+        "device": str(_model_device_and_dtype(model)[0]),
+        "eval_seconds": round(time.perf_counter() - started, 2),
+        **(extra or {}),
+    }
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    confusion_head = plot_confusion_matrix(predictions, model.config.attributes, output_dir / CONFUSION_FILE)
+    if confusion_head is not None:
+        files.append(CONFUSION_FILE)
+    if plot_attribute_accuracy(metrics, output_dir / ACCURACY_FILE):
+        files.append(ACCURACY_FILE)
+    if logs_dir is not None:
+        if plot_training_curves(logs_dir, output_dir / CURVES_FILE):
+            files.append(CURVES_FILE)
+        else:
+            print(f"warning: no TensorBoard scalars under {logs_dir}; {CURVES_FILE} not written", file=sys.stderr)
+    metrics["confusion_matrix_attribute"] = confusion_head
+    metrics["files"] = [METRICS_FILE, *files]
+    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -423,38 +484,11 @@ def main(argv=None) -> dict:
     dataset = load_eval_dataset(args.dataset, args.split, model.config.attributes)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
-
-    started = time.perf_counter()
-    predictions = predict(model, processor, dataset, args.batch_size, args.num_beams, progress=not args.no_progress)
-    metrics = {
-        "model": str(args.model),
-        "dataset": str(args.dataset),
-        "split": args.split,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        **score(predictions, model.config.attributes),
-        "num_beams": args.num_beams,
-        "batch_size": args.batch_size,
-        "limit": args.limit,
-        "device": str(device),
-        "eval_seconds": round(time.perf_counter() - started, 2),
-    }
-
-    args.output.mkdir(parents=True, exist_ok=True)
-    files = []
-    confusion_head = plot_confusion_matrix(predictions, model.config.attributes, args.output / CONFUSION_FILE)
-    if confusion_head is not None:
-        files.append(CONFUSION_FILE)
-    if plot_attribute_accuracy(metrics, args.output / ACCURACY_FILE):
-        files.append(ACCURACY_FILE)
-    if args.logs is not None:
-        if plot_training_curves(args.logs, args.output / CURVES_FILE):
-            files.append(CURVES_FILE)
-        else:
-            print(f"warning: no TensorBoard scalars under {args.logs}; {CURVES_FILE} not written", file=sys.stderr)
-    metrics["confusion_matrix_attribute"] = confusion_head
-    metrics["files"] = [METRICS_FILE, *files]
-    (args.output / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
-
+    metrics = write_evaluation(
+        model, processor, dataset, args.output,
+        logs_dir=args.logs, dataset_name=str(args.dataset), split=args.split, batch_size=args.batch_size,
+        num_beams=args.num_beams, model_id=str(args.model), progress=not args.no_progress, extra={"limit": args.limit},
+    )  # fmt: skip
     print(summary(metrics))
     print(f"wrote {', '.join(metrics['files'])} to {args.output}")
     return metrics

@@ -36,7 +36,7 @@ from fashion_hf import data  # noqa: E402
 from fashion_hf.encoder_weights import load_pretrained_encoder  # noqa: E402
 from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX  # noqa: E402
 from fashion_hf.runtime import keep_freed_memory  # noqa: E402
-from train.augment import augment_product_photo  # noqa: E402
+from train.augment import AUGMENTATIONS  # noqa: E402
 from train.feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder  # noqa: E402
 
 
@@ -78,6 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--warmup-ratio", type=float, default=0.05)
     add("--gradient-accumulation-steps", type=int, default=1)
     add("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    add("--augment", default="product", choices=sorted(AUGMENTATIONS), help="product: backdrops, zoom, crops; geometric: flip, crop")
     add("--augment-strength", type=float, default=1.0)
     add("--num-workers", type=int, default=2)
     add("--seed", type=int, default=42)
@@ -136,9 +137,9 @@ def dataset_attributes(args, dataset) -> list[str]:
 class TaggingExamples(torch.utils.data.Dataset):
     """Rows of a tagging dataset -> model inputs. Augmentation is seeded per (seed, view, index): reruns repeat."""
 
-    def __init__(self, dataset, config, processor, augment_strength=0.0, seed=0, view=0):
+    def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0):
         self.dataset, self.config, self.processor = dataset, config, processor
-        self.augment_strength, self.seed, self.view = augment_strength, seed, view
+        self.augment, self.augment_strength, self.seed, self.view = AUGMENTATIONS[augment], augment_strength, seed, view
         self.attributes = list(config.attributes)
 
     def __len__(self):
@@ -149,7 +150,7 @@ class TaggingExamples(torch.utils.data.Dataset):
         image = self.processor.load_image(row["image"])
         if self.augment_strength > 0:
             rng = np.random.default_rng([self.seed, self.view, index])
-            image = augment_product_photo(image, rng, self.augment_strength)
+            image = self.augment(image, rng, self.augment_strength)
         return {
             "pixel_values": torch.from_numpy(self.processor.image_to_array(image)),
             "attribute_labels": torch.tensor(self.config.attribute_label_ids(row)),
@@ -282,7 +283,7 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
 def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, processor):
     """Run the frozen trunk once: `cache_views` views per training image (the first clean), one per eval image."""
     def loader(dataset, augment_strength, view):
-        examples = TaggingExamples(dataset, config, processor, augment_strength, args.seed, view)
+        examples = TaggingExamples(dataset, config, processor, args.augment, augment_strength, args.seed, view)
         return torch.utils.data.DataLoader(examples, batch_size=256, num_workers=args.num_workers, collate_fn=collate)
 
     total = args.cache_views * math.ceil(len(train_set) / 256) + math.ceil(len(eval_set) / 256)
@@ -305,7 +306,7 @@ def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, proce
 
 
 def image_loaders(args, train_set, eval_set, config, processor, epoch):
-    train_examples = TaggingExamples(train_set, config, processor, args.augment_strength, args.seed, view=1000 + epoch)
+    train_examples = TaggingExamples(train_set, config, processor, args.augment, args.augment_strength, args.seed, 1000 + epoch)
     train_loader = torch.utils.data.DataLoader(
         train_examples, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate
     )

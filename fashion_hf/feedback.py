@@ -1,0 +1,1564 @@
+"""Feedback store: the tag corrections users make in the app, kept as a loadable and Hub-synced dataset.
+
+`FeedbackStore` appends one record per submission (schema: see the shared contract) to a local folder that is at
+the same time a `datasets` dataset, `datasets.load_dataset(folder)` gives an `image` column plus every record
+field, and, when a `repo_id` is given, a private Hub dataset kept up to date by a `huggingface_hub.CommitScheduler`.
+
+On-disk layout (the folder, and the Hub repo it is pushed to)::
+
+    <folder>/
+      README.md                        dataset card; its `configs:` block names the data files and the features
+      data/<shard>/metadata.jsonl      one JSON record per line, append-only; `file_name` -> the image
+      data/<shard>/<id>.jpg            the image: upright sRGB pixels re-encoded as JPEG (no EXIF/GPS/ICC/comments)
+      .feedback/                       local bookkeeping: never uploaded, ignored by `datasets`
+        lock                           `fcntl.flock` lock shared by every thread and process using the folder
+        epoch                          bumped whenever a metadata file is rewritten (delete, repair)
+        pending-deletes.jsonl          repo paths to remove from the Hub at the next push (withdrawals)
+        hub-<key>.json                 what was pushed to a repo: path -> [size, mtime_ns]
+        tmp/                           images being written (temp file + fsync + os.replace)
+        quarantine/                    torn or corrupt lines taken out by repair
+
+`<shard>` is `<host>-<pid>-<random>`: every writer process appends to its own shard (a new one every
+`max_records_per_shard` records), so processes, machines and Space restarts never write, or upload, the same file.
+Each shard holds one `metadata.jsonl` next to its images, the layout `imagefolder` reads; the README pins the
+features so that a shard whose records all have empty `corrected_tags` cannot change the column types.
+
+Durability: the image is written to a temp file and fsynced outside the lock; then, under the inter-process lock,
+it is moved into place (`os.replace`) and the record line is appended with one `os.write` + fsync. A record is
+acknowledged (its id returned) only after that; a failed or short write is truncated away. Readers skip an
+unterminated last line; writers (and opening the store) repair it.
+
+`image_sha256` is the SHA-256 of the uploaded file's bytes for bytes and path inputs; for a PIL image or an array
+it is the SHA-256 of `b"RGB <w>x<h>\\n"` followed by the upright RGB pixel bytes. An identical resubmission (same
+`image_sha256`, same corrected attributes, same set of corrected tags) returns the id already stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+import unicodedata
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, CommitScheduler
+from PIL import Image, ImageCms, ImageOps
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FeedbackStore", "FeedbackStoreError", "FeedbackValidationError", "FeedbackCommitScheduler"]
+
+DATA_DIR = "data"
+METADATA_NAME = "metadata.jsonl"
+STATE_DIR = ".feedback"
+IMAGE_SUFFIX = ".jpg"
+
+# Column order of the dataset; `image` is built by `imagefolder` from the record's `file_name`.
+FEATURE_SPEC: tuple[tuple[str, str], ...] = (
+    ("image", "image"),
+    ("id", "string"),
+    ("timestamp", "string"),
+    ("image_sha256", "string"),
+    ("model_id", "string"),
+    ("model_revision", "string"),
+    ("predicted", "string"),
+    ("corrected_attributes", "string"),
+    ("corrected_tags", "list[string]"),
+    ("annotator", "string"),
+    ("consent", "bool"),
+)
+RECORD_FIELDS = tuple(name for name, _ in FEATURE_SPEC if name != "image")
+
+_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain file name inside the shard folder
+_IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s'\")]+")
+_JPEG_QUALITY = 95
+_STALE_TMP_SECONDS = 3600
+
+
+class FeedbackStoreError(RuntimeError):
+    """The store could not save or change data (read-only folder, disk full, ...); nothing half-written is left."""
+
+
+class FeedbackValidationError(ValueError):
+    """A submission was rejected before anything was stored; the message names the input and what is valid."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Small file-system helpers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _write_temp(tmp_dir: Path, data: bytes, prefix: str) -> Path:
+    """Write `data` to a new temp file in `tmp_dir` and fsync it; the caller moves it into place."""
+    path = tmp_dir / f"{prefix}-{uuid.uuid4().hex}.tmp"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            written = os.write(fd, view)
+            if written <= 0:
+                raise OSError(errno.ENOSPC, "short write")
+            view = view[written:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+    return path
+
+
+def _atomic_write(path: Path, data: bytes, tmp_dir: Path) -> None:
+    tmp = _write_temp(tmp_dir, data, path.name)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+class _AppendFailed(OSError):
+    """An append failed; `rolled_back` says whether the file was truncated back to its previous size."""
+
+    def __init__(self, cause: BaseException, rolled_back: bool):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            super().__init__(cause.errno, cause.strerror)
+        else:
+            super().__init__(errno.EIO, str(cause))
+        self.cause = cause
+        self.rolled_back = rolled_back
+
+
+def _append_line(path: Path, line: bytes) -> int:
+    """Append one complete line with a single `os.write` + fsync; return its byte offset.
+
+    Call under the exclusive lock. On any failure the file is truncated back to its previous size, so no partial
+    line is left behind (`_AppendFailed.rolled_back` says whether that worked).
+    """
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    start = 0
+    try:
+        start = os.fstat(fd).st_size
+        written = os.write(fd, line)
+        if written != len(line):
+            raise OSError(errno.ENOSPC, f"short write ({written} of {len(line)} bytes)")
+        os.fsync(fd)
+    except Exception as exc:
+        rolled_back = True
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError:
+            rolled_back = False
+        os.close(fd)
+        if rolled_back and created and start == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise _AppendFailed(exc, rolled_back) from exc
+    os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+    return start
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    """Complete, parsable lines of a small JSONL bookkeeping file (a torn or corrupt line is skipped)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in raw.split(b"\n")[:-1]:
+        with contextlib.suppress(ValueError):
+            item = json.loads(line)
+            if isinstance(item, dict):
+                out.append(item)
+    return out
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _safe_host() -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname() or "host")[:40] or "host"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Validation of the submitted data (text is kept as data: parsed with json.loads at most, never evaluated)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _show(value: str, limit: int = 60) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def _clean_text(value: Any, what: str, max_len: int, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise FeedbackValidationError(f"{what} must be a string, got {type(value).__name__}.")
+    value = unicodedata.normalize("NFC", value).strip()
+    if not value and not allow_empty:
+        raise FeedbackValidationError(f"{what} must not be empty.")
+    if len(value) > max_len:
+        raise FeedbackValidationError(f"{what} is {len(value)} characters long; at most {max_len} are allowed.")
+    for char in value:
+        if unicodedata.category(char) in ("Cc", "Cs"):
+            raise FeedbackValidationError(
+                f"{what} contains a control character ({char!r}); use plain text on one line: {_show(value)}."
+            )
+    return value
+
+
+def _parse_attributes(
+    value: Any,
+    *,
+    max_len: int,
+    max_attributes: int,
+    allowed: Mapping[str, Sequence[str]] | None,
+) -> dict[str, str]:
+    if value is None:
+        value = {}
+    elif isinstance(value, str):
+        if len(value) > max_attributes * (2 * max_len + 16) + 64:
+            raise FeedbackValidationError("corrected_attributes is too long to be a JSON object of attributes.")
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as exc:
+            raise FeedbackValidationError(
+                f'corrected_attributes must be a JSON object like {{"gender": "Men"}}; it could not be parsed ({exc}).'
+            ) from None
+    if not isinstance(value, Mapping):
+        raise FeedbackValidationError(
+            f"corrected_attributes must be a dict of attribute -> label (or a JSON object), got {type(value).__name__}."
+        )
+    out: dict[str, str] = {}
+    for raw_key, raw_label in value.items():
+        key = _clean_text(raw_key, "corrected_attributes key", max_len)
+        if key in out:
+            raise FeedbackValidationError(f"corrected_attributes names the attribute {key!r} twice.")
+        if raw_label is None or (isinstance(raw_label, str) and not raw_label.strip()):
+            continue  # no correction given for this attribute
+        out[key] = _clean_text(raw_label, f"corrected_attributes[{key!r}]", max_len)
+    if len(out) > max_attributes:
+        raise FeedbackValidationError(f"corrected_attributes has {len(out)} attributes; at most {max_attributes}.")
+    if allowed is not None:
+        unknown = [key for key in out if key not in allowed]
+        if unknown:
+            raise FeedbackValidationError(
+                f"corrected_attributes has unknown attribute(s) {unknown}; valid attributes: {list(allowed)}."
+            )
+        for key, label in out.items():
+            labels = list(allowed[key])
+            if label not in labels:
+                shown = labels if len(labels) <= 30 else labels[:30] + ["..."]
+                raise FeedbackValidationError(
+                    f"corrected_attributes[{key!r}] = {_show(label)} is not a known {key} label; valid labels: {shown}."
+                )
+    return out
+
+
+def _parse_tags(value: Any, *, max_len: int, max_tags: int) -> list[str]:
+    if value is None:
+        items: list[Any] = []
+    elif isinstance(value, str):
+        if len(value) > max_tags * (max_len + 2) + 64:
+            raise FeedbackValidationError(
+                f"corrected_tags is too long; at most {max_tags} tags of {max_len} characters each."
+            )
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise FeedbackValidationError(
+            f"corrected_tags must be a list of strings or a comma-separated string, got {type(value).__name__}."
+        )
+    tags: list[str] = []
+    for position, item in enumerate(items):
+        tag = _clean_text(item, f"corrected_tags[{position}]", max_len, allow_empty=True)
+        if tag and tag not in tags:
+            tags.append(tag)
+    if len(tags) > max_tags:
+        raise FeedbackValidationError(f"corrected_tags has {len(tags)} tags; at most {max_tags} are allowed.")
+    return tags
+
+
+def _jsonable(value: Any, depth: int = 0) -> Any:
+    """Plain-JSON copy of a prediction: numpy scalars/arrays become Python values, NaN/inf become None."""
+    if depth > 16:
+        raise FeedbackValidationError("predicted is nested too deeply.")
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(item, depth + 1) for item in value]
+    if hasattr(value, "tolist"):  # numpy / torch scalars and arrays
+        return _jsonable(value.tolist(), depth + 1)
+    raise FeedbackValidationError(f"predicted contains a {type(value).__name__}, which is not JSON data.")
+
+
+def _parse_predicted(value: Any, max_chars: int) -> str:
+    if value is None:
+        value = {}
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise FeedbackValidationError(f"predicted is {len(value)} characters long; at most {max_chars}.")
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError as exc:
+            raise FeedbackValidationError(f"predicted must be a JSON object; it could not be parsed ({exc}).") from None
+    if not isinstance(value, Mapping):
+        raise FeedbackValidationError(
+            'predicted must be a dict like {"attributes": {...}, "tags": [...]} (or its JSON), '
+            f"got {type(value).__name__}."
+        )
+    text = json.dumps(_jsonable(value), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    if len(text) > max_chars:
+        raise FeedbackValidationError(f"predicted is {len(text)} characters as JSON; at most {max_chars}.")
+    return text
+
+
+def _dedupe_key(image_sha256: str, attributes: Mapping[str, str], tags: Sequence[str]) -> str:
+    canonical = json.dumps([image_sha256, sorted(attributes.items()), sorted(tags)], ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise FeedbackValidationError(f"image has an empty size {width}x{height}.")
+    if width * height > max_pixels:
+        raise FeedbackValidationError(
+            f"image is {width}x{height} = {width * height} pixels; at most {max_pixels} are allowed."
+        )
+
+
+def _read_image_input(image: Any, max_bytes: int, max_pixels: int) -> tuple[Image.Image, str | None]:
+    """Return the decoded image and, for bytes/path inputs, the SHA-256 of the original bytes."""
+    if isinstance(image, Image.Image):
+        _check_pixels(image.size, max_pixels)
+        return image, None
+    if hasattr(image, "__array_interface__") and not isinstance(image, (bytes, bytearray, memoryview)):
+        try:
+            pil = Image.fromarray(image)
+        except (TypeError, ValueError) as exc:
+            raise FeedbackValidationError(f"image array cannot be read as an image ({exc}).") from None
+        _check_pixels(pil.size, max_pixels)
+        return pil, None
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = bytes(image)
+    elif isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        try:
+            if not path.is_file():
+                raise FeedbackValidationError(f"image path {_show(str(path))} is not an existing file.")
+            size = path.stat().st_size
+            if size > max_bytes:
+                raise FeedbackValidationError(f"image file is {size} bytes; at most {max_bytes} are allowed.")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise FeedbackValidationError(f"image file {_show(str(path))} cannot be read ({exc.strerror}).") from None
+    else:
+        raise FeedbackValidationError(
+            f"image must be a PIL image, a numpy array, encoded bytes or a file path, got {type(image).__name__}."
+        )
+    if not data:
+        raise FeedbackValidationError("image is empty (0 bytes).")
+    if len(data) > max_bytes:
+        raise FeedbackValidationError(f"image is {len(data)} bytes; at most {max_bytes} are allowed.")
+    try:
+        pil = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise FeedbackValidationError(f"image has too many pixels; at most {max_pixels} are allowed.") from None
+    except (OSError, SyntaxError, ValueError):
+        raise FeedbackValidationError(
+            f"image is not a readable image file; use one of {sorted(_IMAGE_FORMATS)}."
+        ) from None
+    if pil.format not in _IMAGE_FORMATS:
+        raise FeedbackValidationError(
+            f"image format {pil.format} is not accepted; use one of {sorted(_IMAGE_FORMATS)}."
+        )
+    _check_pixels(pil.size, max_pixels)
+    return pil, hashlib.sha256(data).hexdigest()
+
+
+def _to_srgb(image: Image.Image, icc_profile: bytes | None) -> Image.Image:
+    """Convert pixels from their embedded colour profile to sRGB (the profile itself is not kept)."""
+    if not icc_profile or image.mode not in ("RGB", "CMYK", "L"):
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image  # unreadable profile: keep the raw values
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    """A fresh sRGB image built from the upright pixel data: no EXIF, GPS, ICC profile, comments or other info."""
+    try:
+        image.load()
+        icc_profile = image.info.get("icc_profile")
+        image = _to_srgb(ImageOps.exif_transpose(image), icc_profile)
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            image = Image.new("RGB", rgba.size, (255, 255, 255))
+            image.paste(rgba, mask=rgba.getchannel("A"))
+        elif image.mode.startswith("I;16"):
+            image = image.convert("I").point(lambda v: v / 256).convert("RGB")
+        elif image.mode != "RGB":
+            image = image.convert("RGB")
+        return Image.frombytes("RGB", image.size, image.tobytes())
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise FeedbackValidationError(f"image could not be decoded ({exc}).") from None
+
+
+def _pixel_sha256(rgb: Image.Image) -> str:
+    digest = hashlib.sha256(f"RGB {rgb.width}x{rgb.height}\n".encode("ascii"))
+    digest.update(rgb.tobytes())
+    return digest.hexdigest()
+
+
+def _encode_jpeg(rgb: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="JPEG", quality=_JPEG_QUALITY)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dataset card
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _features_yaml() -> str:
+    lines = []
+    for name, dtype in FEATURE_SPEC:
+        lines.append(f"  - name: {name}")
+        lines.append("    list: string" if dtype == "list[string]" else f"    dtype: {dtype}")
+    return "\n".join(lines)
+
+
+def dataset_card() -> str:
+    """README.md written into a new store folder: makes `load_dataset(folder)` read every shard with fixed types."""
+    return f"""---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: {DATA_DIR}/**
+  features:
+{_features_yaml()}
+pretty_name: Fashion tag corrections
+task_categories:
+- image-classification
+tags:
+- fashion
+- human-feedback
+---
+# Fashion tag corrections
+
+Corrections of predicted fashion product tags, made by users of the fashion-hf app who consented to share them.
+One row per submission: the image (re-encoded JPEG, EXIF and GPS removed), the prediction shown (`predicted`, JSON),
+the corrected attributes (`corrected_attributes`, JSON object attribute -> label), the free tags typed by the user
+(`corrected_tags`), the model id and revision, the annotator and the consent flag.
+
+Files: `{DATA_DIR}/<shard>/{METADATA_NAME}` (one JSON record per line, `file_name` -> the image in the same folder).
+Load with `datasets.load_dataset("<this repo or folder>", split="train")`. Withdrawn submissions are removed from
+both the records and the images.
+"""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hub sync
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _HubStatus:
+    last_push_time: str | None = None
+    last_check_time: str | None = None
+    last_error: str | None = None
+    last_error_time: str | None = None
+    consecutive_failures: int = 0
+    next_retry_at: float | None = None  # time.time()
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def failed(self, message: str, retry_in: float | None) -> int:
+        with self.lock:
+            self.consecutive_failures += 1
+            self.last_error = message
+            self.last_error_time = _utc_now()
+            self.next_retry_at = None if retry_in is None else time.time() + retry_in
+            return self.consecutive_failures
+
+    def succeeded(self, committed: bool) -> None:
+        with self.lock:
+            now = _utc_now()
+            self.last_check_time = now
+            if committed:
+                self.last_push_time = now
+            self.consecutive_failures = 0
+            self.next_retry_at = None
+
+
+@dataclass
+class _PushSnapshot:
+    adds: list[tuple[str, bytes, list[int]]]  # (path in folder, content, [size, mtime_ns])
+    deletes: list[str]
+    truncated: bool
+
+
+def _state_file_name(repo_id: str, revision: str | None, path_in_repo: str = "") -> str:
+    """Name of the file recording what was pushed to one repo/branch/path."""
+    key = f"{repo_id}\ndataset\n{revision}\n{path_in_repo}"
+    return "hub-" + hashlib.sha256(key.encode()).hexdigest()[:16] + ".json"
+
+
+def _http_status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    status = _http_status(exc)
+    return status is None or status in (408, 409, 412, 423, 425, 429) or status >= 500
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    try:
+        value = headers.get("Retry-After") if headers is not None else None
+        return max(0.0, float(value)) if value is not None else None
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+class FeedbackCommitScheduler(CommitScheduler):
+    """`CommitScheduler` for a `FeedbackStore` folder that never loses a push error.
+
+    Differences from the parent (huggingface_hub 2.4): pushes run on its own single-thread executor (not on
+    `HfApi.run_as_future`), are serialised by a lock so `push_to_hub` may also be called directly, and catch every
+    error: it is recorded (token redacted) for `FeedbackStore.status()` and, when worth retrying (network error,
+    408/409/429/5xx), retried with exponential back-off (`retry_initial_delay * 2**(n-1)`, capped at
+    `retry_max_delay`, at least the server's Retry-After). Nothing is lost meanwhile: files are only marked as pushed
+    after a successful commit, so the next one carries everything. What is uploaded: the README, the images and the
+    metadata files that changed since the last successful push (the record of what was pushed is shared by all
+    processes under the store's lock, so a restart does not re-upload everything); metadata files are read under
+    the lock (a file rewritten by a delete is never uploaded half-old, half-new); withdrawn images are deleted
+    from the repo.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: FeedbackStore,
+        retry_initial_delay: float = 10.0,
+        retry_max_delay: float | None = None,
+        max_files_per_commit: int = 500,
+        max_bytes_per_commit: int = 256 * 1024 * 1024,
+        **kwargs: Any,
+    ) -> None:
+        # Set before super().__init__: it starts the scheduler thread.
+        self._store = store
+        self._status = store._hub
+        self._ready = threading.Event()
+        self._stop_event = threading.Event()
+        self._push_lock = threading.Lock()
+        self._timer_lock = threading.Lock()
+        self._retry_timer: threading.Timer | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback-push")
+        self.retry_initial_delay = float(retry_initial_delay)
+        self.max_files_per_commit = max_files_per_commit
+        self.max_bytes_per_commit = max_bytes_per_commit
+        self.retry_delays: list[float] = []
+        self.last_push_ok: bool | None = None
+        self.last_future: Future | None = None
+        requested_repo_id = kwargs["repo_id"]
+        try:
+            super().__init__(**kwargs)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+        if not isinstance(self.repo_id, str):  # `create_repo` returned no RepoUrl (e.g. a mocked HfApi)
+            self.repo_id = requested_repo_id
+        self.retry_max_delay = float(retry_max_delay) if retry_max_delay is not None else self.every * 60.0
+        self._state_name = _state_file_name(self.repo_id, self.revision, self.path_in_repo)
+        self._ready.set()
+
+    # -- scheduling -------------------------------------------------------------------------------------------------
+
+    def _run_scheduler(self) -> None:
+        self._ready.wait()
+        while not self._stop_event.is_set():
+            self.last_future = self.trigger()
+            if self._stop_event.wait(self.every * 60):
+                break
+
+    def trigger(self) -> Future:
+        """Queue a push in the background; the future's result is the `CommitInfo` (None: nothing or failed)."""
+        try:
+            return self._executor.submit(self._push_to_hub)
+        except RuntimeError:  # executor shut down
+            future: Future = Future()
+            future.set_result(None)
+            return future
+
+    def stop(self) -> None:
+        super().stop()
+        self._stop_event.set()
+        with self._timer_lock:
+            if self._retry_timer is not None:
+                self._retry_timer.cancel()
+                self._retry_timer = None
+
+    def shutdown(self) -> None:
+        self.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _schedule_retry(self, delay: float) -> None:
+        with self._timer_lock:
+            if self._stop_event.is_set() or self._retry_timer is not None:
+                return
+            timer = threading.Timer(delay, self._retry_now)
+            timer.daemon = True
+            try:
+                timer.start()
+            except RuntimeError:  # interpreter shutting down (the parent's atexit push)
+                return
+            self._retry_timer = timer
+
+    def _retry_now(self) -> None:
+        with self._timer_lock:
+            self._retry_timer = None
+        if not self._stop_event.is_set():
+            self.trigger()
+
+    # -- pushing ----------------------------------------------------------------------------------------------------
+
+    def push_to_hub(self):  # noqa: ANN201 (CommitInfo | None)
+        """Push what changed; never raises. Returns the last `CommitInfo`, or None (nothing to push, or failed)."""
+        with self._push_lock:
+            try:
+                info, committed = self._push_pending()
+            except Exception as exc:  # noqa: BLE001 - every failure is reported and retried
+                self._push_failed(exc)
+                return None
+            self.last_push_ok = True
+            self._status.succeeded(committed)
+            with self._timer_lock:
+                if self._retry_timer is not None:
+                    self._retry_timer.cancel()
+                    self._retry_timer = None
+            return info
+
+    def _push_pending(self) -> tuple[Any, bool]:
+        info, committed = None, False
+        while True:
+            with self.lock:
+                snapshot = self._store._push_snapshot(
+                    self._state_name, self.max_files_per_commit, self.max_bytes_per_commit
+                )
+            if not snapshot.adds and not snapshot.deletes:
+                return info, committed
+            prefix = f"{self.path_in_repo.strip('/')}/" if self.path_in_repo else ""
+            deletes: list[str] = []
+            if snapshot.deletes:
+                remote = set(
+                    self.api.list_repo_files(repo_id=self.repo_id, repo_type=self.repo_type, revision=self.revision)
+                )
+                deletes = [path for path in snapshot.deletes if prefix + path in remote]
+            operations: list[Any] = [
+                CommitOperationAdd(path_in_repo=prefix + path, path_or_fileobj=content)
+                for path, content, _ in snapshot.adds
+            ]
+            operations += [CommitOperationDelete(path_in_repo=prefix + path) for path in deletes]
+            if operations:
+                records = sum(
+                    content.count(b"\n") for path, content, _ in snapshot.adds if path.endswith(METADATA_NAME)
+                )
+                info = self.api.create_commit(
+                    repo_id=self.repo_id,
+                    repo_type=self.repo_type,
+                    revision=self.revision,
+                    operations=operations,
+                    commit_message=(
+                        f"Feedback sync: {len(snapshot.adds)} file(s) added or updated"
+                        + (f" ({records} record(s) in updated metadata files)" if records else "")
+                        + (f", {len(deletes)} withdrawn file(s) removed" if deletes else "")
+                    ),
+                )
+                committed = True
+            self._store._push_done(self._state_name, snapshot)
+            if not snapshot.truncated:
+                return info, committed
+
+    def _push_failed(self, exc: BaseException) -> None:
+        self.last_push_ok = False
+        message = self._store._redact(f"{type(exc).__name__}: {exc}")[:500]
+        delay = None
+        if _is_retryable(exc) and not self._stop_event.is_set():
+            failures = self._status.consecutive_failures + 1
+            delay = min(self.retry_initial_delay * 2 ** (failures - 1), self.retry_max_delay)
+            server_delay = _retry_after(exc)
+            if server_delay is not None:
+                delay = max(delay, server_delay)
+        failures = self._status.failed(message, delay)
+        logger.warning(
+            "Pushing feedback to %s failed (attempt %d): %s%s",
+            self.repo_id,
+            failures,
+            message,
+            f"; retrying in {delay:.3g}s" if delay is not None else "; will try again at the next scheduled push",
+        )
+        if delay is not None:
+            self.retry_delays.append(delay)
+            self._schedule_retry(delay)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The store
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class FeedbackStore:
+    """Durable, append-only store of tag corrections; a `datasets` dataset folder, optionally synced to the Hub.
+
+    Safe to use from many threads and processes at once (an `fcntl.flock` lock on `<folder>/.feedback/lock`).
+
+    Args:
+        folder: the local folder (created if missing).
+        repo_id: Hub dataset repo to push to (private by default); None keeps everything local.
+        hf_api: `HfApi` client to push with (injected in tests); default `HfApi(token=token)`.
+        token: Hub token used when `hf_api` is not given; never logged nor shown in errors or `status()`.
+        every_minutes: minutes between scheduled pushes (at least 5: the Hub rate-limits commits).
+        max_image_pixels: largest accepted image (width * height), checked before decoding.
+        max_image_bytes: largest accepted encoded image.
+        max_text_length: longest attribute name, label, tag, model id/revision and annotator (characters).
+        max_tags: most corrected tags per record.
+        max_attributes: most corrected attributes per record.
+        max_predicted_chars: longest `predicted` JSON.
+        allowed_attributes: attribute -> labels (the model config's heads); when given, unknown attributes and
+            labels outside the vocabulary are rejected. Free tags are always allowed.
+        private: create the Hub repo private (ignored if it exists).
+        revision: Hub branch to push to (default `main`).
+        max_records_per_shard: records per `data/<shard>/` folder before a writer starts a new one.
+        retry_initial_delay / retry_max_delay: back-off of failed pushes (see `FeedbackCommitScheduler`).
+
+    Example:
+        >>> store = FeedbackStore("feedback", repo_id="me/fashion-feedback")
+        >>> rid = store.add("shirt.jpg", predicted, {"baseColour": "Blue"}, ["slim fit"], consent=True,
+        ...                 model_id="me/fashion-tagger", model_revision="abc123")
+        >>> store.status()
+    """
+
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        repo_id: str | None = None,
+        hf_api: Any = None,
+        token: str | None = None,
+        every_minutes: float = 5,
+        *,
+        max_image_pixels: int = 40_000_000,
+        max_image_bytes: int = 20 * 1024 * 1024,
+        max_text_length: int = 200,
+        max_tags: int = 50,
+        max_attributes: int = 32,
+        max_predicted_chars: int = 100_000,
+        allowed_attributes: Mapping[str, Sequence[str]] | None = None,
+        private: bool = True,
+        revision: str | None = None,
+        max_records_per_shard: int = 1000,
+        retry_initial_delay: float = 10.0,
+        retry_max_delay: float | None = None,
+    ) -> None:
+        self.folder = Path(folder).expanduser().resolve()
+        self.repo_id = repo_id
+        self.every_minutes = max(5.0, float(every_minutes))
+        if every_minutes < 5:
+            logger.info("every_minutes=%s raised to 5: the Hub rate-limits commits.", every_minutes)
+        self.max_image_pixels = int(max_image_pixels)
+        self.max_image_bytes = int(max_image_bytes)
+        self.max_text_length = int(max_text_length)
+        self.max_tags = int(max_tags)
+        self.max_attributes = int(max_attributes)
+        self.max_predicted_chars = int(max_predicted_chars)
+        self.allowed_attributes = (
+            {str(k): [str(label) for label in v] for k, v in allowed_attributes.items()} if allowed_attributes else None
+        )
+        self.private = private
+        self.revision = revision
+        self.max_records_per_shard = int(max_records_per_shard)
+        self.retry_initial_delay = float(retry_initial_delay)
+        self.retry_max_delay = retry_max_delay
+        self._hf_api = hf_api
+        self._token = token
+
+        self._data = self.folder / DATA_DIR
+        self._state = self.folder / STATE_DIR
+        self._tmp = self._state / "tmp"
+        self._lock_path = self._state / "lock"
+        self._epoch_path = self._state / "epoch"
+        self._pending_deletes_path = self._state / "pending-deletes.jsonl"
+
+        self._lock = threading.RLock()
+        self._reset_index()
+        self._shard: str | None = None
+        self._shard_pid: int | None = None
+
+        self._hub = _HubStatus()
+        self._scheduler: FeedbackCommitScheduler | None = None
+        self._sched_init_lock = threading.Lock()
+        self._sched_flag_lock = threading.Lock()
+        self._creating = False
+        self._create_failures = 0
+        self._next_create_attempt = 0.0
+        self._create_timer: threading.Timer | None = None
+        self._closed = False
+
+        if self.folder.exists() and not self.folder.is_dir():
+            raise FeedbackStoreError(f"feedback folder {self.folder} is a file, not a folder.")
+        try:
+            for path in (self.folder, self._data, self._state, self._tmp):
+                path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if not self.folder.is_dir():
+                raise self._io_error("create the feedback folder", exc) from exc
+            logger.warning("Feedback folder %s is not writable (%s): read-only use.", self.folder, exc.strerror)
+            with self._lock, self._flock(exclusive=False):
+                self._refresh()
+            return
+        try:
+            with self._lock, self._flock(exclusive=True):
+                readme = self.folder / "README.md"
+                if not readme.exists():
+                    _atomic_write(readme, dataset_card().encode("utf-8"), self._tmp)
+                self._refresh(repair=True)
+                self._sweep_orphans()
+        except OSError as exc:
+            logger.warning("Could not prepare feedback folder %s (%s): read-only use.", self.folder, exc.strerror)
+            with self._lock, self._flock(exclusive=False):
+                self._refresh()
+
+    # -- public API -------------------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        image: Any,
+        predicted: Mapping[str, Any] | str | None,
+        corrected_attributes: Mapping[str, str] | str | None,
+        corrected_tags: Sequence[str] | str | None,
+        consent: bool,
+        model_id: str,
+        model_revision: str,
+        annotator: str | None = "anonymous",
+    ) -> str:
+        """Store one submission and return its record id (an identical resubmission returns the existing id).
+
+        Raises `FeedbackValidationError` (a `ValueError`) for missing consent or invalid input, and
+        `FeedbackStoreError` when the folder cannot be written; in both cases nothing is stored.
+        """
+        if consent is not True:
+            raise FeedbackValidationError(
+                "consent is required: pass consent=True only after the user agreed to share the image and the "
+                "corrections; nothing was stored."
+            )
+        if self._closed:
+            raise FeedbackStoreError("this FeedbackStore was closed; open a new one to add feedback.")
+        limit = self.max_text_length
+        attributes = _parse_attributes(
+            corrected_attributes, max_len=limit, max_attributes=self.max_attributes, allowed=self.allowed_attributes
+        )
+        tags = _parse_tags(corrected_tags, max_len=limit, max_tags=self.max_tags)
+        predicted_json = _parse_predicted(predicted, self.max_predicted_chars)
+        model_id = _clean_text(model_id, "model_id", limit)
+        model_revision = _clean_text(model_revision, "model_revision", limit, allow_empty=True)
+        annotator = _clean_text(annotator or "anonymous", "annotator", limit, allow_empty=True) or "anonymous"
+
+        decoded, image_sha256 = _read_image_input(image, self.max_image_bytes, self.max_image_pixels)
+        rgb = _upright_rgb(decoded)
+        if image_sha256 is None:
+            image_sha256 = _pixel_sha256(rgb)
+        key = _dedupe_key(image_sha256, attributes, tags)
+        with self._lock, self._flock(exclusive=False):
+            self._refresh()
+            existing = self._by_key.get(key)
+        if existing is not None:
+            return existing
+
+        record_id = uuid.uuid4().hex
+        jpeg = _encode_jpeg(rgb)
+        self._ensure_scheduler()
+        try:
+            tmp: Path | None = _write_temp(self._tmp, jpeg, record_id)
+        except OSError as exc:
+            raise self._io_error("write the image", exc) from exc
+        try:
+            with self._lock, self._scheduler_lock(), self._flock(exclusive=True):
+                self._refresh(repair=True)
+                existing = self._by_key.get(key)
+                if existing is not None:
+                    return existing
+                record = {
+                    "file_name": record_id + IMAGE_SUFFIX,
+                    "id": record_id,
+                    "timestamp": _utc_now(),
+                    "image_sha256": image_sha256,
+                    "model_id": model_id,
+                    "model_revision": model_revision,
+                    "predicted": predicted_json,
+                    "corrected_attributes": json.dumps(attributes, ensure_ascii=False, separators=(",", ":")),
+                    "corrected_tags": tags,
+                    "annotator": annotator,
+                    "consent": True,
+                }
+                self._commit_record(tmp, record)
+                tmp = None
+                return record_id
+        except OSError as exc:
+            raise self._io_error("save the feedback", exc) from exc
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+
+    def get(self, record_id: str) -> dict | None:
+        """The record (schema fields, `file_name`, and `image_path`: absolute path of the stored JPEG), or None."""
+        if not isinstance(record_id, str) or not _ID_RE.match(record_id):
+            return None
+        with self._lock, self._flock(exclusive=False):
+            self._refresh()
+            record = self._records.get(record_id)
+            shard = self._where[record_id][0] if record is not None else None
+        return None if record is None else self._public(record, shard)
+
+    def open_image(self, record_id: str) -> Image.Image:
+        """The stored image of a record (loaded into memory). KeyError if unknown."""
+        record = self.get(record_id)
+        if record is None:
+            raise KeyError(f"no feedback record with id {record_id!r}")
+        with Image.open(record["image_path"]) as image:
+            image.load()
+            return image.copy()
+
+    def records(self) -> Iterator[dict]:
+        """Every record (as from `get`), oldest first; a snapshot taken when iteration starts."""
+        with self._lock, self._flock(exclusive=False):
+            self._refresh()
+            snapshot = sorted(
+                ((record, self._where[rid][0]) for rid, record in self._records.items()),
+                key=lambda item: (str(item[0].get("timestamp")), item[0]["id"]),
+            )
+        for record, shard in snapshot:
+            yield self._public(record, shard)
+
+    def __len__(self) -> int:
+        with self._lock, self._flock(exclusive=False):
+            self._refresh()
+            return len(self._records)
+
+    def __contains__(self, record_id: object) -> bool:
+        return isinstance(record_id, str) and self.get(record_id) is not None
+
+    def delete(self, record_id: str) -> bool:
+        """Withdraw a submission: remove its record and its image here, and from the Hub at the next push.
+
+        Returns False when no such record exists. Durable and safe under concurrency: the Hub removal is
+        recorded before the local files change, the metadata file is rewritten atomically, then the image unlinked;
+        a push is triggered at once when Hub sync is running.
+        """
+        if not isinstance(record_id, str) or not _ID_RE.match(record_id):
+            raise FeedbackValidationError(f"record id must be 32 lowercase hex characters, got {record_id!r}.")
+        try:
+            with self._lock, self._scheduler_lock(), self._flock(exclusive=True):
+                self._refresh(repair=True)
+                if record_id not in self._records:
+                    return self._delete_stray_image(record_id)
+                shard = self._where[record_id][0]
+                file_name = self._records[record_id]["file_name"]
+                image_rel = f"{DATA_DIR}/{shard}/{file_name}"
+                meta_rel = f"{DATA_DIR}/{shard}/{METADATA_NAME}"
+                meta_path = self.folder / meta_rel
+                lines = meta_path.read_bytes().split(b"\n")[:-1]
+                keep = [line + b"\n" for line in lines if self._line_id(line) != record_id]
+                self._add_pending_deletes([image_rel] if keep else [image_rel, meta_rel])
+                if keep:
+                    _atomic_write(meta_path, b"".join(keep), self._tmp)
+                else:
+                    os.unlink(meta_path)
+                    _fsync_dir(meta_path.parent)
+                self._bump_epoch()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.folder / image_rel)
+                _fsync_dir((self.folder / image_rel).parent)
+                self._refresh()
+        except OSError as exc:
+            raise self._io_error("withdraw the record", exc) from exc
+        if self._scheduler is not None:
+            self._scheduler.trigger()  # withdrawals reach the Hub now, not at the next scheduled push
+        return True
+
+    def status(self) -> str:
+        """One line for the app: records stored, what awaits a push, last push time and last error (no token)."""
+        info = self.hub_status()
+        if not info["enabled"]:
+            return f"{info['records']} feedback record(s) saved locally; Hub sync is off."
+        waiting = []
+        if info["pending_records"]:
+            waiting.append(f"{info['pending_records']} record(s) waiting to be pushed")
+        if info["pending_deletions"]:
+            waiting.append(f"{info['pending_deletions']} withdrawal(s) waiting to be pushed")
+        parts = [
+            f"Hub sync to {info['repo_id']}: " + (", ".join(waiting) if waiting else "everything pushed"),
+            f"last push: {info['last_push_time'] or 'never'}",
+        ]
+        if info["consecutive_failures"]:
+            error = f"last error ({info['last_error_time']}): {info['last_error']}"
+            if info["retry_in_seconds"] is not None:
+                error += f"; retrying in {info['retry_in_seconds']:.0f}s"
+            parts.append(error)
+        return self._redact("; ".join(parts) + ".")
+
+    def hub_status(self) -> dict[str, Any]:
+        """`status()` as data: records, enabled, repo_id, pending_records, pending_deletions, last_push_time,
+        last_error, last_error_time, consecutive_failures, retry_in_seconds."""
+        with self._lock, self._flock(exclusive=False):
+            self._refresh()
+            count = len(self._records)
+            pending_records, pending_deletions = self._pending_counts() if self.repo_id else (0, 0)
+        hub = self._hub
+        with hub.lock:
+            retry_in = None if hub.next_retry_at is None else max(0.0, hub.next_retry_at - time.time())
+            return {
+                "records": count,
+                "enabled": self.repo_id is not None,
+                "repo_id": self.repo_id,
+                "pending_records": pending_records,
+                "pending_deletions": pending_deletions,
+                "last_push_time": hub.last_push_time,
+                "last_error": self._redact(hub.last_error) if hub.last_error else None,
+                "last_error_time": hub.last_error_time,
+                "consecutive_failures": hub.consecutive_failures,
+                "retry_in_seconds": retry_in,
+            }
+
+    def push_now(self) -> bool:
+        """Push pending changes now, in this thread; True on success (or nothing to push). Needs `repo_id`."""
+        if self.repo_id is None:
+            raise FeedbackStoreError("push_now() needs a repo_id: this store keeps feedback locally only.")
+        scheduler = self._ensure_scheduler(wait=True)
+        if scheduler is None:
+            return False
+        scheduler.push_to_hub()
+        return scheduler.last_push_ok
+
+    @property
+    def scheduler(self) -> FeedbackCommitScheduler | None:
+        """The Hub scheduler, once created (lazily, at the first `add`)."""
+        return self._scheduler
+
+    def close(self, push: bool = True) -> None:
+        """Stop Hub sync (after a last push when `push`); local data stays. Further `add` calls fail."""
+        self._closed = True
+        with self._sched_flag_lock:
+            if self._create_timer is not None:
+                self._create_timer.cancel()
+        scheduler = self._scheduler
+        if scheduler is not None:
+            if push:
+                scheduler.push_to_hub()
+            scheduler.shutdown()
+
+    def __enter__(self) -> FeedbackStore:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"FeedbackStore(folder={str(self.folder)!r}, repo_id={self.repo_id!r})"
+
+    @staticmethod
+    def features():  # noqa: ANN205 (datasets.Features; imported lazily)
+        """The dataset's `datasets.Features` (for `load_dataset("imagefolder", data_dir=..., features=...)`)."""
+        import datasets
+
+        columns = {}
+        for name, dtype in FEATURE_SPEC:
+            if dtype == "image":
+                columns[name] = datasets.Image()
+            elif dtype == "list[string]":
+                columns[name] = datasets.List(datasets.Value("string"))
+            else:
+                columns[name] = datasets.Value(dtype)
+        return datasets.Features(columns)
+
+    # -- locking ----------------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _flock(self, exclusive: bool) -> Iterator[None]:
+        try:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError:
+            try:
+                fd = os.open(self._lock_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                if exclusive:
+                    raise
+                yield  # read-only folder without a lock file: nobody can write there
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def _scheduler_lock(self) -> Iterator[None]:
+        scheduler = self._scheduler
+        if scheduler is None:
+            yield
+        else:
+            with scheduler.lock:
+                yield
+
+    # -- index (rebuilt from the files, under the lock) -------------------------------------------------------------
+
+    def _reset_index(self) -> None:
+        self._records: dict[str, dict] = {}
+        self._where: dict[str, tuple[str, int]] = {}  # id -> (shard, byte offset of its line)
+        self._by_key: dict[str, str] = {}  # dedupe key -> id
+        self._shard_counts: dict[str, int] = {}
+        self._files: dict[str, tuple[int, int, int]] = {}  # shard -> (st_dev, st_ino, bytes consumed)
+        self._epoch: int | None = None
+        self.corrupt_lines = 0
+
+    def _read_epoch(self) -> int:
+        try:
+            return int(self._epoch_path.read_text() or 0)
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _bump_epoch(self) -> None:
+        epoch = self._read_epoch() + 1
+        _atomic_write(self._epoch_path, str(epoch).encode(), self._tmp)
+
+    @staticmethod
+    def _line_id(line: bytes) -> str | None:
+        try:
+            item = json.loads(line)
+        except ValueError:
+            return None
+        return item.get("id") if isinstance(item, dict) else None
+
+    def _parse_record(self, line: bytes) -> dict | None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return None
+        if (
+            not isinstance(record, dict)
+            or not isinstance(record.get("id"), str)
+            or not _ID_RE.match(record["id"])
+            or not isinstance(record.get("file_name"), str)
+            or not _FILE_NAME_RE.match(record["file_name"])
+        ):
+            return None
+        return record
+
+    def _drop_shard(self, shard: str) -> None:
+        for rid in [rid for rid, (s, _) in self._where.items() if s == shard]:
+            record = self._records.pop(rid)
+            del self._where[rid]
+            key = self._record_key(record)
+            if self._by_key.get(key) == rid:
+                del self._by_key[key]
+        self._shard_counts.pop(shard, None)
+        self._files.pop(shard, None)
+
+    @staticmethod
+    def _record_key(record: dict) -> str:
+        try:
+            attributes = json.loads(record.get("corrected_attributes") or "{}")
+        except ValueError:
+            attributes = {}
+        if not isinstance(attributes, dict):
+            attributes = {}
+        tags = record.get("corrected_tags") or []
+        return _dedupe_key(str(record.get("image_sha256")), attributes, [str(t) for t in tags])
+
+    def _index(self, shard: str, offset: int, record: dict) -> None:
+        rid = record["id"]
+        if rid in self._records:  # should not happen (uuid4); keep the first
+            return
+        self._records[rid] = record
+        self._where[rid] = (shard, offset)
+        self._by_key.setdefault(self._record_key(record), rid)
+        self._shard_counts[shard] = self._shard_counts.get(shard, 0) + 1
+
+    def _refresh(self, repair: bool = False) -> None:
+        """Bring the in-memory index up to date with the files (call under the lock).
+
+        Only new bytes are read, unless a metadata file was rewritten (the epoch changed). An unterminated last
+        line (a writer crashed mid-append: under the lock no write is in progress) and unparsable lines are
+        skipped; with `repair` (exclusive lock) they are moved to `.feedback/quarantine/` and removed from the file.
+        """
+        epoch = self._read_epoch()
+        if epoch != self._epoch:
+            self._reset_index()
+            self._epoch = epoch
+        seen = set()
+        to_repair: list[str] = []
+        for meta in sorted(self._data.glob(f"*/{METADATA_NAME}")):
+            shard = meta.parent.name
+            try:
+                st = meta.stat()
+            except FileNotFoundError:
+                continue
+            seen.add(shard)
+            state = self._files.get(shard)
+            start = state[2] if state and state[:2] == (st.st_dev, st.st_ino) and st.st_size >= state[2] else 0
+            if start == 0 and state is not None:
+                self._drop_shard(shard)
+            consumed = start
+            if st.st_size > start:
+                with open(meta, "rb") as handle:
+                    handle.seek(start)
+                    chunk = handle.read(st.st_size - start)
+                end = chunk.rfind(b"\n") + 1
+                offset = start
+                for line in chunk[:end].split(b"\n")[:-1]:
+                    record = self._parse_record(line)
+                    if record is None:
+                        self.corrupt_lines += 1
+                        to_repair.append(shard)
+                        logger.warning("Skipping a corrupt line at byte %d of %s.", offset, meta)
+                    else:
+                        self._index(shard, offset, record)
+                    offset += len(line) + 1
+                consumed = start + end
+                if end < len(chunk):
+                    to_repair.append(shard)
+            self._files[shard] = (st.st_dev, st.st_ino, consumed)
+        for shard in [s for s in self._files if s not in seen]:
+            self._drop_shard(shard)
+        if repair and to_repair:
+            for shard in dict.fromkeys(to_repair):
+                self._repair_shard(shard)
+            self._refresh()
+
+    def _repair_shard(self, shard: str) -> None:
+        meta = self._data / shard / METADATA_NAME
+        raw = meta.read_bytes()
+        end = raw.rfind(b"\n") + 1
+        good, bad = [], []
+        for line in raw[:end].split(b"\n")[:-1]:
+            (good if self._parse_record(line) is not None else bad).append(line + b"\n")
+        if end < len(raw):
+            bad.append(raw[end:] + b"\n")
+        quarantine = self._state / "quarantine"
+        quarantine.mkdir(exist_ok=True)
+        _append_line(quarantine / f"{shard}.txt", b"".join(bad))
+        logger.warning("Repaired %s: moved %d torn or corrupt line(s) to %s.", meta, len(bad), quarantine)
+        if good:
+            _atomic_write(meta, b"".join(good), self._tmp)
+        else:
+            os.unlink(meta)
+            _fsync_dir(meta.parent)
+        self._bump_epoch()
+
+    def _sweep_orphans(self) -> None:
+        """Remove images no record points to (a crash between the image and its record) and stale temp files."""
+        referenced = {(self._where[rid][0], record["file_name"]) for rid, record in self._records.items()}
+        orphans = [
+            path for path in self._data.glob(f"*/*{IMAGE_SUFFIX}") if (path.parent.name, path.name) not in referenced
+        ]
+        if orphans:
+            self._add_pending_deletes([f"{DATA_DIR}/{p.parent.name}/{p.name}" for p in orphans])
+            for path in orphans:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            logger.warning("Removed %d image(s) without a record from %s.", len(orphans), self._data)
+        now = time.time()
+        for path in self._tmp.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > _STALE_TMP_SECONDS:
+                    path.unlink()
+
+    def _delete_stray_image(self, record_id: str) -> bool:
+        strays = list(self._data.glob(f"*/{record_id}{IMAGE_SUFFIX}"))
+        if strays:
+            self._add_pending_deletes([f"{DATA_DIR}/{p.parent.name}/{p.name}" for p in strays])
+            for path in strays:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        return bool(strays)
+
+    # -- writing ----------------------------------------------------------------------------------------------------
+
+    def _current_shard(self) -> str:
+        pid = os.getpid()
+        if (
+            self._shard is None
+            or self._shard_pid != pid
+            or self._shard_counts.get(self._shard, 0) >= self.max_records_per_shard
+        ):
+            self._shard = f"{_safe_host()}-{pid}-{uuid.uuid4().hex[:8]}"
+            self._shard_pid = pid
+        shard_dir = self._data / self._shard
+        if not shard_dir.is_dir():
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(self._data)
+        return self._shard
+
+    def _commit_record(self, tmp: Path, record: dict) -> None:
+        """Move the image into place, then append the record (under the exclusive lock)."""
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+        image_path: Path | None = None
+        try:
+            shard = self._current_shard()
+            image_path = self._data / shard / record["file_name"]
+            os.replace(tmp, image_path)
+            _fsync_dir(image_path.parent)
+            offset = _append_line(self._data / shard / METADATA_NAME, line)
+        except _AppendFailed as failure:
+            if failure.rolled_back and image_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(image_path)
+            if not isinstance(failure.cause, OSError):
+                raise failure.cause from None
+            raise self._io_error("save the record", failure.cause) from failure.cause
+        except OSError as exc:
+            if image_path is not None and image_path.exists():
+                with contextlib.suppress(OSError):
+                    os.unlink(image_path)
+            raise self._io_error("save the image", exc) from exc
+        self._index(shard, offset, record)
+        st = (self._data / shard / METADATA_NAME).stat()
+        self._files[shard] = (st.st_dev, st.st_ino, offset + len(line))
+
+    def _add_pending_deletes(self, paths: list[str]) -> None:
+        now = _utc_now()
+        _append_line(
+            self._pending_deletes_path,
+            b"".join(json.dumps({"path": p, "time": now}).encode() + b"\n" for p in paths),
+        )
+
+    def _io_error(self, action: str, exc: OSError) -> FeedbackStoreError:
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            advice = "the folder is read-only or not writable; check its permissions or mount"
+        elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = "the disk is full; free some space and try again"
+        else:
+            advice = "check the folder and try again"
+        return FeedbackStoreError(
+            f"Could not {action} in the feedback folder {self.folder} ({reason}): {advice}. Nothing was half-written."
+        )
+
+    # -- Hub --------------------------------------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        if self._token:
+            text = text.replace(self._token, "***")
+        text = _TOKEN_RE.sub("hf_***", text)
+        return _BEARER_RE.sub(r"\1***", text)
+
+    def _ensure_scheduler(self, wait: bool = False) -> FeedbackCommitScheduler | None:
+        """Create the Hub scheduler lazily (its constructor calls `create_repo`): in the background, or now."""
+        if self.repo_id is None or self._scheduler is not None or self._closed:
+            return self._scheduler
+        if wait:
+            self._create_scheduler()
+            return self._scheduler
+        with self._sched_flag_lock:
+            if self._creating or time.monotonic() < self._next_create_attempt:
+                return None
+            self._creating = True
+        threading.Thread(target=self._create_scheduler, name="feedback-hub-init", daemon=True).start()
+        return None
+
+    def _retry_create(self) -> None:
+        with self._sched_flag_lock:
+            if self._creating or self._scheduler is not None or self._closed:
+                return
+            self._creating = True
+        self._create_scheduler()
+
+    def _create_scheduler(self) -> None:
+        try:
+            with self._sched_init_lock:
+                if self._scheduler is not None or self._closed:
+                    return
+                try:
+                    self._scheduler = FeedbackCommitScheduler(
+                        store=self,
+                        repo_id=self.repo_id,
+                        repo_type="dataset",
+                        folder_path=self.folder,
+                        every=self.every_minutes,
+                        private=self.private,
+                        revision=self.revision,
+                        token=self._token,
+                        hf_api=self._hf_api,
+                        retry_initial_delay=self.retry_initial_delay,
+                        retry_max_delay=self.retry_max_delay,
+                    )
+                except Exception as exc:  # noqa: BLE001 - reported in status(), retried with back-off
+                    self._create_failures += 1
+                    delay = min(self.retry_initial_delay * 2 ** (self._create_failures - 1), self.every_minutes * 60)
+                    message = self._redact(f"{type(exc).__name__}: {exc}")[:500]
+                    self._hub.failed(f"could not create or reach the Hub repo: {message}", delay)
+                    logger.warning("Creating Hub repo %s failed: %s; retrying in %.3gs", self.repo_id, message, delay)
+                    with self._sched_flag_lock:
+                        self._next_create_attempt = time.monotonic() + delay
+                        if self._create_timer is not None:
+                            self._create_timer.cancel()
+                        if not self._closed:
+                            self._create_timer = threading.Timer(delay, self._retry_create)
+                            self._create_timer.daemon = True
+                            with contextlib.suppress(RuntimeError):  # interpreter shutting down
+                                self._create_timer.start()
+                    return
+                self._create_failures = 0
+        finally:
+            with self._sched_flag_lock:
+                self._creating = False
+
+    def _hub_state(self, name: str) -> dict[str, list[int]]:
+        try:
+            state = json.loads((self._state / name).read_text())
+            files = state.get("files", {}) if isinstance(state, dict) else {}
+            return files if isinstance(files, dict) else {}
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _local_files(self) -> list[tuple[str, Path]]:
+        """Files that belong in the repo: README, images, then metadata (so records follow their images)."""
+        files = [("README.md", self.folder / "README.md")]
+        files += [(f"{DATA_DIR}/{p.parent.name}/{p.name}", p) for p in sorted(self._data.glob(f"*/*{IMAGE_SUFFIX}"))]
+        files += [(f"{DATA_DIR}/{p.parent.name}/{p.name}", p) for p in sorted(self._data.glob(f"*/{METADATA_NAME}"))]
+        return files
+
+    def _push_snapshot(self, state_name: str, max_files: int, max_bytes: int) -> _PushSnapshot:
+        """What to push, read under the shared lock: changed files with their content, withdrawn paths."""
+        with self._flock(exclusive=False):
+            pushed = self._hub_state(state_name)
+            adds: list[tuple[str, bytes, list[int]]] = []
+            total, truncated = 0, False
+            for rel, path in self._local_files():
+                try:
+                    st = path.stat()
+                except FileNotFoundError:
+                    continue
+                key = [st.st_size, st.st_mtime_ns]
+                if pushed.get(rel) == key:
+                    continue
+                if adds and (len(adds) >= max_files or total + st.st_size > max_bytes):
+                    truncated = True
+                    break
+                adds.append((rel, path.read_bytes(), key))
+                total += st.st_size
+            deletes = []
+            if not truncated:
+                pending = [item.get("path") for item in _read_json_lines(self._pending_deletes_path)]
+                deletes = [p for p in dict.fromkeys(pending) if isinstance(p, str) and not (self.folder / p).exists()]
+            return _PushSnapshot(adds, deletes, truncated)
+
+    def _push_done(self, state_name: str, snapshot: _PushSnapshot) -> None:
+        """Record a successful commit (under the exclusive lock, merged with what other processes pushed)."""
+        with self._flock(exclusive=True):
+            pushed = self._hub_state(state_name)
+            for rel, _, key in snapshot.adds:
+                pushed[rel] = key
+            for rel in snapshot.deletes:
+                pushed.pop(rel, None)
+            for rel in [rel for rel in pushed if not (self.folder / rel).exists()]:
+                pushed.pop(rel)
+            state = {"repo_id": self.repo_id, "files": pushed}
+            _atomic_write(self._state / state_name, json.dumps(state).encode(), self._tmp)
+            if snapshot.deletes:
+                done = set(snapshot.deletes)
+                pending = _read_json_lines(self._pending_deletes_path)
+                remaining = [item for item in pending if item.get("path") not in done]
+                data = b"".join(json.dumps(item).encode() + b"\n" for item in remaining)
+                _atomic_write(self._pending_deletes_path, data, self._tmp)
+
+    def _pending_counts(self) -> tuple[int, int]:
+        """(records not yet pushed, withdrawals not yet pushed); call under the lock after `_refresh`."""
+        scheduler = self._scheduler
+        state_name = scheduler._state_name if scheduler is not None else _state_file_name(self.repo_id, self.revision)
+        pushed = self._hub_state(state_name)
+        pending = 0
+        for rid, (shard, offset) in self._where.items():
+            rel = f"{DATA_DIR}/{shard}/{METADATA_NAME}"
+            key = pushed.get(rel)
+            if key is None:
+                pending += 1
+                continue
+            try:
+                st = (self.folder / rel).stat()
+            except FileNotFoundError:
+                continue
+            if [st.st_size, st.st_mtime_ns] != key and offset >= key[0]:
+                pending += 1
+        deletions = {
+            item.get("path")
+            for item in _read_json_lines(self._pending_deletes_path)
+            if isinstance(item.get("path"), str) and not (self.folder / item["path"]).exists()
+        }
+        return pending, len(deletions)
+
+    # -- helpers ----------------------------------------------------------------------------------------------------
+
+    def _public(self, record: dict, shard: str) -> dict:
+        out = {name: record.get(name) for name in RECORD_FIELDS}
+        out["corrected_tags"] = list(out["corrected_tags"] or [])
+        out["file_name"] = record["file_name"]
+        out["image_path"] = str(self._data / shard / record["file_name"])
+        return out

@@ -1,0 +1,294 @@
+"""Write the model card (README.md) of a trained fashion tagger from its evaluation metrics and training recipe.
+
+    python model_card/build.py models/fashion-tagger --metrics outputs/eval/metrics.json --recipe recipe.json \
+        [--repo-id user/fashion-tagger] [--dataset-id ashraq/fashion-product-images-small] [--base-model ID]
+
+Everything is rendered offline: the card is never validated against, nor pushed to, the Hub here (upload the model
+folder, README.md included, with `HfApi.upload_folder`).
+
+`metrics` is what `train/evaluate.py` writes to metrics.json. `recipe` describes the training run:
+`{"command": "python train/train.py ...", "wall_time_s": 5400.0, "hardware": "1x NVIDIA H100 80GB",
+"hyperparameters": {"epochs": 10, ...}, "train_split": "train", "train_examples": 33315, "dataset_id": ...,
+"base_model": ...}`. Only `command` is required. `wall_time_seconds`, `train_images` and `arguments` (a dict, as
+`vars(args)`) are read as `wall_time_s`, `train_examples` and `hyperparameters`; any other key is listed with the
+hyperparameters.
+"""
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+TEMPLATE = Path(__file__).with_name("template.md")
+TASK_TYPE = "image-classification"
+TAGS = ["fashion", "image-classification", "multi-label-classification", "image-tagging", "timm", "custom_code"]
+PLOTS = (
+    ("attribute_accuracy.png", "Attribute accuracy"),
+    ("confusion_matrix.png", "Confusion matrix"),
+    ("training_curves.png", "Training curves"),
+)
+DATASET_NAMES = {
+    "fashion-product-images": "Fashion Product Images (Small)",
+    "ashraq/fashion-product-images-small": "Fashion Product Images (Small)",
+    "fashion-mnist": "Fashion-MNIST",
+    "zalando-datasets/fashion_mnist": "Fashion-MNIST",
+}
+HUB_DATASET_IDS = {  # evaluate.py's dataset names -> their Hub ids
+    "fashion-product-images": "ashraq/fashion-product-images-small",
+    "fashion-mnist": "zalando-datasets/fashion_mnist",
+}
+WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
+TRAIN_SIZE_KEYS = ("train_examples", "train_images")
+SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
+RECIPE_KEYS = {"command", "wall_time", "hardware", "train_split", "dataset_id", "base_model",
+               *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
+DETAIL_GROUP = "detail"
+
+
+def _score(value) -> str:
+    return "–" if value is None else f"{value:.3f}"
+
+
+def _round(value: float) -> float:
+    return round(float(value), 4)
+
+
+def format_duration(seconds: float) -> str:
+    """`5432.1` -> `"1 h 30 min (5432 s)"`."""
+    seconds = float(seconds)
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        readable = f"{hours} h {minutes:02d} min"
+    elif minutes:
+        readable = f"{minutes} min {secs:02d} s"
+    else:
+        return f"{seconds:.1f} s"
+    return f"{readable} ({round(seconds)} s)"
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith((".", "/", "~")) and not Path(name).exists()
+
+
+def _read_config(model_folder: Path) -> dict:
+    path = model_folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass the folder the model was saved to with save_pretrained")
+    return json.loads(path.read_text())
+
+
+def _check_metrics(metrics: dict) -> None:
+    missing = [key for key in ("attributes", "tags", "n_images") if key not in metrics]
+    if missing:
+        raise ValueError(f"metrics lack {missing}: pass the metrics.json that train/evaluate.py writes")
+
+
+def eval_results(metrics: dict, dataset_id: str) -> list[EvalResult]:
+    """One result per attribute for top-1 accuracy and macro-F1, and one for the generated tags' micro-F1."""
+    common = dict(
+        task_type=TASK_TYPE,
+        task_name="Fashion attribute classification and tagging",
+        dataset_type=dataset_id,
+        dataset_name=DATASET_NAMES.get(dataset_id, dataset_id),
+        dataset_split=metrics.get("split"),
+    )
+    results = []
+    for name, values in metrics["attributes"].items():
+        if values.get("support"):
+            results.append(EvalResult(**common, metric_type="accuracy", metric_value=_round(values["top1"]),
+                                      metric_name=f"{name} top-1 accuracy", metric_config=name))  # fmt: skip
+            results.append(EvalResult(**common, metric_type="f1", metric_value=_round(values["macro_f1"]),
+                                      metric_name=f"{name} macro-F1", metric_config=name,
+                                      metric_args={"average": "macro"}))  # fmt: skip
+    tag_f1 = metrics["tags"]["generated"]["overall"]["f1"]
+    results.append(EvalResult(**common, metric_type="f1", metric_value=_round(tag_f1), metric_name="tag F1 (micro)",
+                              metric_config="tags", metric_args={"average": "micro"}))  # fmt: skip
+    return results
+
+
+def _first(recipe: dict, keys):
+    return next((recipe[key] for key in keys if recipe.get(key) is not None), None)
+
+
+def _hyperparameters(recipe: dict) -> list[dict]:
+    """Every setting of the recipe but the ones the card shows elsewhere; None values left out."""
+    items = {}
+    for key in SETTINGS_KEYS:
+        items.update(recipe.get(key) or {})
+    items.update({key: value for key, value in recipe.items() if key not in RECIPE_KEYS})
+    return [
+        {"name": name, "value": f"`{json.dumps(value, default=str)}`" if isinstance(value, (dict, list)) else value}
+        for name, value in items.items()
+        if value is not None
+    ]
+
+
+def _tag_rows(tags: dict) -> list[dict]:
+    def row(name, values):
+        scores = {key: _score(values[key]) for key in ("precision", "recall", "f1")}
+        return {"name": name, **scores, "support": values["support"]}
+
+    rows = [row("**all**", tags["generated"]["overall"])]
+    rows += [row(group, values) for group, values in tags["generated"]["per_group"].items()]
+    return rows
+
+
+def _head_comparison(tags: dict) -> list[dict]:
+    comparison = tags.get("attribute_tags")
+    if not comparison or not comparison.get("groups"):
+        return []
+    sources = (("generated by the decoder", comparison["generated"]), ("top label of each head", comparison["heads"]))
+    return [
+        {"name": name, **{key: _score(values["overall"][key]) for key in ("precision", "recall", "f1")}}
+        for name, values in sources
+    ]
+
+
+def build_model_card(
+    model_folder: str | Path,
+    metrics: dict,
+    recipe: dict,
+    dataset_id: str,
+    base_model: str,
+    repo_id: str | None = None,
+    *,
+    license: str = "other",
+    template_path: str | Path = TEMPLATE,
+) -> ModelCard:
+    """The model card of the model saved in `model_folder`, filled from `metrics` (evaluate.py's metrics.json) and
+    `recipe` (the training command, wall time, hardware, hyperparameters), with a model-index of the measured scores.
+
+    Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
+    `model_folder`. Nothing here touches the network; save the card with `card.save(path)`.
+    """
+    model_folder = Path(model_folder)
+    config = _read_config(model_folder)
+    _check_metrics(metrics)
+    if not recipe.get("command"):
+        raise ValueError("recipe needs 'command': the exact command line the model was trained with")
+
+    model_name = repo_id.split("/")[-1] if repo_id else model_folder.resolve().name
+    dataset_name = DATASET_NAMES.get(dataset_id, dataset_id)
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model,
+        datasets=[dataset_id] if _is_hub_id(dataset_id) else None,
+        library_name="transformers",
+        pipeline_tag=TASK_TYPE,
+        license=license,
+        license_name="unknown" if license == "other" else None,
+        tags=[*TAGS, config.get("model_type", "fashion-tagger")],
+        metrics=["accuracy", "f1"],
+        eval_results=eval_results(metrics, dataset_id),
+    )
+
+    attributes = config.get("attributes", {})
+    tags = config.get("tags", [])
+    seconds = _first(recipe, WALL_TIME_KEYS)
+    wall_time = format_duration(seconds) if seconds is not None else recipe.get("wall_time", "not recorded")
+    confusion_head = metrics.get("confusion_matrix_attribute")
+    titles = dict(PLOTS)
+    if confusion_head:
+        titles["confusion_matrix.png"] = f"Confusion matrix of {confusion_head}"
+    plots = [{"file": file, "title": titles[file]} for file, _ in PLOTS if (model_folder / file).is_file()]
+    dataset_link = (
+        f"[{dataset_name}](https://huggingface.co/datasets/{dataset_id}) (`{dataset_id}`)"
+        if _is_hub_id(dataset_id)
+        else f"{dataset_name} (`{dataset_id}`)"
+    )
+    height, width = config.get("image_size", [None, None])
+    num_beams = metrics.get("num_beams", 1)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=repo_id or str(model_folder),
+        base_model=base_model,
+        license_text=f"{license} (the licence of the training data is unconfirmed: see Limitations)",
+        attribute_names=list(attributes),
+        heads=[{"name": name, "num_labels": len(labels)} for name, labels in attributes.items()],
+        encoder_name=config.get("encoder_name"),
+        image_height=height,
+        image_width=width,
+        decoder_type=config.get("decoder_type", "gru"),
+        decoder_hidden_size=config.get("decoder_hidden_size"),
+        max_tag_length=config.get("max_tag_length"),
+        num_tags=len(tags),
+        num_detail_tags=sum(1 for _, group in tags if group == DETAIL_GROUP),
+        dataset_id=dataset_id,
+        dataset_link=dataset_link,
+        is_product_images=dataset_name == DATASET_NAMES["fashion-product-images"],
+        train_split=recipe.get("train_split"),
+        train_examples=_first(recipe, TRAIN_SIZE_KEYS),
+        command=recipe["command"],
+        wall_time=wall_time,
+        hardware=recipe.get("hardware", "not recorded"),
+        hyperparameters=_hyperparameters(recipe),
+        n_images=metrics["n_images"],
+        eval_dataset=metrics.get("dataset", dataset_id),
+        eval_split=metrics.get("split", "?"),
+        eval_date=metrics.get("date"),
+        decoding="greedy decoding" if num_beams == 1 else f"beam search with {num_beams} beams",
+        attribute_rows=[
+            {"name": name, **{key: _score(values[key]) for key in ("top1", "top5", "macro_f1")},
+             "support": values["support"], "out_of_vocabulary": values.get("out_of_vocabulary", 0)}
+            for name, values in metrics["attributes"].items()
+        ],  # fmt: skip
+        mean_top1=_score(metrics["mean_top1"]) if metrics.get("mean_top1") is not None else None,
+        mean_macro_f1=_score(metrics.get("mean_macro_f1")),
+        tag_rows=_tag_rows(metrics["tags"]),
+        head_comparison=_head_comparison(metrics["tags"]),
+        plots=plots,
+    )
+
+
+def copy_plots(source: Path, model_folder: Path) -> list[str]:
+    """Copy the plots next to metrics.json into the model folder, where the card links to them."""
+    copied = []
+    if source.resolve() != model_folder.resolve():
+        for file, _ in PLOTS:
+            if (source / file).is_file():
+                shutil.copy2(source / file, model_folder / file)
+                copied.append(file)
+    return copied
+
+
+def main(argv=None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_folder", type=Path, help="the folder the model was saved to")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics.json written by train/evaluate.py")
+    parser.add_argument("--recipe", type=Path, required=True, help="recipe.json of the training run (needs 'command')")
+    parser.add_argument("--repo-id", default=None, help="the Hub repository the model goes to (for the usage snippet)")
+    parser.add_argument("--dataset-id", default=None, help="training data (default: the recipe's, else the metrics')")
+    parser.add_argument("--base-model", default=None, help="pretrained encoder, e.g. timm/tf_efficientnet_lite0.in1k")
+    parser.add_argument("--license", default="other")
+    parser.add_argument("--output", type=Path, default=None, help="the card's path (default MODEL_FOLDER/README.md)")
+    parser.add_argument("--no-copy-plots", action="store_true", help="do not copy the plots next to metrics.json")
+    args = parser.parse_args(argv)
+
+    metrics = json.loads(args.metrics.read_text())
+    recipe = json.loads(args.recipe.read_text())
+    dataset = metrics.get("dataset", "")
+    dataset_id = args.dataset_id or recipe.get("dataset_id") or HUB_DATASET_IDS.get(dataset, dataset)
+    base_model = args.base_model or recipe.get("base_model")
+    if not dataset_id:
+        parser.error("no data set id: pass --dataset-id or put 'dataset_id' in the recipe")
+    if not base_model:
+        parser.error("no base model: pass --base-model (e.g. timm/tf_efficientnet_lite0.in1k) or put it in the recipe")
+    if not args.no_copy_plots:
+        for file in copy_plots(args.metrics.parent, args.model_folder):
+            print(f"copied {file} into {args.model_folder}")
+    card = build_model_card(
+        args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, license=args.license
+    )
+    output = args.output or args.model_folder / "README.md"
+    card.save(output)
+    print(f"wrote {output}")
+    return output
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""The model card: a model-index of the measured scores, the training recipe, the plots, rendered without network."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import httpx
+import huggingface_hub
+import numpy as np
+import pytest
+from conftest import REPO
+from huggingface_hub import ModelCard
+
+from model_card import build_model_card
+from train.evaluate import Predictions, score
+
+DATASET_ID = "ashraq/fashion-product-images-small"
+BASE_MODEL = "timm/tf_efficientnet_lite0.in1k"
+RECIPE = {
+    "command": "accelerate launch train/train.py --config train/configs/product-images.yaml --output models/tagger",
+    "wall_time_s": 3725.0,
+    "hardware": "1x NVIDIA H100 80GB",
+    "hyperparameters": {"epochs": 8, "learning_rate": 0.001},
+    "seed": 1234,
+}
+
+
+@pytest.fixture
+def model_folder(tiny_model_dir, tmp_path):
+    folder = tmp_path / "tagger"
+    folder.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", folder / "config.json")
+    return folder
+
+
+@pytest.fixture
+def metrics(tiny_model_dir):
+    """metrics.json as train/evaluate.py writes it, from known predictions (no model run)."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    attributes = {name: config["attributes"][name] for name in ("gender", "usage")}
+    probs = {
+        "gender": np.eye(5)[[0, 1, 2, 3]],  # labels 0, 1, 2, 2: top-1 0.75
+        "usage": np.eye(4)[[0, 1, 1, 1]],  # labels 0, 1, 1, missing: top-1 1.0
+    }
+    labels = {"gender": np.array([0, 1, 2, 2]), "usage": np.array([0, 1, 1, -100])}
+    generated = [{"gender:Boys", "detail:check"}, {"gender:Girls"}, {"gender:Men"}, {"gender:Men"}]
+    reference = [{"gender:Boys", "detail:check"}, {"gender:Girls"}, {"gender:Men"}, {"gender:Men", "detail:denim"}]
+    groups = ["detail", "gender", "usage"]
+    predictions = Predictions(probs, labels, {"gender": 0, "usage": 0}, generated, reference, {}, groups)
+    metrics = score(predictions, attributes)
+    return {"model": "models/tagger", "dataset": "fashion-product-images", "split": "validation",
+            "date": "2025-01-01T00:00:00+00:00", **metrics, "num_beams": 1}  # fmt: skip
+
+
+class NetworkUsed(AssertionError):
+    pass
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any HTTP request or socket connection fails the test, with offline mode off so that it cannot mask one."""
+
+    def refuse(*args, **kwargs):
+        raise NetworkUsed("the model card tried to reach the network")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(httpx.Client, "send", refuse)
+    monkeypatch.setattr(httpx.AsyncClient, "send", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def test_the_network_guard_catches_a_hub_call(no_network):
+    with pytest.raises(NetworkUsed):
+        ModelCard("---\nlicense: mit\n---\n# A card\n").validate()  # validate posts the YAML to the Hub
+
+
+def metric_values(card):
+    return {(result.metric_type, result.metric_config): result.metric_value for result in card.data.eval_results}
+
+
+def test_model_index_holds_the_measured_scores(model_folder, metrics, no_network):
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, repo_id="someone/tagger")
+    values = metric_values(card)
+    assert values[("accuracy", "gender")] == 0.75
+    assert values[("accuracy", "usage")] == 1.0
+    assert values[("f1", "gender")] == round(metrics["attributes"]["gender"]["macro_f1"], 4)
+    assert values[("f1", "gender")] == 0.6667  # classes 0, 1, 2, 3: F1 1, 1, 2/3, 0
+    assert values[("f1", "tags")] == 0.9091  # 5 of 5 generated tags right, 5 of 6 found: F1 10/11
+    result = card.data.eval_results[0]
+    assert (result.task_type, result.dataset_type, result.dataset_split) == (
+        "image-classification", DATASET_ID, "validation",
+    )  # fmt: skip
+
+
+def test_card_metadata(model_folder, metrics, no_network):
+    data = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, repo_id="someone/tagger").data
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert data.base_model == BASE_MODEL
+    assert data.datasets == [DATASET_ID]
+    assert data.license == "other"
+    assert "fashion" in data.tags and data.model_name == "tagger"
+
+
+def test_card_states_the_command_wall_time_and_hardware(model_folder, metrics, no_network):
+    text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+    assert RECIPE["command"] in text
+    assert "1 h 02 min (3725 s)" in text
+    assert RECIPE["hardware"] in text
+    assert "**learning_rate:** 0.001" in text and "**seed:** 1234" in text
+
+
+def test_card_shows_results_usage_limitations_and_citations(model_folder, metrics, no_network):
+    text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, repo_id="someone/tagger").text
+    assert "| gender | 0.750 | 1.000 |" in text
+    assert "| usage | 1.000 | 1.000 | 1.000 | 3 |" in text  # the missing label is not counted
+    assert 'pipeline("fashion-tagging", model="someone/tagger")' in text
+    assert 'AutoModel.from_pretrained("someone/tagger", trust_remote_code=True)' in text
+    assert "Myntra" in text and "licence" in text
+    assert "Show and Tell" in text and "CNN-RNN" in text
+
+
+def test_recipe_as_the_training_script_writes_it(model_folder, metrics, no_network):
+    recipe = {"command": "accelerate launch train/train.py --epochs 3", "wall_time_seconds": 42.0,
+              "hardware": "1 x cuda", "train_images": 33315, "best_epoch": 2,
+              "arguments": {"epochs": 3, "output_dir": "runs/x", "push_to_hub": None}}  # fmt: skip
+    text = build_model_card(model_folder, metrics, recipe, DATASET_ID, BASE_MODEL).text
+    assert "42.0 s" in text and "33315 images" in text
+    assert "**epochs:** 3" in text and "**best_epoch:** 2" in text
+    assert "push_to_hub" not in text  # unset settings are left out
+
+
+def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):
+    (model_folder / "attribute_accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+    assert "](attribute_accuracy.png)" in text
+    assert "confusion_matrix.png" not in text and "training_curves.png" not in text
+
+
+def test_saved_card_reads_back_offline(model_folder, metrics, no_network):
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL)
+    card.save(model_folder / "README.md")
+    loaded = ModelCard.load(model_folder / "README.md")
+    assert metric_values(loaded) == metric_values(card)
+
+
+def test_recipe_without_command_is_refused(model_folder, metrics):
+    with pytest.raises(ValueError, match="recipe needs 'command'"):
+        build_model_card(model_folder, metrics, {"wall_time_s": 1.0}, DATASET_ID, BASE_MODEL)
+
+
+def test_folder_without_config_is_refused(tmp_path, metrics):
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        build_model_card(tmp_path, metrics, RECIPE, DATASET_ID, BASE_MODEL)
+
+
+def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, tmp_path):
+    evaluation = tmp_path / "eval"
+    evaluation.mkdir()
+    (evaluation / "metrics.json").write_text(json.dumps(metrics))
+    (evaluation / "confusion_matrix.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    (tmp_path / "recipe.json").write_text(json.dumps({**RECIPE, "base_model": BASE_MODEL}))
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nowhere to go
+    subprocess.run(
+        [sys.executable, "model_card/build.py", str(model_folder), "--metrics", str(evaluation / "metrics.json"),
+         "--recipe", str(tmp_path / "recipe.json"), "--repo-id", "someone/tagger"],
+        cwd=REPO, env=environment, check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    card = ModelCard.load(model_folder / "README.md")
+    assert (model_folder / "confusion_matrix.png").is_file()
+    assert "](confusion_matrix.png)" in card.text
+    assert card.data.datasets == [DATASET_ID]  # evaluate's "fashion-product-images" maps to its Hub id
+    assert metric_values(card)[("accuracy", "gender")] == 0.75

@@ -1,0 +1,125 @@
+"""train/train.py end to end on CPU: accelerate launch, resume, YAML config, Hub upload (mocked)."""
+
+import json
+import os
+import subprocess
+import sys
+from unittest import mock
+
+import datasets
+import pytest
+from conftest import REPO, encode, product_photo
+from transformers import AutoModel, pipeline
+
+from train.train import parse_args, push_to_hub
+
+TINY_FLAGS = [
+    "--encoder-name", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "48",
+    "--decoder-hidden-size", "32", "--tag-embedding-size", "16", "--min-tag-count", "2",
+    "--batch-size", "8", "--num-workers", "0", "--cache-views", "2", "--frozen-stages", "2",
+]
+COLOURS = {"Red": (200, 30, 30), "Blue": (30, 30, 200), "Green": (30, 160, 60)}
+ARTICLES = ["Tshirts", "Shirts"]
+
+
+def write_product_parquet(folder, split, rows):
+    """A tiny copy of the Fashion Product Images layout (data/<split>-00000-of-00001.parquet)."""
+    records = []
+    for i in range(rows):
+        colour = list(COLOURS)[i % 3]
+        article = ARTICLES[i % 2]
+        records.append({
+            "id": i, "image": {"bytes": encode(product_photo(COLOURS[colour])), "path": f"{i}.jpg"},
+            "gender": "Men" if i % 2 else "Women", "masterCategory": "Apparel", "subCategory": "Topwear",
+            "articleType": article, "baseColour": colour, "season": None if i == 0 else "Summer", "usage": "Casual",
+            "productDisplayName": f"Brand Men {colour} {'Checked' if i % 2 else 'Striped'} {article}", "year": 2012,
+        })
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({**{k: datasets.Value("string") for k in records[0]}, "id": datasets.Value("int64"),
+                                  "year": datasets.Value("int32"), "image": datasets.Image()})
+    datasets.Dataset.from_list(records, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+
+
+@pytest.fixture(scope="module")
+def tiny_catalogue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("products")
+    write_product_parquet(folder, "train", 24)
+    write_product_parquet(folder, "validation", 12)
+    return folder
+
+
+def run_training(args, timeout=600, launcher=("accelerate", "launch", "--num_processes", "1", "--cpu")):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [*launcher, str(REPO / "train" / "train.py"), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_catalogue, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    log = run_training([
+        "--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--finetune-epochs", "1",
+        "--output-dir", str(output),
+    ])
+    return output, log
+
+
+def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
+    output, log = trained
+    assert "epoch 2/2" in log
+    model_dir = output / "model"
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_fashion_tagger.py", "README.md", "metrics.json", "recipe.json"):
+        assert (model_dir / name).exists(), name
+    model = AutoModel.from_pretrained(model_dir)
+    assert model.config.attributes["articleType"] == ["Shirts", "Tshirts"]
+    assert ["check", "detail"] in model.config.tags and ["striped", "detail"] in model.config.tags
+    result = pipeline("fashion-tagging", model=str(model_dir))(product_photo())
+    assert set(result["attributes"]) == set(model.config.attributes)
+
+
+def test_model_card_carries_measured_metrics_and_the_command(trained):
+    output, _ = trained
+    card = (output / "model" / "README.md").read_text()
+    metrics = json.loads((output / "model" / "metrics.json").read_text())
+    recipe = json.loads((output / "model" / "recipe.json").read_text())
+    assert "model-index" in card and "accelerate launch train/train.py" in card
+    assert recipe["command"].startswith("accelerate launch train/train.py") and recipe["wall_time_seconds"] > 0
+    top1 = metrics["attributes"]["articleType"]["top1"]
+    assert f"{top1:.3f}"[:4] in card or str(round(top1, 4)) in card
+
+
+def test_tensorboard_logs_and_checkpoints_are_written(trained):
+    output, _ = trained
+    assert list((output / "logs").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (output / "checkpoints").iterdir())[-1] == "checkpoint_1"
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--output-dir", str(tmp_path), "--finetune-epochs", "0"]
+    run_training([*flags, "--epochs", "1"], launcher=(sys.executable,))
+    log = run_training([*flags, "--epochs", "2", "--resume"], launcher=(sys.executable,))
+    assert "at epoch 1" in log and "epoch 2/2" in log and "epoch 1/2" not in log
+    assert (tmp_path / "checkpoints" / "checkpoint_1").exists()
+
+
+def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("epochs: 7\nlearning-rate: 0.01\nimage_size: [32, 24]\n")
+    args = parse_args(["--config", str(config), "--epochs", "3"])
+    assert (args.epochs, args.learning_rate, args.image_size) == (3, 0.01, [32, 24])
+    config.write_text("epoch: 7\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(config)])
+
+
+def test_push_to_hub_uploads_the_folder_as_one_model_commit(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    api = mock.MagicMock()
+    api.upload_folder.return_value = mock.Mock(commit_url="https://huggingface.co/org/tagger/commit/abc")
+    assert push_to_hub(tmp_path, "org/tagger", private=True, api=api).endswith("/commit/abc")
+    api.create_repo.assert_called_once_with("org/tagger", repo_type="model", private=True, exist_ok=True)
+    kwargs = api.upload_folder.call_args.kwargs
+    assert kwargs["repo_id"] == "org/tagger" and kwargs["repo_type"] == "model"
+    assert kwargs["folder_path"] == str(tmp_path) and "fashion tagger" in kwargs["commit_message"]
