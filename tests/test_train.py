@@ -70,9 +70,11 @@ def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
     output, log = trained
     assert "epoch 2/2" in log
     model_dir = output / "model"
-    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_fashion_tagger.py", "README.md", "metrics.json", "recipe.json"):
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "modeling_fashion_tagger.py",
+                 "README.md", "metrics.json", "recipe.json"):
         assert (model_dir / name).exists(), name
     model = AutoModel.from_pretrained(model_dir)
+    assert list(model.config.attributes)[:2] == ["gender", "masterCategory"]  # head order, not sorted
     assert model.config.attributes["articleType"] == ["Shirts", "Tshirts"]
     assert ["check", "detail"] in model.config.tags and ["striped", "detail"] in model.config.tags
     result = pipeline("fashion-tagging", model=str(model_dir))(product_photo())

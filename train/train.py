@@ -406,16 +406,18 @@ def main(argv=None):
             "eval_images": len(eval_set),
             "arguments": vars(args),
         }
-        finish(args, output_dir, processor, eval_set, recipe)
+        finish(args, output_dir, processor, eval_set, recipe, list(config.attributes))
 
 
-def finish(args, output_dir: Path, processor, eval_set, recipe):
+def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
     """Write the Hub-ready folder from the best epoch's weights, measure it, write its card, push if asked."""
     from model_card.build import build_model_card
     from train.evaluate import write_evaluation
 
     final_dir = output_dir / "model"
-    model = FashionTaggerModel.from_pretrained(output_dir / "best").eval()
+    model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=attribute_order).eval()
+    # Not saved through the pipeline: its `custom_pipelines` entry would make transformers demand
+    # trust_remote_code even where fashion_hf registers the task, breaking pipeline("fashion-tagging", model=folder).
     model.save_pretrained(final_dir)
     processor.save_pretrained(final_dir)
     metrics = write_evaluation(

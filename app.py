@@ -1,0 +1,891 @@
+"""fashion-hf app: tag product photos, see why, and help us label (a Gradio 6 Space, or `python app.py` locally).
+
+The app is thin: the "fashion-tagging" pipeline predicts, `fashion_hf.explain` draws the Grad-CAM heatmap and ranks
+images by uncertainty, `fashion_hf.feedback.FeedbackStore` stores corrections. Everything else here is wiring.
+
+Configuration is read from the environment (see `Settings`); Gradio's own `GRADIO_SERVER_NAME` and
+`GRADIO_SERVER_PORT` are honoured by `launch()`. Tests build the app with `build_app(model=..., feedback_dir=...)`.
+
+Named API endpoints (gradio_client):
+    client.predict(handle_file("photo.jpg"), api_name="/tag")         -> {"attributes": {...}, "tags": [...]}
+    client.predict([handle_file(...), ...], api_name="/tag_many")      -> (table, CSV file, JSON file)
+    client.predict(handle_file("photo.jpg"), '{"articleType": "Tshirts"}', "check, slim fit", True,
+                   api_name="/feedback")                               -> {"id": "<record id>", "status": "saved"}
+    client.predict("<record id>", api_name="/delete_feedback")         -> {"id": "<record id>", "status": "deleted"}
+Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming the input and what would be valid.
+"""
+
+import base64
+import binascii
+import csv
+import hashlib
+import html
+import importlib.util
+import json
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import gradio as gr
+import torch
+from transformers import pipeline
+
+from fashion_hf import TASK, InvalidImageError
+from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
+from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap, uncertainty
+from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError
+
+logger = logging.getLogger("fashion_hf.app")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+TOP_K = 5
+# A free tag is a short phrase: letters, digits, spaces and a little punctuation ("slim fit", "t-shirt", "3/4 sleeve").
+TAG_PATTERN = re.compile(r"^[^\W_][\w \-'&/.+]*$")
+MAX_TAG_CHARS = 50
+MAX_TAGS = 20
+MAX_TAGS_TEXT_CHARS = MAX_TAGS * (MAX_TAG_CHARS + 2)
+MAX_ATTRIBUTES_JSON_CHARS = 4096
+MAX_EXAMPLES = 64
+QUEUE_SIZE = 24
+RECENT_UPLOADS = 12
+JSON_EXAMPLE = '{"articleType": "Tshirts"}'
+
+CSS = """
+.chips { display: flex; flex-wrap: wrap; gap: 6px; }
+.chip { border-radius: 999px; padding: 3px 10px; font-size: 0.9em;
+        background: var(--color-accent-soft); border: 1px solid var(--border-color-accent); }
+.chip .group { opacity: 0.65; font-size: 0.85em; margin-left: 4px; }
+.chip .score { font-weight: 600; margin-left: 4px; }
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The app's configuration; `Settings.from_env()` reads each field from the variable named in its metadata."""
+
+    model: str = field(default="models/fashion-tagger", metadata={"env": "FASHION_MODEL"})
+    model_revision: str | None = field(default=None, metadata={"env": "FASHION_MODEL_REVISION"})
+    feedback_dir: str = field(default="feedback", metadata={"env": "FEEDBACK_DIR"})
+    feedback_repo: str | None = field(default=None, metadata={"env": "FEEDBACK_REPO"})
+    feedback_every_minutes: float = field(default=5.0, metadata={"env": "FEEDBACK_EVERY_MINUTES"})
+    examples_dir: str | None = field(default="examples", metadata={"env": "EXAMPLES_DIR"})
+    max_upload_mb: float = field(default=10.0, metadata={"env": "MAX_UPLOAD_MB"})
+    max_image_pixels: int = field(default=40_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})
+    max_images_per_request: int = field(default=32, metadata={"env": "MAX_IMAGES_PER_REQUEST"})
+    concurrency: int = field(default=2, metadata={"env": "TAG_CONCURRENCY"})
+    max_batch_size: int = field(default=16, metadata={"env": "TAG_MAX_BATCH_SIZE"})
+    queue_size: int = field(default=64, metadata={"env": "QUEUE_MAX_SIZE"})
+
+    @classmethod
+    def from_env(cls, environ=None) -> "Settings":
+        environ = os.environ if environ is None else environ
+        values = {}
+        for setting in fields(cls):
+            raw = environ.get(setting.metadata["env"], "").strip()
+            if not raw:
+                continue
+            kind = type(setting.default) if setting.default is not None else str
+            try:
+                values[setting.name] = kind(raw)
+            except ValueError:
+                raise ValueError(f"{setting.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
+        return cls(**values).validated()
+
+    def validated(self) -> "Settings":
+        positive = ("max_upload_mb", "max_image_pixels", "max_images_per_request", "concurrency", "max_batch_size")
+        for setting in fields(self):
+            if setting.name in positive and getattr(self, setting.name) <= 0:
+                raise ValueError(f"{setting.metadata['env']} must be positive, got {getattr(self, setting.name)}")
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def launch_options(settings: Settings) -> dict:
+    """Keyword arguments for `demo.launch()`: upload limit, theme and CSS (Gradio 6 takes them at launch)."""
+    examples = Path(settings.examples_dir).resolve() if settings.examples_dir else None
+    return {
+        "max_file_size": settings.max_upload_bytes,
+        "theme": gr.themes.Soft(),
+        "css": CSS,
+        "allowed_paths": [str(examples)] if examples and examples.is_dir() else [],
+        "show_error": True,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs, errors and secrets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def user_error(message: str) -> gr.Error:
+    """A clear error for the user (a modal in the page, `AppError` in gradio_client), without a server traceback."""
+    return gr.Error(message, print_exception=False)
+
+
+def shown(text, limit: int = 80) -> str:
+    """Text made safe to put in a message: Gradio renders error messages as HTML."""
+    text = str(text)
+    return html.escape(text if len(text) <= limit else text[:limit] + "…", quote=False)
+
+
+class Redactor:
+    """Removes secrets (the Hub token) from anything shown: errors and status lines."""
+
+    def __init__(self, secrets):
+        self.secrets = [secret for secret in secrets if secret]
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+@dataclass
+class Upload:
+    name: str  # the user's file name, for messages (never the server path)
+    path: str | None  # where Gradio keeps the file (None for a pasted data URL)
+    sha256: str  # of the uploaded bytes
+    image: object  # upright RGB PIL image
+
+
+def payload_parts(payload) -> tuple[str | None, str | None, str]:
+    """(path, data URL, name) of a file payload: a Gradio FileData dict (events run with preprocess=False) or a path."""
+    if isinstance(payload, dict):
+        path, url = payload.get("path"), payload.get("url")
+        name = payload.get("orig_name") or (Path(path).name if path else "image")
+        if not path and str(url or "").startswith("data:"):
+            return None, url, name
+        return path, None, name
+    if isinstance(payload, (str, os.PathLike)):
+        return os.fspath(payload), None, Path(payload).name
+    raise user_error("Expected an image file.")
+
+
+def annotator_name(profile) -> str:
+    """The Space OAuth username, or "anonymous"."""
+    if profile is None:
+        return "anonymous"
+    return str(profile.get("preferred_username") or profile.get("name") or "anonymous")
+
+
+def oauth_enabled() -> bool:
+    """Space OAuth (README `hf_oauth: true`) sets these; elsewhere Gradio's mock login would need the network."""
+    if not (os.environ.get("SPACE_ID") and os.environ.get("OAUTH_CLIENT_ID")):
+        return False
+    if importlib.util.find_spec("authlib") is None:
+        logger.warning("Space OAuth is configured but gradio[oauth] is not installed: annotators stay anonymous.")
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model, loaded once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_tagger(settings: Settings):
+    """The pipeline, loaded once at start-up, with the app's upload limits applied to its image processor."""
+    device = 0 if torch.cuda.is_available() else -1
+    try:
+        tagger = pipeline(TASK, model=settings.model, revision=settings.model_revision, device=device)
+    except (OSError, ValueError) as error:
+        raise RuntimeError(
+            f"Could not load the model {settings.model!r} ({error}). Train one (see the README) or set FASHION_MODEL "
+            "to a local model folder or a Hub model id."
+        ) from error
+    tagger.image_processor.max_file_bytes = settings.max_upload_bytes
+    tagger.image_processor.max_image_pixels = settings.max_image_pixels
+    return tagger
+
+
+def served_revision(tagger, settings: Settings) -> str:
+    """The Hub commit of the served model, or for a local folder a digest of its weights."""
+    commit = getattr(tagger.model.config, "_commit_hash", None)
+    if commit:
+        return commit
+    folder = Path(settings.model)
+    weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not weights:
+        return settings.model_revision or "unknown"
+    digest = hashlib.sha256()
+    for path in weights:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "local-" + digest.hexdigest()[:12]
+
+
+class PredictionCache:
+    """Recent predictions by image SHA-256 (a thread-safe LRU): feedback records the prediction the user saw."""
+
+    def __init__(self, size: int = 512):
+        self.size, self._items, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key):
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key, value) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The service behind the page and the API
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class TaggerService:
+    """What the event handlers call: safe decoding, the pipeline, heatmaps, the annotation queue, the store."""
+
+    def __init__(self, settings: Settings, tagger, store: FeedbackStore, redact: Redactor):
+        self.settings, self.tagger, self.store, self.redact = settings, tagger, store, redact
+        self.config = tagger.model.config
+        self.model_id = settings.model
+        self.revision = served_revision(tagger, settings)
+        self.predictions = PredictionCache()
+        self.detail_tags = [text for text, group in self.config.tags if group == DETAIL_GROUP]
+        self.examples = self._load_examples()
+        self._export_dir = Path(tempfile.mkdtemp(prefix="fashion-hf-exports-"))
+
+    # -- images ---------------------------------------------------------------------------------------------------
+
+    def read_upload(self, payload) -> Upload:
+        """Decode one uploaded image safely, or raise gr.Error naming the file and what would be valid."""
+        if not payload:
+            raise user_error("No image: upload, paste or take a photo first.")
+        path, data_url, name = payload_parts(payload)
+        limit, limit_mb = self.settings.max_upload_bytes, f"{self.settings.max_upload_mb:g} MB"
+        if data_url is not None:
+            encoded = data_url.partition(",")[2]
+            if len(encoded) * 3 // 4 > limit:
+                raise user_error(f"{shown(name)}: the pasted image is over the {limit_mb} upload limit.")
+            try:
+                data = base64.b64decode(encoded)
+            except (ValueError, binascii.Error):
+                raise user_error(f"{shown(name)}: the pasted image could not be read.") from None
+        else:
+            if not path or not Path(path).is_file():
+                raise user_error(f"{shown(name)}: the upload did not arrive; please upload it again.")
+            size = Path(path).stat().st_size
+            if size > limit:
+                raise user_error(f"{shown(name)}: {size / 2**20:.1f} MB is over the {limit_mb} upload limit.")
+            data = Path(path).read_bytes()
+        try:
+            image = self.tagger.image_processor.load_image(data)
+        except InvalidImageError as error:
+            raise user_error(f"{shown(name)}: {shown(error, 400)}") from None
+        return Upload(name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), image=image)
+
+    def predict(self, uploads: list[Upload]) -> tuple[list[dict], float]:
+        """Pipeline outputs for decoded uploads (one batch), remembered by image hash; and the seconds it took."""
+        start = time.perf_counter()
+        results = self.tagger([upload.image for upload in uploads], batch_size=len(uploads), top_k=TOP_K)
+        elapsed = time.perf_counter() - start
+        for upload, result in zip(uploads, results):
+            self.predictions.put(upload.sha256, result)
+        return results, elapsed
+
+    def prediction_for(self, upload: Upload) -> dict:
+        cached = self.predictions.get(upload.sha256)
+        return cached if cached is not None else self.predict([upload])[0][0]
+
+    def heatmaps(self, uploads: list[Upload]) -> tuple[list, str, float]:
+        """Grad-CAM overlays of the top category, the attribute explained, and the seconds it took."""
+        start = time.perf_counter()
+        processor = self.tagger.image_processor
+        pixel_values = processor([upload.image for upload in uploads], return_tensors="pt")["pixel_values"]
+        cam = grad_cam(self.tagger.model, pixel_values)
+        size = (processor.size["height"], processor.size["width"])
+        overlays = [overlay_heatmap(upload.image, heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
+        return overlays, cam.attribute, time.perf_counter() - start
+
+    # -- the example catalogue and the annotation queue ------------------------------------------------------------
+
+    def _load_examples(self) -> list[dict]:
+        """The example catalogue with its predictions and uncertainty (computed once, at start-up)."""
+        folder = Path(self.settings.examples_dir) if self.settings.examples_dir else None
+        if folder is None or not folder.is_dir():
+            return []
+        uploads = []
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]:
+            try:
+                uploads.append(self.read_upload(str(path)))
+            except gr.Error as error:
+                logger.warning("Skipping example %s: %s", path, error)
+        items = []
+        for start in range(0, len(uploads), self.settings.max_batch_size):
+            chunk = uploads[start : start + self.settings.max_batch_size]
+            results = self.predict(chunk)[0]
+            items += [self.queue_item(upload, result, "example") for upload, result in zip(chunk, results)]
+        return items
+
+    def queue_item(self, upload: Upload, prediction: dict, source: str) -> dict:
+        top = prediction["attributes"][explained_attribute(self.config)][0]
+        return {
+            "path": str(Path(upload.path).resolve()) if upload.path else None,
+            "sha256": upload.sha256,
+            "uncertainty": uncertainty(prediction),
+            "caption": f"{source}: {top['label']}? ({top['score']:.0%})",
+        }
+
+    def annotation_queue(self, recent: list[dict], labelled: list[str]) -> list[dict]:
+        """The examples and this session's own uploads, least certain first, less what this session labelled.
+
+        Uploads stay private to their session: one user's photos never reach another user's queue.
+        """
+        done = set(labelled or [])
+        items = [*(recent or []), *self.examples]
+        # Uploads leave Gradio's cache after an hour (delete_cache): such entries leave the queue too.
+        items = [item for item in items if item["sha256"] not in done and item["path"] and Path(item["path"]).is_file()]
+        unique = {item["sha256"]: item for item in reversed(items)}  # an upload of an example counts once
+        return sorted(unique.values(), key=lambda item: item["uncertainty"], reverse=True)[:QUEUE_SIZE]
+
+    # -- feedback -------------------------------------------------------------------------------------------------
+
+    def parse_attributes(self, text) -> dict:
+        """The /feedback endpoint's corrected attributes: a JSON object as text (the store checks the vocabulary)."""
+        if text is None or (isinstance(text, str) and not text.strip()):
+            return {}
+        if not isinstance(text, str):
+            raise user_error(f"corrected attributes must be a JSON object as text, like {JSON_EXAMPLE}.")
+        expected = f"corrected attributes must be a JSON object like {JSON_EXAMPLE}"
+        if len(text) > MAX_ATTRIBUTES_JSON_CHARS:
+            limit = MAX_ATTRIBUTES_JSON_CHARS
+            raise user_error(f"corrected attributes: {len(text)} characters is over the limit of {limit}.")
+        try:
+            value = json.loads(text)
+        except ValueError as error:
+            raise user_error(f"{expected} ({shown(error)}).") from None
+        if not isinstance(value, dict):
+            raise user_error(f"{expected}, not {type(value).__name__}.")
+        return value
+
+    def parse_tags(self, values) -> list[str]:
+        """Free and detail tags from a comma-separated string or a list: short phrases, no markup."""
+        if values is None:
+            return []
+        if isinstance(values, str):
+            if len(values) > MAX_TAGS_TEXT_CHARS:
+                raise user_error(f"tags: {len(values)} characters is over the limit of {MAX_TAGS_TEXT_CHARS}.")
+            values = values.split(",")
+        tags = []
+        for value in values:
+            tag = " ".join(str(value).split())
+            if not tag:
+                continue
+            if len(tag) > MAX_TAG_CHARS:
+                raise user_error(f"tag {shown(tag, 40)} is over {MAX_TAG_CHARS} characters.")
+            if not TAG_PATTERN.match(tag):
+                allowed = "letters, digits, spaces and - ' &amp; / . +"
+                raise user_error(f"tag {shown(tag, 40)} may only hold {allowed} (no markup).")
+            if tag.lower() not in {t.lower() for t in tags}:
+                tags.append(tag)
+        if len(tags) > MAX_TAGS:
+            raise user_error(f"{len(tags)} tags is over the limit of {MAX_TAGS}.")
+        return tags
+
+    def save_feedback(self, payload, corrected: dict, tags: list[str], consent, annotator: str) -> tuple[str, Upload]:
+        """Store a correction with the prediction the user was shown; returns the record id and the decoded upload."""
+        if consent is not True:
+            raise user_error("Tick the consent box first: without consent nothing is stored.")
+        upload = self.read_upload(payload)
+        try:
+            record_id = self.store.add(
+                upload.path or upload.image,
+                self.prediction_for(upload),
+                corrected,
+                tags,
+                consent=True,
+                model_id=self.model_id,
+                model_revision=self.revision,
+                annotator=annotator,
+            )
+        except FeedbackValidationError as error:
+            raise user_error(shown(self.redact(str(error)), 600)) from None
+        except FeedbackStoreError as error:
+            logger.error("Feedback could not be stored: %s", self.redact(str(error)))
+            raise user_error("Your feedback could not be stored right now (storage problem); try later.") from None
+        return record_id, upload
+
+    def delete_feedback(self, record_id) -> dict:
+        record_id = str(record_id or "").strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{32}", record_id):
+            raise user_error("A record id is the 32-character code shown when you submitted (digits and letters a-f).")
+        try:
+            deleted = self.store.delete(record_id)
+        except FeedbackStoreError as error:
+            logger.error("Feedback could not be withdrawn: %s", self.redact(str(error)))
+            raise user_error("The record could not be withdrawn right now (storage problem); try later.") from None
+        if not deleted:
+            raise user_error(f"No feedback record with id {record_id}: it was never stored or is already withdrawn.")
+        return {"id": record_id, "status": "deleted"}
+
+    def store_status(self) -> str:
+        return shown(self.redact(self.store.status()), 1000)
+
+    # -- downloads ------------------------------------------------------------------------------------------------
+
+    def export(self, rows: list[dict], table: list[list], headers: list[str]) -> tuple[str, str]:
+        """Write the multi-image results as CSV and JSON files for download (exports older than an hour go)."""
+        cutoff = time.time() - 3600
+        for old in self._export_dir.glob("*"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        stem = self._export_dir / f"fashion-tags-{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+        with open(f"{stem}.csv", "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(headers)
+            writer.writerows([[csv_cell(value) for value in row] for row in table])
+        Path(f"{stem}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+        return f"{stem}.csv", f"{stem}.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering (pure functions of the pipeline output)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def label_values(prediction: dict, attributes) -> list[dict]:
+    """One `gr.Label` value (`{label: confidence}`) per attribute."""
+    return [{item["label"]: item["score"] for item in prediction["attributes"][name]} for name in attributes]
+
+
+def tag_chips(prediction: dict) -> str:
+    if not prediction["tags"]:
+        return "<p>No tags generated.</p>"
+    chips = "".join(
+        f'<span class="chip">{html.escape(tag["tag"])}<span class="group">{html.escape(tag["group"])}</span>'
+        f'<span class="score">{tag["score"]:.0%}</span></span>'
+        for tag in prediction["tags"]
+    )
+    return f'<div class="chips">{chips}</div>'
+
+
+def timing_text(predict_seconds: float, cam_seconds: float, batch: int, attribute: str) -> str:
+    batched = f" (a batch of {batch})" if batch > 1 else ""
+    heatmap = f"heatmap of the top {attribute} {cam_seconds * 1000:.0f} ms"
+    return f"Prediction took **{predict_seconds * 1000:.0f} ms**{batched}; {heatmap}."
+
+
+def table_row(name: str, prediction: dict | None, error: str | None, attributes) -> list:
+    if prediction is None:
+        return [name, *([""] * len(attributes)), "", error]
+    top = [f"{p[0]['label']} ({p[0]['score']:.0%})" for p in (prediction["attributes"][a] for a in attributes)]
+    return [name, *top, ", ".join(tag["tag"] for tag in prediction["tags"]), ""]
+
+
+def csv_cell(value):
+    """Spreadsheets run cells that start with = + - @ as formulas: user file names must not."""
+    return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
+
+
+def gallery_value(queue: list[dict]) -> list[tuple[str, str]]:
+    return [(item["path"], item["caption"]) for item in queue]
+
+
+def model_card_markdown(service: TaggerService) -> str:
+    """The served model's id and revision, its vocabulary sizes, then its model card (README.md) if it has one."""
+    config = service.config
+    heads = ", ".join(f"{html.escape(name)} ({len(labels)})" for name, labels in config.attributes.items())
+    card = read_model_card(service.settings)
+    return "\n".join(
+        [
+            f"**Model:** `{html.escape(service.model_id)}`  ",
+            f"**Revision:** `{html.escape(service.revision)}`  ",
+            f"**Encoder:** `{html.escape(config.encoder_name)}` at {config.image_size[0]}x{config.image_size[1]} px  ",
+            f"**Heads:** {heads}  ",
+            f"**Tag vocabulary:** {len(config.tags)} tags ({len(service.detail_tags)} detail tags)",
+            "",
+            card or "_This model has no model card (README.md) yet._",
+        ]
+    )
+
+
+def read_model_card(settings: Settings) -> str | None:
+    """The model card's text, its relative image links (plots) pointed at where they are served."""
+    folder = Path(settings.model)
+    try:
+        if folder.is_dir():
+            readme, base = folder / "README.md", folder.resolve()
+            if not readme.is_file():
+                return None
+            served = []
+
+            def image_url(target: str) -> str | None:
+                path = (base / target).resolve()
+                if not path.is_relative_to(base) or not path.is_file():
+                    return None
+                served.append(str(path))
+                return f"/gradio_api/file={path}"
+
+        else:
+            from huggingface_hub import hf_hub_download
+
+            readme = hf_hub_download(settings.model, "README.md", revision=settings.model_revision)
+            revision = settings.model_revision or "main"
+
+            def image_url(target: str) -> str | None:
+                return f"https://huggingface.co/{settings.model}/resolve/{revision}/{target}"
+
+        text = Path(readme).read_text(encoding="utf-8")
+    except Exception as error:  # noqa: BLE001 - the card is informative; the app serves without it
+        logger.warning("No model card for %s: %s", settings.model, error)
+        return None
+
+    def link(match):
+        target = match.group(2)
+        url = None if re.match(r"^[a-z]+:|^/|^#", target) else image_url(target)
+        return f"{match.group(1)}({url})" if url else match.group(0)
+
+    if text.startswith("---"):
+        text = text.split("---", 2)[-1]  # the YAML front matter is for the Hub, not for readers
+    text = re.sub(r"(!\[[^\]]*\])\(([^)\s]+)\)", link, text)
+    if folder.is_dir() and served:
+        gr.set_static_paths(served)  # exactly the card's images, nothing else of the model folder
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Blocks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackStore | None = None, **overrides):
+    """Build the app (a `gr.Blocks`, queue configured, not launched).
+
+    `settings` default to the environment; keyword overrides (`model=...`, `feedback_dir=...`) win. `tagger` and
+    `store` inject a ready pipeline or feedback store; otherwise both are created here, once.
+    """
+    settings = replace(settings or Settings.from_env(), **overrides).validated()
+    tagger = tagger if tagger is not None else load_tagger(settings)
+    token = os.environ.get("HF_TOKEN")
+    if store is None:
+        store = FeedbackStore(
+            settings.feedback_dir,
+            repo_id=settings.feedback_repo,
+            token=token,
+            every_minutes=settings.feedback_every_minutes,
+            max_image_pixels=settings.max_image_pixels,
+            max_image_bytes=settings.max_upload_bytes,
+            max_tags=MAX_TAGS,
+            allowed_attributes=tagger.model.config.attributes,
+        )
+    service = TaggerService(settings, tagger, store, Redactor([token]))
+    attributes = list(service.config.attributes)
+    form_size = len(attributes) + 5  # the feedback form: image, a dropdown per attribute, details, text, consent, note
+    on_model = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
+    on_store = {"concurrency_limit": 4, "concurrency_id": "feedback"}
+
+    # -- event handlers ----------------------------------------------------------------------------------------------
+
+    def tag_api(image):
+        """/tag, batched: `image` holds one upload per request; each request gets the pipeline's JSON contract."""
+        uploads = [service.read_upload(payload) for payload in image]
+        return (service.predict(uploads)[0],)
+
+    def tag_ui(images):
+        """The Tag tab, batched: per request the labels, tag chips, heatmap, timing and the raw prediction."""
+        outputs = [[None] * len(images) for _ in range(len(attributes) + 4)]
+        present = [index for index, payload in enumerate(images) if payload]
+        if not present:
+            return tuple(outputs)
+        uploads = [service.read_upload(images[index]) for index in present]
+        results, predict_seconds = service.predict(uploads)
+        overlays, attribute, cam_seconds = service.heatmaps(uploads)
+        timing = timing_text(predict_seconds, cam_seconds, len(uploads), attribute)
+        for index, result, overlay in zip(present, results, overlays):
+            values = [*label_values(result, attributes), tag_chips(result), overlay, timing, result]
+            for column, value in enumerate(values):
+                outputs[column][index] = value
+        return tuple(outputs)
+
+    def tag_many(images):
+        """Several images: a table (an unreadable file gets an error in its row), as CSV and JSON files."""
+        payloads = [payload for payload in images or [] if payload]
+        if not payloads:
+            raise user_error("No images: choose one or more image files first.")
+        limit = settings.max_images_per_request
+        if len(payloads) > limit:
+            raise user_error(f"{len(payloads)} images is over the limit of {limit} per request.")
+        uploads, errors = {}, {}
+        for index, payload in enumerate(payloads):
+            try:
+                uploads[index] = service.read_upload(payload)
+            except gr.Error as error:
+                errors[index] = (payload_parts(payload)[2], html.unescape(error.message))
+        results = dict(zip(uploads, service.predict(list(uploads.values()))[0])) if uploads else {}
+        headers = ["file", *attributes, "tags", "error"]
+        table, rows = [], []
+        for index in range(len(payloads)):
+            name, error = (uploads[index].name, None) if index in uploads else errors[index]
+            table.append(table_row(name, results.get(index), error, attributes))
+            rows.append({"file": name, **({"result": results[index]} if index in results else {"error": error})})
+        csv_path, json_path = service.export(rows, table, headers)
+        return {"headers": headers, "data": table}, csv_path, json_path
+
+    def prefill(upload: Upload, prediction: dict) -> list:
+        """The feedback form for an image: its top label per attribute and its detail tags, consent unticked."""
+        top = [prediction["attributes"][name][0]["label"] for name in attributes]
+        details = [tag["tag"] for tag in prediction["tags"] if tag["group"] == DETAIL_GROUP]
+        return [upload.path, *top, details, "", False, ""]
+
+    def prefill_after_tagging(image, recent, labelled):
+        """The tagged photo goes to the feedback form and to the front of this session's queue."""
+        if not image:
+            return [*[gr.skip()] * form_size, recent, gr.skip(), gr.skip()]
+        upload = service.read_upload(image)
+        prediction = service.prediction_for(upload)  # the server's copy, cached by tagging
+        item = service.queue_item(upload, prediction, "your upload")
+        recent = [item, *[old for old in recent or [] if old["sha256"] != item["sha256"]]][:RECENT_UPLOADS]
+        queue = service.annotation_queue(recent, labelled)
+        return [*prefill(upload, prediction), recent, gallery_value(queue), queue]
+
+    def prefill_upload(image):
+        if not image:
+            return [gr.skip()] * form_size
+        upload = service.read_upload(image)
+        return prefill(upload, service.prediction_for(upload))
+
+    def pick_from_queue(queue, evt: gr.SelectData):
+        if not queue or evt.index is None or not 0 <= evt.index < len(queue):
+            return [gr.skip()] * form_size
+        upload = service.read_upload(queue[evt.index]["path"])
+        return prefill(upload, service.prediction_for(upload))
+
+    def refresh_queue(recent, labelled):
+        queue = service.annotation_queue(recent, labelled)
+        return gallery_value(queue), queue
+
+    def submit_ui(profile: gr.OAuthProfile | None, image, *values):
+        # Gradio injects `profile` by position, so it comes before the variable number of attribute dropdowns.
+        *labels, details, free_text, consent, labelled, recent = values
+        corrected = {name: label for name, label in zip(attributes, labels) if label}
+        tags = service.parse_tags([*(details or []), *(free_text or "").split(",")])
+        record_id, upload = service.save_feedback(image, corrected, tags, consent, annotator_name(profile))
+        labelled = [*(labelled or []), upload.sha256]
+        queue = service.annotation_queue(recent, labelled)
+        note = f"### Thank you! Saved as record `{record_id}`\nKeep this id to withdraw your submission (below)."
+        return note, record_id, service.store_status(), labelled, gallery_value(queue), queue
+
+    def feedback_api(image, corrected_attributes, tags, consent, profile: gr.OAuthProfile | None = None):
+        """/feedback: store a correction (consent required); returns the record id."""
+        corrected = service.parse_attributes(corrected_attributes)
+        tags = service.parse_tags(tags)
+        record_id, _ = service.save_feedback(image, corrected, tags, consent, annotator_name(profile))
+        return {"id": record_id, "status": "saved"}
+
+    def delete_api(record_id):
+        """/delete_feedback: withdraw a stored submission by its record id."""
+        return service.delete_feedback(record_id)
+
+    def delete_ui(record_id):
+        result = service.delete_feedback(record_id)
+        return f"Record `{result['id']}` was withdrawn: its image and labels are deleted.", service.store_status()
+
+    def on_load():
+        return service.store_status(), *refresh_queue([], [])
+
+    # -- layout ------------------------------------------------------------------------------------------------------
+
+    with gr.Blocks(title="fashion-hf: fashion product tagger", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# fashion-hf\nTag fashion product photos: category, colour, gender, season, usage and descriptive tags. "
+            "Help us improve the model in the *Help us label* tab."
+        )
+        with gr.Tabs():
+            with gr.Tab("Tag", id="tag"):
+                with gr.Row():
+                    with gr.Column():
+                        image_in = gr.Image(
+                            type="filepath",
+                            sources=["upload", "clipboard", "webcam"],
+                            label="Product photo",
+                            height=360,
+                            elem_id="tag-image",
+                        )
+                        if service.examples:
+                            examples = [[item["path"]] for item in service.examples]
+                            gr.Examples(examples, inputs=[image_in], examples_per_page=16)
+                        timing = gr.Markdown(elem_id="timing")
+                    with gr.Column():
+                        heatmap = gr.Image(
+                            label="Heatmap: what drove the top category",
+                            type="pil",
+                            format="png",
+                            interactive=False,
+                            height=360,
+                            elem_id="heatmap",
+                        )
+                        chips = gr.HTML(label="Generated tags", elem_id="tag-chips")
+                with gr.Row(elem_id="labels"):
+                    labels_out = [
+                        gr.Label(num_top_classes=TOP_K, label=name, elem_id=f"label-{name}") for name in attributes
+                    ]
+                with gr.Accordion("Raw prediction (the /tag API output)", open=False):
+                    prediction_out = gr.JSON(label="Prediction", elem_id="prediction-json")
+                with gr.Accordion("Several images at once: a table, as CSV and JSON", open=False):
+                    with gr.Row():
+                        many_in = gr.File(file_count="multiple", file_types=["image"], label="Images", height=160)
+                        with gr.Column():
+                            many_button = gr.Button("Tag all", variant="primary")
+                            with gr.Row():
+                                csv_out = gr.File(label="CSV", interactive=False, height=80)
+                                json_file_out = gr.File(label="JSON", interactive=False, height=80)
+                    table_out = gr.Dataframe(
+                        headers=["file", *attributes, "tags", "error"], label="Results", interactive=False, wrap=True
+                    )
+
+            with gr.Tab("Help us label", id="feedback"):
+                gr.Markdown(
+                    "Correct what the model got wrong. Pick an image from the queue (the model is least sure about "
+                    "those first) or tag your own photo first. **Nothing is stored unless you tick the consent box.**"
+                )
+                if oauth_enabled():
+                    gr.LoginButton()
+                with gr.Row():
+                    with gr.Column(scale=1):
+                        feedback_image = gr.Image(
+                            type="filepath",
+                            sources=["upload", "clipboard"],
+                            label="Image to label",
+                            height=320,
+                            elem_id="feedback-image",
+                        )
+                    with gr.Column(scale=2):
+                        with gr.Row():
+                            dropdowns = [
+                                gr.Dropdown(choices=labels, label=name, interactive=True, elem_id=f"fix-{name}")
+                                for name, labels in service.config.attributes.items()
+                            ]
+                        details = gr.Dropdown(
+                            choices=service.detail_tags,
+                            multiselect=True,
+                            allow_custom_value=True,
+                            label="Detail tags",
+                            elem_id="fix-details",
+                        )
+                        free_text = gr.Textbox(
+                            label="Other tags (comma-separated), for what the vocabulary lacks",
+                            max_length=MAX_TAGS_TEXT_CHARS,
+                            elem_id="fix-free-text",
+                        )
+                        consent = gr.Checkbox(
+                            value=False,
+                            label="I consent to this image and my corrections being stored and shared as a dataset "
+                            "to improve the model.",
+                            elem_id="consent",
+                        )
+                        submit = gr.Button("Submit correction", variant="primary", elem_id="submit-feedback")
+                        confirmation = gr.Markdown(elem_id="confirmation")
+                gr.Markdown("### Needs labels (least certain first)")
+                queue_gallery = gr.Gallery(
+                    label="Annotation queue",
+                    columns=8,
+                    height=220,
+                    allow_preview=False,
+                    fit_columns=False,
+                    object_fit="contain",
+                    interactive=False,
+                    elem_id="queue",
+                )
+                refresh = gr.Button("Refresh queue", size="sm")
+                with gr.Accordion("Withdraw my submission", open=False):
+                    with gr.Row():
+                        withdraw_id = gr.Textbox(label="Record id", max_length=64, elem_id="withdraw-id")
+                        withdraw = gr.Button("Withdraw", variant="stop")
+                    withdraw_result = gr.Markdown()
+                store_status = gr.Markdown(elem_id="store-status")
+
+            with gr.Tab("Model", id="model"):
+                gr.Markdown(model_card_markdown(service), elem_id="model-card")
+
+        # The API-only endpoints read hidden components, so that their signatures are exactly the documented ones.
+        with gr.Row(visible=False):
+            api_image = gr.Image(type="filepath", label="image")
+            api_attributes = gr.Textbox(label="corrected_attributes")
+            api_tags = gr.Textbox(label="tags")
+            api_consent = gr.Checkbox(label="consent")
+            api_record_id = gr.Textbox(label="record_id")
+            api_result = gr.JSON(label="result")
+            api_trigger = gr.Button()
+
+        recent_state, labelled_state, queue_state = gr.State([]), gr.State([]), gr.State([])
+        form = [feedback_image, *dropdowns, details, free_text, consent, confirmation]
+        private = {"api_visibility": "private"}
+
+        # -- events --------------------------------------------------------------------------------------------------
+        # Image inputs skip Gradio's preprocessing (preprocess=False): the handlers decode the raw upload themselves,
+        # so that anything hostile becomes a clear gr.Error instead of a crash inside a component.
+        batching = {"batch": True, "max_batch_size": settings.max_batch_size, "preprocess": False, **on_model}
+        api_trigger.click(tag_api, api_image, api_result, api_name="tag", **batching)
+        api_trigger.click(
+            feedback_api,
+            [api_image, api_attributes, api_tags, api_consent],
+            api_result,
+            api_name="feedback",
+            preprocess=False,
+            **on_store,
+        )
+        api_trigger.click(delete_api, api_record_id, api_result, api_name="delete_feedback", **on_store)
+
+        tag_outputs = [*labels_out, chips, heatmap, timing, prediction_out]
+        tagged = image_in.change(
+            tag_ui, image_in, tag_outputs, api_name="tag_image", api_visibility="undocumented", **batching
+        )
+        tagged.success(
+            prefill_after_tagging,
+            [image_in, recent_state, labelled_state],
+            [*form, recent_state, queue_gallery, queue_state],
+            preprocess=False,
+            **private,
+        )
+        many_outputs = [table_out, csv_out, json_file_out]
+        many_button.click(tag_many, many_in, many_outputs, api_name="tag_many", preprocess=False, **on_model)
+        feedback_image.input(prefill_upload, feedback_image, form, preprocess=False, **private, **on_model)
+        queue_gallery.select(pick_from_queue, queue_state, form, **private, **on_model)
+        refresh.click(refresh_queue, [recent_state, labelled_state], [queue_gallery, queue_state], **private)
+        submit.click(
+            submit_ui,
+            [feedback_image, *dropdowns, details, free_text, consent, labelled_state, recent_state],
+            [confirmation, withdraw_id, store_status, labelled_state, queue_gallery, queue_state],
+            preprocess=False,
+            **private,
+            **on_store,
+        )
+        withdraw.click(delete_ui, withdraw_id, [withdraw_result, store_status], **private, **on_store)
+        demo.load(on_load, None, [store_status, queue_gallery, queue_state], **private)
+
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
+    demo.service = service  # the pipeline, the store and the settings in use (tests, debugging)
+    return demo
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO)
+    settings = Settings.from_env()
+    build_app(settings).launch(**launch_options(settings))
+
+
+if __name__ == "__main__":
+    main()

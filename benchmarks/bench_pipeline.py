@@ -1,0 +1,185 @@
+"""Throughput of `pipeline("fashion-tagging")` against the bare timm encoder on the same images.
+
+For each image size, a `tf_efficientnet_lite0` tagger with the shipped model's vocabulary size is saved to a
+temporary folder and loaded with `pipeline("fashion-tagging", model=folder)`. Per round, interleaved:
+
+- pipeline: `tagger(images, batch_size=B)` on a list of decoded PIL images (real product photos from the validation
+  split of Fashion Product Images when present, synthetic ones otherwise): preprocessing, encoder, attribute heads,
+  greedy tag decoding and post-processing;
+- encoder: `model.encoder(pixel_values)` under `inference_mode`, batch by batch, on the same images preprocessed
+  once beforehand.
+
+Overhead = pipeline time / encoder time - 1 (median of the per-round ratios). The stages outside the encoder are
+timed on their own in the same rounds, so the table says where the overhead goes.
+
+    python benchmarks/bench_pipeline.py --batch-size 32 --repeats 5
+"""
+
+import argparse
+import io
+import statistics
+import tempfile
+
+import numpy as np
+import torch
+from bench_utils import PRODUCT_IMAGES, interleaved, ratio_summary, real_size_vocabulary, runtime_line, verdict
+from PIL import Image
+from transformers import pipeline
+
+from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
+from fashion_hf.runtime import keep_freed_memory
+
+TARGET_OVERHEAD = 0.15
+
+
+def image_size(text: str) -> tuple[int, int]:
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=32, help="pipeline and encoder batch size (default 32)")
+    parser.add_argument("--num-images", type=int, default=128, help="images per round (default 128)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per size (default 7)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument(
+        "--sizes",
+        type=image_size,
+        nargs="+",
+        default=[(128, 96), (224, 224)],
+        metavar="HxW",
+        help="input sizes (default: 128x96, the config default, and 224x224)",
+    )
+    parser.add_argument("--model", help="a saved model folder to use (resized per --sizes) instead of an untrained one")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic photos even when the dataset is present")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see benchmarks/README.md)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def product_photos(count: int, synthetic: bool, seed: int) -> tuple[list[Image.Image], str]:
+    """Decoded RGB photos: the first `count` of the validation split, or coloured garments on white."""
+    files = sorted((PRODUCT_IMAGES / "data").glob("validation-*.parquet"))
+    if files and not synthetic:
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(files[0], columns=["image"]).slice(0, count).column("image").to_pylist()
+        photos = [Image.open(io.BytesIO(row["bytes"])) for row in rows]
+        for photo in photos:
+            photo.load()
+        if len(photos) == count:
+            return photos, f"{count} validation photos of Fashion Product Images ({photos[0].width}x{photos[0].height})"
+    rng = np.random.default_rng(seed)
+    photos = []
+    for _ in range(count):
+        photo = Image.new("RGB", (60, 80), (255, 255, 255))
+        garment = rng.integers(0, 256, size=(40, 30, 3), dtype=np.uint8)
+        photo.paste(Image.fromarray(garment), (15, 20))
+        photos.append(photo)
+    return photos, f"{count} synthetic 60x80 photos"
+
+
+def save_tagger(args, size: tuple[int, int], folder: str) -> None:
+    if args.model:
+        model = FashionTaggerModel.from_pretrained(args.model)
+        model.config.image_size = list(size)
+    else:
+        torch.manual_seed(args.seed)
+        attributes, tags = real_size_vocabulary()
+        model = FashionTaggerModel(FashionTaggerConfig(image_size=size, attributes=attributes, tags=tags))
+    model.save_pretrained(folder)
+    FashionTaggerImageProcessor.from_model_config(model.config).save_pretrained(folder)
+
+
+def batches(items, size):
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def measure_size(args, size, photos) -> dict:
+    with tempfile.TemporaryDirectory() as folder:
+        save_tagger(args, size, folder)
+        tagger = pipeline("fashion-tagging", model=folder)
+    model, processor = tagger.model, tagger.image_processor
+    pixel_batches = batches(processor(photos, return_tensors="pt")["pixel_values"], args.batch_size)
+    with torch.inference_mode():
+        embed_batches = [model.encoder(pixels) for pixels in pixel_batches]
+
+    def encoder():
+        with torch.inference_mode():
+            for pixels in pixel_batches:
+                model.encoder(pixels)
+
+    def preprocess():  # what the pipeline's DataLoader does: one processor call per image, then the collate
+        for group in batches(photos, args.batch_size):
+            torch.cat([processor(photo, return_tensors="pt")["pixel_values"] for photo in group])
+
+    def heads_and_decoding():
+        with torch.inference_mode():
+            for embeds in embed_batches:
+                model(image_embeds=embeds)
+                model.generate_tags(image_embeds=embeds)
+
+    results = tagger(photos, batch_size=args.batch_size)
+    assert len(results) == len(photos) and all(set(result) == {"attributes", "tags"} for result in results)
+    tag_counts = [len(result["tags"]) for result in results]
+    seconds = interleaved(
+        {
+            "pipeline": lambda: tagger(photos, batch_size=args.batch_size),
+            "encoder": encoder,
+            "preprocess": preprocess,
+            "heads+decode": heads_and_decoding,
+        },
+        repeats=args.repeats,
+        warmup=args.warmup,
+    )
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "size": size,
+        "mean_tags": statistics.mean(tag_counts),
+        "medians": medians,
+        "overhead": [ratio - 1 for ratio in ratio_summary(seconds["pipeline"], seconds["encoder"])],
+    }
+
+
+def main(argv=None) -> int:
+    keep_freed_memory()
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    photos, source = product_photos(args.num_images, args.synthetic, args.seed)
+    print(runtime_line())
+    print(
+        f"tf_efficientnet_lite0 tagger ({'model ' + args.model if args.model else 'untrained, 309 tags, GRU 512'}); "
+        f"{source}; batch {args.batch_size}; {args.repeats} interleaved rounds (+{args.warmup} warm-up), medians"
+    )
+    results = [measure_size(args, size, photos) for size in args.sizes]
+
+    count = args.num_images
+    print()
+    print(f"| size | pipeline img/s | encoder img/s | overhead (median, range) | target <= {TARGET_OVERHEAD:.0%} |")
+    print("|---|---:|---:|---:|---|")
+    for result in results:
+        medians = result["medians"]
+        overhead, low, high = result["overhead"]
+        print(
+            f"| {result['size'][0]}x{result['size'][1]} | {count / medians['pipeline']:,.0f} "
+            f"| {count / medians['encoder']:,.0f} | {overhead:+.1%} ({low:+.0%} to {high:+.0%}) "
+            f"| {verdict(overhead <= TARGET_OVERHEAD)} |"
+        )
+    print()
+    print("Where the time beyond the encoder goes, as a share of the encoder's time (medians of the same rounds):")
+    print("| size | tags/image | preprocess + collate | heads + tag decoding | rest: batching, post-processing |")
+    print("|---|---:|---:|---:|---:|")
+    for result in results:
+        medians = result["medians"]
+        encoder = medians["encoder"]
+        rest = medians["pipeline"] - encoder - medians["preprocess"] - medians["heads+decode"]
+        print(
+            f"| {result['size'][0]}x{result['size'][1]} | {result['mean_tags']:.1f} "
+            f"| {medians['preprocess'] / encoder:+.1%} | {medians['heads+decode'] / encoder:+.1%} | {rest / encoder:+.1%} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,126 @@
+"""Explanations of the tagger's predictions: Grad-CAM heatmaps and how unsure the model is about an image.
+
+Grad-CAM (Selvaraju et al., 2017) weighs the encoder's last convolutional feature map by the gradient of one
+attribute logit (by default the top articleType) and keeps the positive part: the regions that raised that score.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+DEFAULT_ATTRIBUTE = "articleType"
+
+# A perceptually ordered blue -> cyan -> green -> yellow -> red ramp (the usual "jet"-like heatmap) without matplotlib.
+_RAMP = np.array(
+    [[0, 0, 128], [0, 0, 255], [0, 160, 255], [0, 255, 200], [120, 255, 0], [255, 220, 0], [255, 100, 0], [200, 0, 0]],
+    dtype=np.float32,
+)
+
+
+@dataclass
+class GradCam:
+    """
+    Args:
+        attribute (`str`): the attribute head that was explained.
+        labels (`list[str]`): per image, the label whose logit was explained (the top one unless given).
+        maps (`np.ndarray` of shape `(batch, h, w)`): heatmaps in `[0, 1]` over the model input (after padding to
+            the model's aspect ratio), at the resolution of the feature map.
+    """
+
+    attribute: str
+    labels: list[str]
+    maps: np.ndarray
+
+
+def explained_attribute(config, attribute: str | None = None) -> str:
+    """The attribute to explain: the one asked for, else articleType, else the first head."""
+    if attribute is not None:
+        if attribute not in config.attributes:
+            raise ValueError(f"unknown attribute {attribute!r}; the model has {list(config.attributes)}")
+        return attribute
+    return DEFAULT_ATTRIBUTE if DEFAULT_ATTRIBUTE in config.attributes else next(iter(config.attributes))
+
+
+def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, label_ids=None) -> GradCam:
+    """Grad-CAM of one attribute head on the encoder's last feature map, for a whole batch at once.
+
+    `pixel_values` come from the image processor. `label_ids` (one per image) pick the label to explain; by default
+    each image's top label. Images are independent (the model is in eval mode), so one backward pass serves the batch.
+    """
+    attribute = explained_attribute(model.config, attribute)
+    pixel_values = pixel_values.to(model.device, model.dtype)
+    with torch.enable_grad():
+        features = model.encoder.forward_features(pixel_values)
+        if not features.requires_grad:  # a frozen encoder: the gradient is still taken w.r.t. the features
+            features.requires_grad_(True)
+        image_embeds = model.encoder.forward_head(features)
+        logits = model(image_embeds=image_embeds).attribute_logits[attribute].float()
+        if label_ids is None:
+            label_ids = logits.argmax(-1)
+        label_ids = torch.as_tensor(label_ids, device=logits.device).long().view(-1)
+        chosen = logits.gather(1, label_ids[:, None]).sum()
+        (gradients,) = torch.autograd.grad(chosen, features)
+    weights = gradients.float().mean(dim=(2, 3), keepdim=True)
+    cams = torch.relu((weights * features.detach().float()).sum(1))
+    peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    maps = (cams / peak).cpu().numpy()
+    names = model.config.attributes[attribute]
+    return GradCam(attribute=attribute, labels=[names[i] for i in label_ids.tolist()], maps=maps)
+
+
+def _padded_canvas(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int, int, int]:
+    """`(canvas_width, canvas_height, left, top)` of the white padding the image processor adds (`pad_to_aspect`)."""
+    target = target_width / target_height
+    if abs(width / height - target) < 1e-3:
+        return width, height, 0, 0
+    if width / height > target:
+        canvas_width, canvas_height = width, round(width / target)
+    else:
+        canvas_width, canvas_height = round(height * target), height
+    return canvas_width, canvas_height, (canvas_width - width) // 2, (canvas_height - height) // 2
+
+
+def colorize(heatmap: np.ndarray) -> np.ndarray:
+    """`(h, w)` values in `[0, 1]` -> `(h, w, 3)` uint8 colours."""
+    positions = np.clip(heatmap, 0.0, 1.0) * (len(_RAMP) - 1)
+    low = np.floor(positions).astype(int).clip(0, len(_RAMP) - 2)
+    fraction = (positions - low)[..., None]
+    return (_RAMP[low] * (1 - fraction) + _RAMP[low + 1] * fraction).round().astype(np.uint8)
+
+
+def overlay_heatmap(
+    image: Image.Image, heatmap: np.ndarray, input_size, max_side: int = 384, alpha: float = 0.45
+) -> Image.Image:
+    """Blend a Grad-CAM map over the photo it explains, shown with its longer side at `max_side` pixels.
+
+    `heatmap` covers the model input, which is the photo padded to the model's aspect ratio: the map is stretched
+    over that padded canvas and the photo's own region is cut back out, so it lines up with the photo.
+    `input_size` is the model's `(height, width)`.
+    """
+    image = image.convert("RGB")
+    scale = max_side / max(image.width, image.height)
+    shown_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    shown = image.resize(shown_size, Image.Resampling.BICUBIC)
+    canvas_width, canvas_height, left, top = _padded_canvas(image.width, image.height, *input_size)
+    stretched = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32)).resize(
+        (max(1, round(canvas_width * scale)), max(1, round(canvas_height * scale))), Image.Resampling.BILINEAR
+    )
+    box = (round(left * scale), round(top * scale))
+    cropped = stretched.crop((box[0], box[1], box[0] + shown.width, box[1] + shown.height))
+    colours = Image.fromarray(colorize(np.asarray(cropped)))
+    return Image.blend(shown, colours, alpha)
+
+
+def uncertainty(prediction: dict) -> float:
+    """How unsure a prediction (the pipeline's output) is: 1 - the mean top-label probability over the attributes.
+
+    0 means every head is certain; values near 1 mean the heads spread their probability thinly. Used to put the
+    images whose labels would teach the model most at the front of the annotation queue.
+    """
+    top_scores = [labels[0]["score"] for labels in prediction["attributes"].values() if labels]
+    return 1.0 - float(np.mean(top_scores)) if top_scores else 1.0
+
+
+__all__ = ["GradCam", "colorize", "explained_attribute", "grad_cam", "overlay_heatmap", "uncertainty"]

@@ -1,0 +1,349 @@
+"""The Gradio app end to end through gradio_client: tagging, feedback, withdrawal and hostile input."""
+
+import csv
+import hashlib
+import io
+import json
+import re
+import shutil
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from conftest import encode, product_photo
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from gradio_server import FAKE_TOKEN, example_folder, import_app, serving
+from PIL import Image
+
+MAX_UPLOAD_MB = 1
+MAX_IMAGE_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return import_app()
+
+
+MODEL_CARD = """---
+license: apache-2.0
+---
+# Tiny fashion tagger
+
+| metric | value |
+|---|---|
+| articleType accuracy | 0.123 |
+
+![Confusion matrix](plots/confusion.png)
+"""
+
+
+@pytest.fixture(scope="module")
+def settings(app_module, tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    model = shutil.copytree(tiny_model_dir, folder / "model")
+    (model / "README.md").write_text(MODEL_CARD)
+    (model / "plots").mkdir()
+    (model / "plots" / "confusion.png").write_bytes(encode(Image.new("RGB", (4, 4)), "PNG"))
+    return app_module.Settings(
+        model=str(model),
+        feedback_dir=str(folder / "feedback"),
+        examples_dir=str(example_folder(folder / "examples")),
+        max_upload_mb=MAX_UPLOAD_MB,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+    )
+
+
+@pytest.fixture(scope="module")
+def served(app_module, settings):
+    """One app for the whole module, built while a (fake) Hub token is in the environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_TOKEN", FAKE_TOKEN)
+        demo = app_module.build_app(settings)
+    with serving(demo, settings) as url:
+        yield demo, url
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return Client(served[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def service(served):
+    return served[0].service
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Write `name -> bytes` into tmp_path and return the paths."""
+
+    def write(name, data):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return str(path)
+
+    return write
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG whose header claims width x height pixels (a decompression bomb)."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 1000)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def assert_contract(result, config):
+    assert set(result) == {"attributes", "tags"}
+    assert list(result["attributes"]) == list(config.attributes)
+    for name, predictions in result["attributes"].items():
+        assert [p["label"] for p in predictions] and all(p["label"] in config.attributes[name] for p in predictions)
+        scores = [p["score"] for p in predictions]
+        assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    vocabulary = {(text, group) for text, group in config.tags}
+    for tag in result["tags"]:
+        assert set(tag) == {"tag", "group", "score"} and (tag["tag"], tag["group"]) in vocabulary
+
+
+# --- tagging ------------------------------------------------------------------------------------------------------
+
+
+def test_tag_returns_the_pipeline_contract(client, service, files):
+    photo = product_photo()
+    result = client.predict(handle_file(files("photo.jpg", encode(photo))), api_name="/tag")
+    assert_contract(result, service.config)
+    expected = service.tagger(service.tagger.image_processor.load_image(encode(photo)), top_k=5)
+    assert [t["tag"] for t in result["tags"]] == [t["tag"] for t in expected["tags"]]
+    for name, predictions in expected["attributes"].items():
+        assert result["attributes"][name][0]["score"] == pytest.approx(predictions[0]["score"], abs=1e-5)
+
+
+def test_tag_is_batched_and_serves_concurrent_requests(client, served, files):
+    demo, _ = served
+    tag = next(fn for fn in demo.fns.values() if fn.api_name == "tag")
+    assert tag.batch and tag.max_batch_size > 1 and tag.concurrency_limit >= 1
+    assert demo._queue.default_concurrency_limit >= 1
+    paths = [files(f"photo-{i}.png", encode(product_photo(colour=(i * 50, 90, 200)), "PNG")) for i in range(4)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda path: client.predict(handle_file(path), api_name="/tag"), paths * 2))
+    for first, again in zip(results[:4], results[4:]):  # the same answer whatever the image was batched with
+        assert_contract(again, served[0].service.config)
+        for name, predictions in first["attributes"].items():
+            scores = [p["score"] for p in again["attributes"][name]]
+            assert scores == pytest.approx([p["score"] for p in predictions], abs=1e-4)
+
+
+def test_tag_image_event_gives_labels_chips_heatmap_and_timing(client, service, files):
+    outputs = client.predict(handle_file(files("photo.webp", encode(product_photo(), "WEBP"))), api_name="/tag_image")
+    attributes = list(service.config.attributes)
+    labels, (chips, heatmap, timing, prediction) = outputs[: len(attributes)], outputs[len(attributes) :]
+    for name, label in zip(attributes, labels):
+        assert label["label"] == prediction["attributes"][name][0]["label"] and label["confidences"]
+    assert 'class="chip"' in chips
+    with Image.open(heatmap) as overlay:
+        assert max(overlay.size) == 384  # the photo at display size, heatmap blended in
+    assert "Prediction took" in timing and "ms" in timing
+
+
+def test_several_images_give_a_table_with_csv_and_json(client, service, files):
+    good = [files(f"item-{i}.jpg", encode(product_photo(colour=(i * 90, 40, 40)))) for i in range(2)]
+    bad = files("notes.txt", b"not an image")
+    table, csv_path, json_path = client.predict([handle_file(p) for p in [*good, bad]], api_name="/tag_many")
+    assert table["headers"] == ["file", *service.config.attributes, "tags", "error"]
+    assert [row[0] for row in table["data"]] == ["item-0.jpg", "item-1.jpg", "notes.txt"]
+    assert [bool(row[-1]) for row in table["data"]] == [False, False, True]
+    with open(csv_path, newline="", encoding="utf-8") as handle:
+        assert list(csv.reader(handle)) == [table["headers"], *[[str(v) for v in row] for row in table["data"]]]
+    rows = json.loads(open(json_path, encoding="utf-8").read())
+    assert_contract(rows[0]["result"], service.config)
+    assert "not a readable image" in rows[2]["error"]
+
+
+# --- hostile uploads ----------------------------------------------------------------------------------------------
+
+BAD_UPLOADS = {
+    "text file": ("notes.txt", b"hello, I am text", "not a readable image"),
+    "empty file": ("empty.jpg", b"", "empty"),
+    "HTML renamed .jpg": ("page.jpg", b"<html><script>alert(1)</script></html>", "not a readable image"),
+    "truncated JPEG": ("cut.jpg", encode(product_photo(size=(300, 400)))[:300], "truncated|not a readable"),
+    "over the pixel limit": ("bomb.png", png_claiming(20_000, 20_000), "over the limit"),
+    "SVG": ("vector.svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>', "not a readable image"),
+}
+
+
+@pytest.mark.parametrize("name, data, message", BAD_UPLOADS.values(), ids=list(BAD_UPLOADS))
+def test_bad_upload_is_a_clear_error_and_the_app_keeps_serving(client, service, files, name, data, message):
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(handle_file(files(name, data)), api_name="/tag")
+    assert name in str(error.value) and "/tmp/" not in str(error.value)  # names the user's file, not the server path
+    still_serving = client.predict(handle_file(files("ok.jpg", encode(product_photo()))), api_name="/tag")
+    assert_contract(still_serving, service.config)
+
+
+def test_file_over_the_upload_limit_is_refused(client, served, files):
+    big = files("huge.bmp", encode(Image.new("RGB", (800, 600)), "BMP"))  # 1.4 MB > 1 MB
+    with pytest.raises(ValueError, match="maximum file size"):
+        client.predict(handle_file(big), api_name="/tag")
+    with open(big, "rb") as handle:  # a client that ignores the limit is refused by the server
+        response = httpx.post(served[1] + "gradio_api/upload", files={"files": ("huge.bmp", handle)})
+    assert response.status_code == 413
+
+
+def _exif_rotated() -> bytes:
+    exif = Image.Exif()
+    exif[274] = 6
+    return encode(product_photo(), "JPEG", exif=exif)
+
+
+def _grey_pixels() -> np.ndarray:
+    return np.asarray(product_photo().convert("L"))
+
+
+def _animated_gif() -> bytes:
+    frames = [product_photo(colour=(60 * i, 0, 0)) for i in range(3)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+ODD_BUT_VALID = {
+    "1x1": ("dot.png", lambda: encode(Image.new("RGB", (1, 1)), "PNG")),
+    "CMYK": ("cmyk.jpg", lambda: encode(product_photo().convert("CMYK"))),
+    "16-bit PNG": ("deep.png", lambda: encode(Image.fromarray(_grey_pixels().astype(np.uint16) * 257), "PNG")),
+    "RGBA": ("alpha.png", lambda: encode(product_photo().convert("RGBA"), "PNG")),
+    "palette": ("palette.png", lambda: encode(product_photo().convert("P"), "PNG")),
+    "animated GIF": ("anim.gif", _animated_gif),
+    "WebP": ("photo.webp", lambda: encode(product_photo(), "WEBP")),
+    "TIFF": ("photo.tiff", lambda: encode(product_photo(), "TIFF")),
+    "EXIF-rotated": ("rotated.jpg", _exif_rotated),
+}
+
+
+@pytest.mark.parametrize("name, make", ODD_BUT_VALID.values(), ids=list(ODD_BUT_VALID))
+def test_odd_but_valid_image_is_tagged(client, service, files, name, make):
+    assert_contract(client.predict(handle_file(files(name, make())), api_name="/tag"), service.config)
+
+
+# --- feedback -----------------------------------------------------------------------------------------------------
+
+
+def test_feedback_is_stored_with_the_right_fields(client, service, files):
+    data = encode(product_photo(colour=(20, 30, 120)))
+    path = files("navy.jpg", data)
+    shown = client.predict(handle_file(path), api_name="/tag")
+    corrected = '{"articleType": "Tshirts", "baseColour": "Navy Blue"}'
+    answer = client.predict(handle_file(path), corrected, "check, slim fit", True, api_name="/feedback")
+    assert answer["status"] == "saved" and len(answer["id"]) == 32
+    record = service.store.get(answer["id"])
+    assert json.loads(record["corrected_attributes"]) == {"articleType": "Tshirts", "baseColour": "Navy Blue"}
+    assert record["corrected_tags"] == ["check", "slim fit"]
+    assert record["consent"] is True and record["annotator"] == "anonymous"
+    assert record["model_id"] == service.settings.model and record["model_revision"] == service.revision
+    assert record["image_sha256"] == hashlib.sha256(data).hexdigest()
+    predicted = json.loads(record["predicted"])
+    assert [t["tag"] for t in predicted["tags"]] == [t["tag"] for t in shown["tags"]]  # what the user was shown
+    with Image.open(record["image_path"]) as stored:
+        assert stored.format == "JPEG" and not stored.getexif()
+
+
+def test_feedback_can_be_withdrawn_by_id(client, service, files):
+    image = handle_file(files("x.png", encode(product_photo(), "PNG")))
+    answer = client.predict(image, "{}", "denim", True, api_name="/feedback")
+    assert client.predict(answer["id"], api_name="/delete_feedback") == {"id": answer["id"], "status": "deleted"}
+    assert service.store.get(answer["id"]) is None
+    with pytest.raises(AppError, match="No feedback record"):
+        client.predict(answer["id"], api_name="/delete_feedback")
+    with pytest.raises(AppError, match="record id"):
+        client.predict("../../etc/passwd", api_name="/delete_feedback")
+
+
+ABSURD_FEEDBACK = {
+    "no consent": ('{"articleType": "Tshirts"}', "check", False, "consent"),
+    "unknown attribute": ('{"colour": "Red"}', "", True, "unknown attribute"),
+    "label outside the vocabulary": ('{"articleType": "Spaceship"}', "", True, "not a known articleType label"),
+    "not a JSON object": ('["Tshirts"]', "", True, "JSON object"),
+    "broken JSON": ('{"articleType": ', "", True, "JSON object"),
+    "10 MB of attributes": ("x" * 10_000_000, "", True, "over the limit"),
+    "10 MB of tags": ("{}", "y" * 10_000_000, True, "over the limit"),
+    "script tag": ("{}", "<script>alert(1)</script>", True, "no markup"),
+    "script label": ('{"articleType": "<script>alert(1)</script>"}', "", True, "not a known"),
+}
+
+
+@pytest.mark.parametrize("attributes, tags, consent, message", ABSURD_FEEDBACK.values(), ids=list(ABSURD_FEEDBACK))
+def test_absurd_feedback_is_a_clear_error_and_stores_nothing(
+    client, service, files, attributes, tags, consent, message
+):
+    image, before = handle_file(files("p.jpg", encode(product_photo()))), len(service.store)
+    with pytest.raises(AppError, match=message) as error:
+        client.predict(image, attributes, tags, consent, api_name="/feedback")
+    assert "<script>" not in str(error.value)  # echoed text is escaped: the page shows error messages as HTML
+    assert len(service.store) == before
+
+
+def test_feedback_with_a_bad_image_is_a_clear_error(client, service, files):
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict(handle_file(files("page.jpg", b"<html></html>")), "{}", "", True, api_name="/feedback")
+
+
+# --- configuration, page and secrets ------------------------------------------------------------------------------
+
+
+def test_model_tab_shows_the_model_card_id_and_revision(served, service):
+    config = httpx.get(served[1] + "config").text
+    assert service.revision.startswith("local-") and service.revision in config
+    assert service.settings.model in config and "articleType accuracy" in config and "license:" not in config
+    plot = re.search(r"/gradio_api/file=[^)\\\s\"]+confusion\.png", config).group(0)
+    assert httpx.get(served[1] + plot.lstrip("/")).status_code == 200  # the card's plots are served
+
+
+def test_page_never_shows_the_token(served, service):
+    assert FAKE_TOKEN not in httpx.get(served[1]).text and FAKE_TOKEN not in httpx.get(served[1] + "config").text
+    assert FAKE_TOKEN not in service.store_status()
+
+
+def test_store_errors_never_show_the_token(app_module, service, tmp_path):
+    class FailingHub:
+        def create_repo(self, *args, **kwargs):
+            raise RuntimeError(f"401 Unauthorized for token {FAKE_TOKEN}")
+
+    store = app_module.FeedbackStore(tmp_path, repo_id="me/feedback", hf_api=FailingHub(), token=FAKE_TOKEN)
+    store.push_now()
+    other = app_module.TaggerService(service.settings, service.tagger, store, app_module.Redactor([FAKE_TOKEN]))
+    status = other.store_status()
+    assert "401" in status and FAKE_TOKEN not in status
+    store.close(push=False)
+
+
+def test_settings_come_from_the_environment(app_module):
+    environ = {"FASHION_MODEL": "me/fashion-tagger", "FEEDBACK_REPO": "me/feedback", "MAX_UPLOAD_MB": "2.5"}
+    settings = app_module.Settings.from_env({**environ, "MAX_IMAGE_PIXELS": "1000"})
+    assert (settings.model, settings.feedback_repo, settings.max_upload_bytes, settings.max_image_pixels) == (
+        "me/fashion-tagger",
+        "me/feedback",
+        int(2.5 * 2**20),
+        1000,
+    )
+    assert app_module.launch_options(settings)["max_file_size"] == settings.max_upload_bytes
+    assert app_module.Settings.from_env({}).model == "models/fashion-tagger"
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS"):
+        app_module.Settings.from_env({"MAX_IMAGE_PIXELS": "lots"})
+    with pytest.raises(ValueError, match="MAX_UPLOAD_MB"):
+        app_module.Settings.from_env({"MAX_UPLOAD_MB": "-1"})
+
+
+def test_tag_chips_escape_markup(app_module):
+    chips = app_module.tag_chips({"tags": [{"tag": "<img src=x onerror=alert(1)>", "group": "detail", "score": 0.5}]})
+    assert "<img" not in chips and "&lt;img" in chips
+
+
+def test_annotator_is_the_oauth_username_or_anonymous(app_module):
+    assert app_module.annotator_name({"preferred_username": "ada", "name": "Ada L."}) == "ada"
+    assert app_module.annotator_name(None) == "anonymous"
