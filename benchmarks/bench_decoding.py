@@ -8,10 +8,11 @@ produce the same tag sequences; what differs is how the work is laid out:
 - one by one: for each image, a Python loop that feeds the previous tag, takes the argmax, reads it with `.item()`
   every step and stops at `<eos>` (or at `max_tag_length`, which the original loop lacked).
 
-Two cases: `<eos>` suppressed through the classifier bias, so every image runs the full `max_tag_length` steps (the
-per-step cost), and natural stopping. The encoder is not part of either: decoding starts from the embeddings.
+Two cases: `<eos>` suppressed through the classifier bias, so every image runs the full `max_tag_length` steps (or
+until every other tag is banned, with a vocabulary that small): the per-step cost; and natural stopping. The encoder
+is not part of either: decoding starts from the embeddings.
 
-    python benchmarks/bench_decoding.py --batch-size 64 --repeats 7
+    python benchmarks/bench_decoding.py --repeats 15
 """
 
 import argparse
@@ -38,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--vocabulary",
         choices=["real", "default"],
         default="real",
-        help="'real': the shipped model's head sizes (309 tags); 'default': FashionTaggerConfig() (40 tags)",
+        help="'real': the shipped model's head sizes (309 tags); 'default': FashionTaggerConfig() (38 tags)",
     )
     parser.add_argument("--model", help="a saved model folder to decode with instead of an untrained one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see benchmarks/README.md)")
@@ -168,23 +169,24 @@ def main(argv=None) -> int:
 
     print("outputs: identical tag sequences from both decoders in both cases")
     full = results[0]
-    flops = decoder_flops(model, args.batch_size, config.max_tag_length)
+    steps = full["max_tags"] + (full["max_tags"] < config.max_tag_length)  # the step that emitted <eos> counts too
+    flops = decoder_flops(model, args.batch_size, steps)
     print(
         f"full length: both do {flops / 1e9:.2f} GFLOP of matmuls per batch; batched runs them at "
-        f"{flops / full['batched_s'] / 1e9:.0f} GFLOP/s, one by one at {flops / full['one_by_one_s'] / 1e9:.0f} GFLOP/s"
+        f"{flops / full['batched_s'] / 1e9:.1f} GFLOP/s, one by one at {flops / full['one_by_one_s'] / 1e9:.1f} GFLOP/s"
     )
     print()
     print(
         f"| case | tags/image (mean, max) | batched img/s | one-by-one img/s | speed-up (median, range) "
-        f"| target >= {TARGET_SPEED_UP:g}x |"
+        f"| fastest vs fastest | target >= {TARGET_SPEED_UP:g}x (median) |"
     )
-    print("|---|---|---:|---:|---:|---|")
+    print("|---|---|---:|---:|---:|---:|---|")
     for result in results:
-        speed_up, low, high = result["speed_up"]
+        speed_up, low, high, best = result["speed_up"]
         print(
             f"| {result['case']} | {result['mean_tags']:.1f}, {result['max_tags']} "
             f"| {args.batch_size / result['batched_s']:,.0f} | {args.batch_size / result['one_by_one_s']:,.0f} "
-            f"| {speed_up:.1f}x ({low:.1f}-{high:.1f}) | {verdict(speed_up >= TARGET_SPEED_UP)} |"
+            f"| {speed_up:.1f}x ({low:.1f}-{high:.1f}) | {best:.1f}x | {verdict(speed_up >= TARGET_SPEED_UP)} |"
         )
     return 0
 
