@@ -175,10 +175,39 @@ def test_beam_width_one_reproduces_greedy_exactly():
     assert [h[0]["tag_ids"] for h in greedy] == [h[0]["tag_ids"] for h in beam]
     # And the beam-search code path itself, at width 1, agrees with greedy.
     conflicts = tag_conflicts(model.config)
-    ids, log_probs, scores = model._beam_decode(model.encode_images(x), model.config.max_tag_length, 1, conflicts)
+    features, gates = model.encode_images(x), model._tag_input_gates()
+    ids, log_probs, scores = model._beam_decode(features, model.config.max_tag_length, 1, conflicts, gates)
     beam_tags = model._hypotheses(ids, log_probs, scores)
     assert [h[0]["tag_ids"] for h in beam_tags] == [h[0]["tag_ids"] for h in greedy]
     assert [h[0]["score"] for h in beam_tags] == pytest.approx([h[0]["score"] for h in greedy], abs=1e-5)
+
+
+@pytest.mark.parametrize("decoder_type", ["gru", "lstm"])
+def test_decoding_step_matches_the_recurrent_module(decoder_type):
+    """The generation step (cell equations with precomputed input gates) computes what nn.GRU / nn.LSTM compute."""
+    model = tiny_model(decoder_type=decoder_type, decoder_num_layers=2)
+    tokens = torch.tensor([5, 9, 3])
+    state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
+    expected, expected_state = model.decoder(model.tag_embeddings(tokens)[:, None], state)
+    output, new_state = model._decoder_step(tokens, state, model._tag_input_gates())
+    assert torch.allclose(output, expected[:, 0], atol=1e-6)
+    for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_generated_scores_match_teacher_forced_probabilities():
+    """Decoding and training see the same distribution: re-scoring a generated sequence reproduces its scores."""
+    model = silence_end_of_sequence(tiny_model())
+    x = pixels(1)
+    hypothesis = model.generate_tags(x, max_length=3)[0][0]
+    tag_ids = torch.tensor([[BOS_TAG_ID, *hypothesis["tag_ids"], EOS_TAG_ID]])
+    logits = model(x, tag_ids=tag_ids).tag_logits[0]
+    banned = model._initial_banned(1, x.device)[0]
+    conflicts = tag_conflicts(model.config)
+    for step, tag in enumerate(hypothesis["tags"]):
+        log_probs = logits[step].masked_fill(banned, float("-inf")).log_softmax(-1)
+        assert log_probs[hypothesis["tag_ids"][step]].exp().item() == pytest.approx(tag["score"], rel=1e-4)
+        banned = banned | conflicts[hypothesis["tag_ids"][step]]
 
 
 def test_wider_beam_returns_hypotheses_sorted_by_score():
