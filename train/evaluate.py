@@ -38,6 +38,7 @@ from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 
 import fashion_hf  # noqa: E402, F401  (registers the Auto classes)
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP, tag_key  # noqa: E402
+from train.augment import phone_photo_shift  # noqa: E402
 from fashion_hf.metrics import (  # noqa: E402
     IGNORE_INDEX,
     attribute_metrics,
@@ -415,6 +416,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num-beams", type=int, default=1, help="beam width of the tag decoder (1: greedy)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--shift", default="none", choices=["none", "phone"],
+                        help="phone: the same images on busy backdrops, zoomed out, cropped and tilted (robustness)")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit < 1:
         parser.error(f"--limit must be at least 1, got {args.limit}")
@@ -476,6 +479,14 @@ def write_evaluation(
     return metrics
 
 
+def shift_like_phone_photos(dataset, processor):
+    """Each image moved off the studio look the model was trained on; seeded by position, so runs repeat."""
+    def shift(row, index):
+        return {"image": phone_photo_shift(processor.load_image(row["image"]), np.random.default_rng([0, index]))}
+
+    return dataset.map(shift, with_indices=True, desc="phone-photo shift")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -484,10 +495,13 @@ def main(argv=None) -> dict:
     dataset = load_eval_dataset(args.dataset, args.split, model.config.attributes)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
+    if args.shift == "phone":
+        dataset = shift_like_phone_photos(dataset, processor)
     metrics = write_evaluation(
         model, processor, dataset, args.output,
         logs_dir=args.logs, dataset_name=str(args.dataset), split=args.split, batch_size=args.batch_size,
-        num_beams=args.num_beams, model_id=str(args.model), progress=not args.no_progress, extra={"limit": args.limit},
+        num_beams=args.num_beams, model_id=str(args.model), progress=not args.no_progress,
+        extra={"limit": args.limit, "shift": args.shift},
     )  # fmt: skip
     print(summary(metrics))
     print(f"wrote {', '.join(metrics['files'])} to {args.output}")
