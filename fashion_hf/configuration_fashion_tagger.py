@@ -6,6 +6,7 @@ from transformers import PreTrainedConfig
 SPECIAL_TAGS = ("<pad>", "<bos>", "<eos>")
 PAD_TAG_ID, BOS_TAG_ID, EOS_TAG_ID = range(len(SPECIAL_TAGS))
 DETAIL_GROUP = "detail"
+IGNORE_INDEX = -100  # a missing attribute label: cross-entropy skips it
 
 # A small but complete vocabulary so that `FashionTaggerConfig()` builds a working model, as every transformers
 # config does. Trained models replace it with the vocabulary mined from their training data.
@@ -146,7 +147,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         ids = []
         for name, labels in self.attributes.items():
             value = values.get(name)
-            ids.append(labels.index(value) if value in labels else -100)
+            ids.append(labels.index(value) if value in labels else IGNORE_INDEX)
         return ids
 
     def tag_sequence_ids(self, keys) -> list[int]:

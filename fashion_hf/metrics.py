@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 
-IGNORE_INDEX = -100  # the model's marker of a missing label (`attribute_labels`)
+from .configuration_fashion_tagger import IGNORE_INDEX  # the model's marker of a missing label
 TOP_K = 5
 
 

@@ -17,12 +17,11 @@ from transformers.utils import ModelOutput
 from .configuration_fashion_tagger import (
     BOS_TAG_ID,
     EOS_TAG_ID,
+    IGNORE_INDEX,
     PAD_TAG_ID,
     SPECIAL_TAGS,
     FashionTaggerConfig,
 )
-
-IGNORE_INDEX = -100
 
 
 @dataclass
