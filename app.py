@@ -18,6 +18,7 @@ Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming 
 import base64
 import binascii
 import csv
+import errno
 import hashlib
 import html
 import importlib.util
@@ -140,6 +141,16 @@ def shown(text, limit: int = 80) -> str:
     """Text made safe to put in a message: Gradio renders error messages as HTML."""
     text = str(text)
     return html.escape(text if len(text) <= limit else text[:limit] + "…", quote=False)
+
+
+def storage_problem(error: FeedbackStoreError) -> str:
+    """What the store's failure was, in words for the user: the cause's errno, never the server's paths."""
+    code = getattr(error.__cause__, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "the server's disk is full"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return "the server's feedback storage is read-only"
+    return "the server's storage failed"
 
 
 class Redactor:
@@ -425,7 +436,9 @@ class TaggerService:
             raise user_error(shown(self.redact(str(error)), 600)) from None
         except FeedbackStoreError as error:
             logger.error("Feedback could not be stored: %s", self.redact(str(error)))
-            raise user_error("Your feedback could not be stored right now (storage problem); try later.") from None
+            problem = storage_problem(error)
+            message = f"Your feedback could not be stored: {problem}. Nothing was saved; try again later."
+            raise user_error(message) from None
         return record_id, upload
 
     def delete_feedback(self, record_id) -> dict:
@@ -436,7 +449,9 @@ class TaggerService:
             deleted = self.store.delete(record_id)
         except FeedbackStoreError as error:
             logger.error("Feedback could not be withdrawn: %s", self.redact(str(error)))
-            raise user_error("The record could not be withdrawn right now (storage problem); try later.") from None
+            problem = storage_problem(error)
+            message = f"The record could not be withdrawn: {problem}. It is unchanged; try again later."
+            raise user_error(message) from None
         if not deleted:
             raise user_error(f"No feedback record with id {record_id}: it was never stored or is already withdrawn.")
         return {"id": record_id, "status": "deleted"}

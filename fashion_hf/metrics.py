@@ -15,6 +15,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 
 from .configuration_fashion_tagger import IGNORE_INDEX  # the model's marker of a missing label
+
 TOP_K = 5
 
 
