@@ -227,13 +227,14 @@ class Progress:
     """What a checkpoint must remember besides weights and optimizer: where the run is and its best score."""
 
     def __init__(self):
-        self.epoch, self.best_score, self.best_epoch = 0, -math.inf, -1
+        self.epoch, self.best_score, self.best_epoch, self.seconds = 0, -math.inf, -1, 0.0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch}
+        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.epoch, self.best_score, self.best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
+        self.seconds = state.get("seconds", 0.0)
 
 
 # --- loop --------------------------------------------------------------------------------------------------------
@@ -366,6 +367,7 @@ def main(argv=None):
         accelerator.load_state(str(latest))
         accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {latest} at epoch {progress.epoch}")
+    seconds_before = progress.seconds  # wall time of earlier sessions of this run, so the card reports the total
 
     inner = accelerator.unwrap_model(tagger)
     if cached and progress.epoch < args.epochs:
@@ -388,6 +390,7 @@ def main(argv=None):
         accelerator.print(f"epoch {epoch + 1}/{total_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
         progress.epoch = epoch + 1
+        progress.seconds = seconds_before + time.time() - started
         if metrics["val/mean_top1"] > progress.best_score:
             progress.best_score, progress.best_epoch = metrics["val/mean_top1"], epoch + 1
             accelerator.wait_for_everyone()
@@ -399,7 +402,7 @@ def main(argv=None):
     if accelerator.is_main_process:
         recipe = {
             "command": "accelerate launch train/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
-            "wall_time_seconds": round(time.time() - started, 1),
+            "wall_time_seconds": round(seconds_before + time.time() - started, 1),
             "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "best_epoch": progress.best_epoch,
             "train_images": len(train_set),

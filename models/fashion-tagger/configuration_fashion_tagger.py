@@ -1,0 +1,164 @@
+"""Configuration of the fashion tagger: the encoder, the attribute heads, the tag decoder and every vocabulary."""
+
+from transformers import PreTrainedConfig
+
+# Special tag-decoder tokens come first in the tag id space; real tags follow in vocabulary order.
+SPECIAL_TAGS = ("<pad>", "<bos>", "<eos>")
+PAD_TAG_ID, BOS_TAG_ID, EOS_TAG_ID = range(len(SPECIAL_TAGS))
+DETAIL_GROUP = "detail"
+IGNORE_INDEX = -100  # a missing attribute label: cross-entropy skips it
+
+# A small but complete vocabulary so that `FashionTaggerConfig()` builds a working model, as every transformers
+# config does. Trained models replace it with the vocabulary mined from their training data.
+DEFAULT_ATTRIBUTES = {
+    "gender": ["Boys", "Girls", "Men", "Unisex", "Women"],
+    "masterCategory": ["Accessories", "Apparel", "Footwear", "Personal Care"],
+    "articleType": ["Casual Shoes", "Handbags", "Jeans", "Shirts", "Tops", "Tshirts", "Watches"],
+    "baseColour": ["Black", "Blue", "Brown", "Grey", "Navy Blue", "Red", "White"],
+    "season": ["Fall", "Spring", "Summer", "Winter"],
+    "usage": ["Casual", "Ethnic", "Formal", "Sports"],
+}
+DEFAULT_DETAIL_TAGS = ["check", "denim", "printed", "running", "slim fit", "solid", "striped"]
+
+
+def tag_key(group: str, text: str) -> str:
+    """The unique name of a tag: the same text can be a tag of two groups (subCategory and articleType "Watches")."""
+    return f"{group}:{text}"
+
+
+class FashionTaggerConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`FashionTaggerModel`]: a timm CNN encoder, one linear head per product attribute, and a
+    recurrent decoder that generates the item's tags from the image embedding.
+
+    The config is the single source of truth for every vocabulary: the image processor, the pipeline, the training
+    script and the app all read labels and tags from here.
+
+    Args:
+        encoder_name (`str`, *optional*, defaults to `"tf_efficientnet_lite0"`):
+            timm architecture of the image encoder (built with `num_classes=0`).
+        encoder_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model`, e.g. `{"drop_path_rate": 0.1}`.
+        image_size (`list[int]`, *optional*, defaults to `[128, 96]`):
+            Input `[height, width]`. Product photos are 3:4 portraits, so the default keeps their aspect.
+        image_mean (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel normalisation mean (the `tf_efficientnet_lite0` ImageNet weights use 0.5).
+        image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
+            Per-channel normalisation standard deviation.
+        attributes (`dict[str, list[str]]`, *optional*):
+            Ordered mapping `attribute -> [label, ...]`, one classification head per attribute.
+        tags (`list[list[str]]`, *optional*):
+            Tag vocabulary as `[text, group]` pairs, group being an attribute name or `"detail"`. Defaults to every
+            attribute label followed by a few detail tags.
+        decoder_type (`str`, *optional*, defaults to `"gru"`):
+            `"gru"` or `"lstm"`.
+        decoder_hidden_size (`int`, *optional*, defaults to 512):
+            Width of the recurrent decoder state.
+        decoder_num_layers (`int`, *optional*, defaults to 1):
+            Number of stacked recurrent layers.
+        tag_embedding_size (`int`, *optional*, defaults to 256):
+            Width of the tag embeddings fed to the decoder.
+        max_tag_length (`int`, *optional*, defaults to 16):
+            Most tags a generated sequence can hold; decoding always stops there.
+        classifier_dropout (`float`, *optional*, defaults to 0.2):
+            Dropout on the image embedding before the heads and the decoder.
+        tag_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the decoder loss against the mean attribute loss.
+        label_smoothing (`float`, *optional*, defaults to 0.0):
+            Label smoothing of the attribute and tag cross-entropies.
+        attribute_order (`list[str]`, *optional*):
+            Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
+
+    Example:
+
+    ```python
+    >>> from fashion_hf import FashionTaggerConfig, FashionTaggerModel
+    >>> config = FashionTaggerConfig(attributes={"articleType": ["Shirts", "Tshirts"]}, decoder_type="lstm")
+    >>> model = FashionTaggerModel(config)
+    ```
+    """
+
+    model_type = "fashion-tagger"
+
+    def __init__(
+        self,
+        encoder_name: str = "tf_efficientnet_lite0",
+        encoder_kwargs: dict | None = None,
+        image_size: list[int] | tuple[int, int] = (128, 96),
+        image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        attributes: dict[str, list[str]] | None = None,
+        tags: list[list[str]] | None = None,
+        decoder_type: str = "gru",
+        decoder_hidden_size: int = 512,
+        decoder_num_layers: int = 1,
+        tag_embedding_size: int = 256,
+        max_tag_length: int = 16,
+        classifier_dropout: float = 0.2,
+        tag_loss_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        attribute_order: list[str] | None = None,
+        **kwargs,
+    ):
+        if decoder_type not in ("gru", "lstm"):
+            raise ValueError(f"decoder_type must be 'gru' or 'lstm', got {decoder_type!r}")
+        attributes = {name: list(labels) for name, labels in (attributes or DEFAULT_ATTRIBUTES).items()}
+        if attribute_order is not None:  # config.json is written with sorted keys; the head order travels here
+            attributes = {name: attributes[name] for name in attribute_order}
+        for name, labels in attributes.items():
+            if not labels or len(set(labels)) != len(labels):
+                raise ValueError(f"attribute {name!r} needs a non-empty list of distinct labels, got {labels!r}")
+        if tags is None:
+            tags = [[label, name] for name, labels in attributes.items() for label in labels]
+            tags += [[text, DETAIL_GROUP] for text in DEFAULT_DETAIL_TAGS]
+        tags = [list(pair) for pair in tags]
+        keys = [tag_key(group, text) for text, group in tags]
+        if len(set(keys)) != len(keys):
+            raise ValueError("the tag vocabulary holds the same [text, group] pair twice")
+
+        self.encoder_name = encoder_name
+        self.encoder_kwargs = dict(encoder_kwargs or {})
+        self.image_size = list(image_size)
+        self.image_mean = list(image_mean)
+        self.image_std = list(image_std)
+        self.attributes = attributes
+        self.attribute_order = list(attributes)
+        self.tags = tags
+        self.decoder_type = decoder_type
+        self.decoder_hidden_size = decoder_hidden_size
+        self.decoder_num_layers = decoder_num_layers
+        self.tag_embedding_size = tag_embedding_size
+        self.max_tag_length = max_tag_length
+        self.classifier_dropout = classifier_dropout
+        self.tag_loss_weight = tag_loss_weight
+        self.label_smoothing = label_smoothing
+        super().__init__(**kwargs)
+
+    @property
+    def tag_vocab_size(self) -> int:
+        return len(SPECIAL_TAGS) + len(self.tags)
+
+    def tag_to_id(self) -> dict[str, int]:
+        """Tag key (`"group:text"`) -> decoder token id."""
+        return {tag_key(group, text): index + len(SPECIAL_TAGS) for index, (text, group) in enumerate(self.tags)}
+
+    def attribute_label_ids(self, values) -> list[int]:
+        """`{attribute: label}` -> one label index per head in head order; -100 where missing or out of vocabulary."""
+        ids = []
+        for name, labels in self.attributes.items():
+            value = values.get(name)
+            ids.append(labels.index(value) if value in labels else IGNORE_INDEX)
+        return ids
+
+    def tag_sequence_ids(self, keys) -> list[int]:
+        """Tag keys -> `<bos> tag ... <eos>` ids for teacher forcing; keys outside the vocabulary are dropped."""
+        vocabulary = self.tag_to_id()
+        return [BOS_TAG_ID] + [vocabulary[key] for key in keys if key in vocabulary] + [EOS_TAG_ID]
+
+    def id_to_tag(self, tag_id: int) -> tuple[str, str]:
+        """Decoder token id -> `(text, group)`."""
+        text, group = self.tags[tag_id - len(SPECIAL_TAGS)]
+        return text, group
+
+
+__all__ = ["FashionTaggerConfig", "tag_key"]

@@ -1,0 +1,332 @@
+"""The fashion tagger: a timm CNN encoder, one linear head per attribute, and a recurrent tag decoder.
+
+The decoder follows Show and Tell (Vinyals et al., 2015) and the CNN-RNN multi-label design (Wang et al., 2016):
+its initial hidden state is a projection of the image embedding, and the image is not fed again at later steps.
+"""
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_fashion_tagger import (
+    BOS_TAG_ID,
+    EOS_TAG_ID,
+    IGNORE_INDEX,
+    PAD_TAG_ID,
+    SPECIAL_TAGS,
+    FashionTaggerConfig,
+)
+
+
+@dataclass
+class FashionTaggerOutput(ModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*):
+            Mean attribute cross-entropy plus `tag_loss_weight` times the tag cross-entropy, over the labels given.
+        attribute_logits (`dict[str, torch.FloatTensor]`):
+            Attribute name -> logits of shape `(batch_size, num_labels)`.
+        tag_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length - 1, tag_vocab_size)`, *optional*):
+            Teacher-forced next-tag logits, when `tag_ids` were given.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, embed_dim)`):
+            Pooled image embedding from the encoder.
+    """
+
+    loss: torch.FloatTensor | None = None
+    attribute_logits: dict[str, torch.FloatTensor] | None = None
+    tag_logits: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+def create_encoder(config: FashionTaggerConfig) -> nn.Module:
+    """The timm backbone without classifier; pretrained weights are loaded after `post_init` (see `encoder_weights`)."""
+    return timm.create_model(config.encoder_name, pretrained=False, num_classes=0, **config.encoder_kwargs)
+
+
+def encoder_output_width(encoder: nn.Module) -> int:
+    # Some timm models (MobileNetV3) pool to `head_hidden_size`, not `num_features`.
+    return getattr(encoder, "head_hidden_size", None) or encoder.num_features
+
+
+def tag_conflicts(config: FashionTaggerConfig, device=None) -> torch.Tensor:
+    """`(V, V)` mask: emitting tag `i` forbids tag `j` later. A tag is never repeated, and an attribute takes one value."""
+    group_names = list(config.attributes)
+    # Group index per token: -1 for special and detail tokens, which conflict only with themselves.
+    groups = [-1] * len(SPECIAL_TAGS) + [group_names.index(g) if g in group_names else -1 for _, g in config.tags]
+    groups = torch.tensor(groups, device=device)
+    same_attribute = (groups[:, None] == groups[None, :]) & (groups[:, None] >= 0)
+    conflicts = same_attribute | torch.eye(len(groups), dtype=torch.bool, device=device)
+    conflicts[EOS_TAG_ID] = False
+    return conflicts
+
+
+class FashionTaggerPreTrainedModel(PreTrainedModel):
+    config_class = FashionTaggerConfig
+    base_model_prefix = "fashion_tagger"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # The timm encoder initialises itself (or receives pretrained weights later): only touch our own layers.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+            module.weight[PAD_TAG_ID].zero_()
+        elif isinstance(module, (nn.GRU, nn.LSTM)):
+            for name, weight in module.named_parameters():
+                if "bias" in name:
+                    nn.init.zeros_(weight)
+                else:
+                    nn.init.orthogonal_(weight)
+
+
+class FashionTaggerModel(FashionTaggerPreTrainedModel):
+    def __init__(self, config: FashionTaggerConfig):
+        super().__init__(config)
+        self.encoder = create_encoder(config)
+        embed_dim = encoder_output_width(self.encoder)
+        self.dropout = nn.Dropout(config.classifier_dropout)
+        self.heads = nn.ModuleDict({name: nn.Linear(embed_dim, len(labels)) for name, labels in config.attributes.items()})
+
+        hidden, layers = config.decoder_hidden_size, config.decoder_num_layers
+        states_per_layer = 2 if config.decoder_type == "lstm" else 1  # LSTM starts from (h, c)
+        self.initial_state = nn.Linear(embed_dim, hidden * layers * states_per_layer)
+        self.tag_embeddings = nn.Embedding(config.tag_vocab_size, config.tag_embedding_size, padding_idx=PAD_TAG_ID)
+        rnn_class = nn.LSTM if config.decoder_type == "lstm" else nn.GRU
+        self.decoder = rnn_class(config.tag_embedding_size, hidden, num_layers=layers, batch_first=True)
+        self.tag_classifier = nn.Linear(hidden, config.tag_vocab_size)
+        self._encoder_module_ids = {id(module) for module in self.encoder.modules()}
+        self.post_init()
+
+    def _init_weights(self, module):
+        if id(module) not in self._encoder_module_ids:
+            super()._init_weights(module)
+
+    # --- encoder and heads -------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.encoder(pixel_values)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        attribute_labels: torch.Tensor | None = None,
+        tag_ids: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> FashionTaggerOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images from [`FashionTaggerImageProcessor`]. Not needed when `image_embeds` are given (cached embeddings).
+        attribute_labels (`torch.LongTensor` of shape `(batch_size, num_attributes)`, *optional*):
+            Label index per attribute, in `config.attributes` order; `-100` where the label is missing.
+        tag_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            `<bos> tag ... tag <eos>` padded with `<pad>`, for teacher forcing.
+        """
+        if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("FashionTaggerModel needs pixel_values or image_embeds")
+            image_embeds = self.encode_images(pixel_values)
+        features = self.dropout(image_embeds)
+        attribute_logits = {name: head(features) for name, head in self.heads.items()}
+        tag_logits = self._teacher_forced_tag_logits(features, tag_ids) if tag_ids is not None else None
+
+        loss = None
+        if attribute_labels is not None or tag_ids is not None:
+            loss = self._loss(attribute_logits, attribute_labels, tag_logits, tag_ids)
+        return FashionTaggerOutput(
+            loss=loss, attribute_logits=attribute_logits, tag_logits=tag_logits, image_embeds=image_embeds
+        )
+
+    def _loss(self, attribute_logits, attribute_labels, tag_logits, tag_ids) -> torch.Tensor:
+        smoothing = self.config.label_smoothing
+        losses = []
+        if attribute_labels is not None:
+            for column, logits in enumerate(attribute_logits.values()):
+                labels = attribute_labels[:, column]
+                # cross_entropy over an all-ignored batch is NaN: a head with no labels here simply adds nothing.
+                if (labels != IGNORE_INDEX).any():
+                    losses.append(F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing))
+        loss = torch.stack(losses).mean() if losses else attribute_logits[next(iter(attribute_logits))].sum() * 0.0
+        if tag_ids is not None:
+            targets = tag_ids[:, 1:]
+            tag_loss = F.cross_entropy(
+                tag_logits.float().reshape(-1, tag_logits.shape[-1]),
+                targets.reshape(-1),
+                ignore_index=PAD_TAG_ID,
+                label_smoothing=smoothing,
+            )
+            loss = loss + self.config.tag_loss_weight * tag_loss
+        return loss
+
+    # --- tag decoder -------------------------------------------------------------------------------------------
+
+    def _initial_decoder_state(self, features: torch.Tensor):
+        layers, hidden = self.config.decoder_num_layers, self.config.decoder_hidden_size
+        state = torch.tanh(self.initial_state(features))
+        state = state.view(features.shape[0], -1, layers, hidden).permute(1, 2, 0, 3).contiguous()
+        return (state[0], state[1]) if self.config.decoder_type == "lstm" else state[0]
+
+    def _teacher_forced_tag_logits(self, features: torch.Tensor, tag_ids: torch.Tensor) -> torch.Tensor:
+        inputs = self.tag_embeddings(tag_ids[:, :-1])
+        outputs, _ = self.decoder(inputs, self._initial_decoder_state(features))
+        return self.tag_classifier(outputs)
+
+    def _tag_input_gates(self) -> torch.Tensor:
+        """Layer-0 input gates of every tag, `(V, gates)`. The decoder's only inputs are tag embeddings, so one
+        matrix product per decode replaces one per step: about a third of each step's work."""
+        return torch.addmm(self.decoder.bias_ih_l0, self.tag_embeddings.weight, self.decoder.weight_ih_l0.T)
+
+    def _decoder_step(self, tokens, state, input_gates):
+        """One GRU/LSTM step for a batch, the cell equations of `torch.nn.GRU`/`LSTM` written out, with layer 0's
+        input gates looked up in `input_gates` instead of recomputed."""
+        lstm = self.config.decoder_type == "lstm"
+        hidden, cell = state if lstm else (state, None)
+        hiddens, cells, layer_output = [], [], None
+        for layer in range(self.config.decoder_num_layers):
+            if layer == 0:
+                input_part = input_gates[tokens]
+            else:
+                weight, bias = getattr(self.decoder, f"weight_ih_l{layer}"), getattr(self.decoder, f"bias_ih_l{layer}")
+                input_part = torch.addmm(bias, layer_output, weight.T)
+            weight, bias = getattr(self.decoder, f"weight_hh_l{layer}"), getattr(self.decoder, f"bias_hh_l{layer}")
+            hidden_part = torch.addmm(bias, hidden[layer], weight.T)
+            if lstm:
+                input_gate, forget_gate, candidate, output_gate = (input_part + hidden_part).chunk(4, 1)
+                new_cell = forget_gate.sigmoid() * cell[layer] + input_gate.sigmoid() * candidate.tanh()
+                layer_output = output_gate.sigmoid() * new_cell.tanh()
+                cells.append(new_cell)
+            else:
+                input_reset, input_update, input_new = input_part.chunk(3, 1)
+                hidden_reset, hidden_update, hidden_new = hidden_part.chunk(3, 1)
+                reset = (input_reset + hidden_reset).sigmoid()
+                update = (input_update + hidden_update).sigmoid()
+                new = (input_new + reset * hidden_new).tanh()
+                layer_output = new + update * (hidden[layer] - new)
+            hiddens.append(layer_output)
+        hidden = torch.stack(hiddens)
+        return layer_output, ((hidden, torch.stack(cells)) if lstm else hidden)
+
+    def _next_tag_log_probs(self, tokens, state, banned, input_gates):
+        output, state = self._decoder_step(tokens, state, input_gates)
+        logits = self.tag_classifier(output).float().masked_fill(banned, float("-inf"))
+        return logits.log_softmax(-1), state
+
+    def _initial_banned(self, rows: int, device) -> torch.Tensor:
+        banned = torch.zeros(rows, self.config.tag_vocab_size, dtype=torch.bool, device=device)
+        banned[:, [PAD_TAG_ID, BOS_TAG_ID]] = True
+        return banned
+
+    @torch.no_grad()
+    def generate_tags(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        num_beams: int = 1,
+        max_length: int | None = None,
+    ) -> list[list[dict]]:
+        """Decode the tag sequences of a whole batch at once.
+
+        Greedy when `num_beams == 1`, beam search otherwise. A sequence ends at `<eos>` or after `max_length` tags
+        (default `config.max_tag_length`), so decoding always terminates. A tag is never emitted twice, and an
+        attribute (e.g. articleType) contributes at most one tag.
+
+        Returns, per image, its hypotheses sorted by score (one for greedy, up to `num_beams` for beam search):
+        `{"tags": [{"tag", "group", "score"}, ...], "tag_ids": [...], "score": total log-probability}`, where a tag's
+        score is its probability at the step it was emitted.
+        """
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values)
+        max_length = self.config.max_tag_length if max_length is None else max_length
+        conflicts, input_gates = tag_conflicts(self.config, image_embeds.device), self._tag_input_gates()
+        if num_beams == 1:
+            tag_ids, tag_log_probs, scores = self._greedy_decode(image_embeds, max_length, conflicts, input_gates)
+        else:
+            tag_ids, tag_log_probs, scores = self._beam_decode(image_embeds, max_length, num_beams, conflicts, input_gates)
+        return self._hypotheses(tag_ids, tag_log_probs, scores)
+
+    def _greedy_decode(self, features, max_length, conflicts, input_gates):
+        batch = features.shape[0]
+        state = self._initial_decoder_state(features)
+        tokens = torch.full((batch,), BOS_TAG_ID, dtype=torch.long, device=features.device)
+        banned = self._initial_banned(batch, features.device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
+        scores = torch.zeros(batch, device=features.device)
+        tag_ids, tag_log_probs = [], []
+        for _ in range(max_length):
+            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates)
+            step_log_probs, tokens = log_probs.max(-1)
+            tokens = tokens.masked_fill(finished, PAD_TAG_ID)
+            step_log_probs = step_log_probs.masked_fill(finished, 0.0)
+            scores += step_log_probs
+            tag_ids.append(tokens)
+            tag_log_probs.append(step_log_probs)
+            banned |= conflicts[tokens]
+            finished |= tokens == EOS_TAG_ID
+            if finished.all():
+                break
+        return torch.stack(tag_ids, 1)[:, None], torch.stack(tag_log_probs, 1)[:, None], scores[:, None]
+
+    def _beam_decode(self, features, max_length, num_beams, conflicts, input_gates):
+        batch, vocab, device = features.shape[0], self.config.tag_vocab_size, features.device
+        rows = batch * num_beams
+        state = self._initial_decoder_state(features.repeat_interleave(num_beams, 0))
+        tokens = torch.full((rows,), BOS_TAG_ID, dtype=torch.long, device=device)
+        banned = self._initial_banned(rows, device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        # All beams start identical: keep only the first alive so the first step does not pick one tag k times.
+        beam_scores = torch.full((batch, num_beams), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0
+        tag_ids = torch.empty(rows, 0, dtype=torch.long, device=device)
+        tag_log_probs = torch.empty(rows, 0, device=device)
+        row_offsets = (torch.arange(batch, device=device) * num_beams)[:, None]
+        for _ in range(max_length):
+            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates)
+            # A finished hypothesis continues only with <pad>, at no cost, so it competes with live ones as it is.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, PAD_TAG_ID] = 0.0
+            candidates = (beam_scores.view(-1, 1) + log_probs).view(batch, num_beams * vocab)
+            beam_scores, flat_index = candidates.topk(num_beams, dim=-1)
+            source_rows = (row_offsets + flat_index // vocab).view(-1)
+            tokens = (flat_index % vocab).view(-1)
+
+            step_log_probs = log_probs[source_rows, tokens]
+            state = tuple(s[:, source_rows] for s in state) if isinstance(state, tuple) else state[:, source_rows]
+            tag_ids = torch.cat([tag_ids[source_rows], tokens[:, None]], 1)
+            tag_log_probs = torch.cat([tag_log_probs[source_rows], step_log_probs[:, None]], 1)
+            banned = banned[source_rows] | conflicts[tokens]
+            finished = finished[source_rows] | (tokens == EOS_TAG_ID) | (tokens == PAD_TAG_ID)
+            if finished.all():
+                break
+        shape = (batch, num_beams, -1)
+        return tag_ids.view(shape), tag_log_probs.view(shape), beam_scores
+
+    def _hypotheses(self, tag_ids, tag_log_probs, scores) -> list[list[dict]]:
+        results = []
+        for image_ids, image_log_probs, image_scores in zip(tag_ids.tolist(), tag_log_probs.tolist(), scores.tolist()):
+            hypotheses = []
+            for ids, log_probs, score in zip(image_ids, image_log_probs, image_scores):
+                if score == float("-inf"):  # a beam that never had a valid continuation
+                    continue
+                tags, kept_ids = [], []
+                for tag_id, log_prob in zip(ids, log_probs):
+                    if tag_id in (EOS_TAG_ID, PAD_TAG_ID):
+                        break
+                    text, group = self.config.id_to_tag(tag_id)
+                    tags.append({"tag": text, "group": group, "score": math.exp(log_prob)})
+                    kept_ids.append(tag_id)
+                hypotheses.append({"tags": tags, "tag_ids": kept_ids, "score": score})
+            results.append(sorted(hypotheses, key=lambda hypothesis: hypothesis["score"], reverse=True))
+        return results
+
+
+__all__ = ["FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]
