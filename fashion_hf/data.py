@@ -655,7 +655,8 @@ def _load_feedback_records(source: str | Path) -> Dataset:
         return _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
     if not path.is_dir():
         raise FileNotFoundError(f"feedback store {path} is not a folder")
-    return load_dataset(str(path), split="train")
+    # The store grows and records can be withdrawn between runs: never serve a cached copy of an older state.
+    return load_dataset(str(path), split="train", download_mode="force_redownload", verification_mode="no_checks")
 
 
 def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -> Dataset:

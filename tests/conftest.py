@@ -3,11 +3,14 @@
 import io
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # read at import time by huggingface_hub, datasets and transformers
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest reuses tmp paths across runs; a shared datasets cache would hand one run's dataset to the next.
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fashion-hf-datasets-")
 
 import numpy as np
 import pytest

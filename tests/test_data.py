@@ -538,6 +538,20 @@ def test_feedback_becomes_training_examples(feedback_folder):
     assert examples[0]["image"].size == (60, 80)
 
 
+def test_feedback_read_again_sees_new_and_withdrawn_records(feedback_folder):
+    assert len(load_feedback(feedback_folder)) == 2
+    with FeedbackStore(feedback_folder) as store:
+        new_id = store.add(
+            product_photo(colour=(0, 200, 0)), predicted={"attributes": {}, "tags": []},
+            corrected_attributes={"baseColour": "Green"}, corrected_tags=[], consent=True, model_id="tiny",
+            model_revision="0",
+        )  # fmt: skip
+    assert len(load_feedback(feedback_folder)) == 3
+    with FeedbackStore(feedback_folder) as store:
+        assert store.delete(new_id)
+    assert len(load_feedback(feedback_folder)) == 2
+
+
 def test_feedback_with_fixed_attribute_columns(feedback_folder):
     examples = load_feedback(feedback_folder, attributes=list(PRODUCT_ATTRIBUTES))
     assert [column for column in examples.column_names if column in PRODUCT_ATTRIBUTES] == list(PRODUCT_ATTRIBUTES)
