@@ -223,6 +223,9 @@ def parameter_groups(model: FashionTaggerModel, args):
     ]
 
 
+PROGRESS_FILE = "progress.json"
+
+
 class Progress:
     """What a checkpoint must remember besides weights and optimizer: where the run is and its best score."""
 
@@ -354,8 +357,7 @@ def main(argv=None):
     scheduler = get_cosine_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * steps_per_epoch * total_epochs), steps_per_epoch * total_epochs
     )
-    progress = Progress()
-    accelerator.register_for_checkpointing(progress)
+    progress = Progress()  # kept as JSON beside each checkpoint: accelerate would pickle a registered object
     tagger, optimizer, scheduler = accelerator.prepare(tagger, optimizer, scheduler)
     accelerator.init_trackers("fashion-tagger", config={k: str(v) for k, v in vars(args).items()})
 
@@ -365,6 +367,7 @@ def main(argv=None):
         if latest is None:
             raise SystemExit(f"--resume: no checkpoint in {checkpoints}")
         accelerator.load_state(str(latest))
+        progress.load_state_dict(json.loads((latest / PROGRESS_FILE).read_text()))
         accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
         accelerator.print(f"resumed from {latest} at epoch {progress.epoch}")
     seconds_before = progress.seconds  # wall time of earlier sessions of this run, so the card reports the total
@@ -395,7 +398,9 @@ def main(argv=None):
             progress.best_score, progress.best_epoch = metrics["val/mean_top1"], epoch + 1
             accelerator.wait_for_everyone()
             inner.model.save_pretrained(output_dir / "best", is_main_process=accelerator.is_main_process, save_function=accelerator.save)
-        accelerator.save_state()
+        checkpoint = Path(accelerator.save_state())
+        if accelerator.is_main_process:
+            (checkpoint / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
 
     accelerator.wait_for_everyone()
     accelerator.end_training()
