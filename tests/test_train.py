@@ -111,6 +111,22 @@ def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint_1").exists()
 
 
+def test_feedback_records_join_the_training_data(tiny_catalogue, tmp_path):
+    from fashion_hf.feedback import FeedbackStore
+
+    with FeedbackStore(tmp_path / "feedback") as store:
+        for colour in ("Red", "Blue"):
+            store.add(
+                product_photo(COLOURS[colour]), predicted={"attributes": {}, "tags": []},
+                corrected_attributes={"articleType": "Shirts", "baseColour": colour}, corrected_tags=["check"],
+                consent=True, model_id="tiny", model_revision="0",
+            )  # fmt: skip
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    log = run_training([*flags, "--feedback", str(tmp_path / "feedback")], launcher=(sys.executable,))
+    assert "train 26 / eval 12 images" in log  # 24 catalogue rows + 2 corrected records
+    assert json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())["train_images"] == 26
+
+
 def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("epochs: 7\nlearning-rate: 0.01\nimage_size: [32, 24]\n")
