@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -85,6 +86,30 @@ def photo_files(count: int, folder: Path) -> tuple[list[str], str]:
     return paths, f"{count} synthetic 60x80 photos (the shared data set is absent)"
 
 
+@dataclass
+class BenchmarkInputs:
+    """What a benchmark run serves and uploads, and how to describe it in its record."""
+
+    model: str
+    photos: list[str]
+    correction: str  # a valid /feedback correction (the first label of the first head), as JSON
+    model_text: str
+    photos_text: str
+    machine: str
+
+
+def prepare_inputs(model_path: str | None, image_count: int, workdir: Path) -> BenchmarkInputs:
+    model, model_text = served_model(model_path, workdir)
+    photos, photos_text = photo_files(image_count, workdir / "photos")
+    attributes = model_attributes(model)
+    first = next(iter(attributes))
+    inputs = BenchmarkInputs(
+        model, photos, json.dumps({first: attributes[first][0]}), model_text, photos_text, machine_line()
+    )
+    print(f"serving {model_text}\nuploading {photos_text}\n{inputs.machine}")
+    return inputs
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -95,6 +120,7 @@ class AppServer:
     """`python app.py` in its own process on 127.0.0.1, configured like a Space by environment variables."""
 
     def __init__(self, workdir: Path, model: str, feedback_dir: Path, extra_env: dict[str, str] | None = None):
+        self.feedback_dir = Path(feedback_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = workdir / "app.log"
@@ -112,15 +138,19 @@ class AppServer:
         )
         self.process = None
 
-    def start(self, timeout: float = 300) -> "AppServer":
+    def launch(self) -> "AppServer":
+        """Start the process and return at once, so that it can boot while the caller does other work."""
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(REPO / "app.py")], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
+        return self
+
+    def wait_ready(self, timeout: float = 300) -> "AppServer":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"app.py exited ({self.process.returncode}); its log: {self.log_path}")
+                raise RuntimeError(f"app.py exited ({self.process.returncode}); its log ends:\n{self.log()[-3000:]}")
             try:
                 if httpx.get(self.url, timeout=2).status_code == 200:
                     return self
@@ -128,7 +158,13 @@ class AppServer:
                 pass
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"app.py did not answer within {timeout:.0f} s; its log: {self.log_path}")
+        raise RuntimeError(f"app.py did not answer within {timeout:.0f} s; its log ends:\n{self.log()[-3000:]}")
+
+    def start(self, timeout: float = 300) -> "AppServer":
+        return self.launch().wait_ready(timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def memory(self) -> dict[str, int]:
         """Resident memory now and at its peak (VmRSS, VmHWM), bytes."""

@@ -30,12 +30,9 @@ from app_harness import (
     REPO,
     AppServer,
     latency_row,
-    machine_line,
     markdown_table,
-    model_attributes,
-    photo_files,
+    prepare_inputs,
     record,
-    served_model,
 )
 from gradio_client import Client, handle_file
 
@@ -162,20 +159,14 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-feedback-") as tmp:
         workdir = Path(tmp)
-        model, model_text = served_model(args.model, workdir)
-        photos, photos_text = photo_files(args.images, workdir / "photos")
-        attributes = model_attributes(model)
-        first = next(iter(attributes))
-        correction = json.dumps({first: attributes[first][0]})
-        machine = machine_line()
-        print(f"serving {model_text}\nuploading {photos_text}\n{machine}")
+        inputs = prepare_inputs(args.model, args.images, workdir)
         folder = workdir / "feedback"
-        server = AppServer(workdir, model, folder).start()
+        server = AppServer(workdir, inputs.model, folder).start()
         work = Submissions(args.submissions)
         kills = []
         try:
             threads = [
-                threading.Thread(target=worker, args=(server.url, photos, correction, work), daemon=True)
+                threading.Thread(target=worker, args=(server.url, inputs.photos, inputs.correction, work), daemon=True)
                 for _ in range(args.clients)
             ]
             start = time.monotonic()
@@ -220,7 +211,8 @@ def main(argv=None) -> int:
                 "",
                 f"```bash\n{command.strip()}\n```",
                 "",
-                f"Served: {model_text}. Photos: {photos_text}. {machine}; clients and server share the machine.",
+                f"Served: {inputs.model_text}. Photos: {inputs.photos_text}. {inputs.machine}; "
+                "clients and server share the machine.",
                 "",
                 table,
                 "",

@@ -32,13 +32,10 @@ import httpx
 from app_harness import (
     AppServer,
     latency_row,
-    machine_line,
     markdown_table,
     mib,
-    model_attributes,
-    photo_files,
+    prepare_inputs,
     record,
-    served_model,
 )
 from gradio_client import Client, handle_file
 
@@ -191,27 +188,21 @@ def main(argv=None) -> int:
     extra_env = dict(item.split("=", 1) for item in args.app_env)
     with tempfile.TemporaryDirectory(prefix="load-app-") as tmp:
         workdir = Path(tmp)
-        model, model_text = served_model(args.model, workdir)
-        photos, photos_text = photo_files(args.images, workdir / "photos")
-        attributes = model_attributes(model)
-        first = next(iter(attributes))
-        correction = json.dumps({first: attributes[first][0]})
-        machine = machine_line()
-        print(f"serving {model_text}\nuploading {photos_text}\n{machine}")
+        inputs = prepare_inputs(args.model, args.images, workdir)
         feedback_dir = workdir / "feedback"
-        with AppServer(workdir, model, feedback_dir, extra_env) as server:
+        with AppServer(workdir, inputs.model, feedback_dir, extra_env) as server:
             started = server.memory()
             print(f"app.py ready at {server.url} (pid {server.process.pid}, {mib(started['rss'])} resident)")
             caller = CALLERS[args.client]
             client = caller(server.url)
             for index in range(args.warmup):
-                client.tag(photos[index % len(photos)])
+                client.tag(inputs.photos[index % len(inputs.photos)])
             single, errors = [], 0
             run_start = time.monotonic()
             for index in range(args.single_requests):
                 start = time.monotonic()
                 try:
-                    client.tag(photos[index % len(photos)])
+                    client.tag(inputs.photos[index % len(inputs.photos)])
                     single.append(time.monotonic() - start)
                 except Exception:  # noqa: BLE001
                     errors += 1
@@ -225,7 +216,7 @@ def main(argv=None) -> int:
                 print(f"{name}: {tag_clients} + {feedback_clients} clients for {args.duration:g} s ...", flush=True)
                 server_cpu, client_cpu = server.cpu_seconds(), time.process_time()
                 recorder, wall = concurrent_run(
-                    caller, server.url, photos, tag_clients, feedback_clients, args.duration, correction
+                    caller, server.url, inputs.photos, tag_clients, feedback_clients, args.duration, inputs.correction
                 )
                 server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
                 answered = sum(len(values) for values in recorder.seconds.values())
@@ -280,7 +271,7 @@ def main(argv=None) -> int:
                 "",
                 f"```bash\n{command.strip()}\n```",
                 "",
-                f"Served: {model_text}. Photos: {photos_text}. {machine}.",
+                f"Served: {inputs.model_text}. Photos: {inputs.photos_text}. {inputs.machine}.",
                 "",
                 table,
                 "",

@@ -2,17 +2,12 @@
 
 import contextlib
 import importlib
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 from conftest import REPO, encode, product_photo
+
+from benchmarks.app_harness import free_port
 
 FAKE_TOKEN = "hf_" + "FakeTokenThatMustNeverBeShown" * 2
 
@@ -20,12 +15,6 @@ FAKE_TOKEN = "hf_" + "FakeTokenThatMustNeverBeShown" * 2
 def import_app():
     """The repo's `app.py` as a module (importing it must not load a model nor start a server)."""
     return importlib.import_module("app")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def example_folder(folder: Path) -> Path:
@@ -56,76 +45,6 @@ def serving(demo, settings):
         yield url
     finally:
         demo.close()
-
-
-class AppProcess:
-    """`python app.py` in a process of its own, configured by environment variables like a Space, on a free port.
-
-    Its stdout and stderr go to `log_path` (read them with `log()`). Tests use it where the server must be separate
-    from the test: to kill it (SIGKILL), to measure its memory, to read its logs.
-    """
-
-    def __init__(self, log_path: Path, **environment):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}/"
-        self.log_path = Path(log_path)
-        env = {key: value for key, value in os.environ.items() if key != "HF_TOKEN"}
-        env.update(
-            GRADIO_SERVER_NAME="127.0.0.1",
-            GRADIO_SERVER_PORT=str(port),
-            GRADIO_ANALYTICS_ENABLED="False",
-            HF_HUB_OFFLINE="1",
-            EXAMPLES_DIR=str(self.log_path.parent / "no-examples"),  # no example catalogue to tag at start-up
-            PYTHONUNBUFFERED="1",
-        )
-        env.update({key: str(value) for key, value in environment.items()})
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(REPO / "app.py")], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 240.0) -> "AppProcess":
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"app.py exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"app.py did not answer within {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def memory(self) -> dict:
-        """Resident memory now (`rss`) and at its peak so far (`peak`, the kernel's VmHWM), in bytes."""
-        fields = {}
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                fields[key] = int(value.split()[0]) * 1024
-        return {"rss": fields["VmRSS"], "peak": fields["VmHWM"]}
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up, no flush, no atexit: what an out-of-memory kill or a pulled plug does."""
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @contextlib.contextmanager

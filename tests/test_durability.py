@@ -21,10 +21,11 @@ import pytest
 from conftest import encode, product_photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_server import FAKE_TOKEN, AppProcess, import_app, served_app
+from gradio_server import FAKE_TOKEN, import_app, served_app
 from PIL import Image
 from test_feedback import all_lines, folder_snapshot, http_error, images, mock_api, wait_until
 
+from benchmarks.app_harness import AppServer
 from fashion_hf.feedback import FeedbackStore
 
 try:  # huggingface_hub 2.4 speaks HTTP through httpx2 (older releases through httpx): its time-outs come from there
@@ -335,8 +336,7 @@ def test_failed_hub_pushes_are_retried_shown_and_the_next_success_carries_everyt
 def kill_target(tiny_model_dir, tmp_path_factory):
     """`python app.py` for the SIGKILL test, started when the module starts so that it boots while the others run."""
     folder = tmp_path_factory.mktemp("killed-app")
-    server = AppProcess(folder / "app.log", FASHION_MODEL=tiny_model_dir, FEEDBACK_DIR=folder / "feedback")
-    server.feedback_dir = folder / "feedback"
+    server = AppServer(folder, str(tiny_model_dir), folder / "feedback").launch()
     yield server
     server.stop()
 

@@ -19,10 +19,11 @@ import pytest
 from conftest import encode
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_server import AppProcess, import_app
+from gradio_server import import_app
 from PIL import Image, ImageOps
 from test_app import ABSURD_FEEDBACK, BAD_UPLOADS, ODD_BUT_VALID, assert_contract, png_claiming
 
+from benchmarks.app_harness import AppServer
 from fashion_hf import InvalidImageError
 
 MiB = 1024 * 1024
@@ -104,7 +105,7 @@ def tagger(tiny_model_dir):
 def app_process(tiny_model_dir, tmp_path_factory):
     """`python app.py` with the default limits, started with the module: it boots while the pipeline tests run."""
     folder = tmp_path_factory.mktemp("hostile-app")
-    app = AppProcess(folder / "app.log", FASHION_MODEL=tiny_model_dir, FEEDBACK_DIR=folder / "feedback")
+    app = AppServer(folder, str(tiny_model_dir), folder / "feedback").launch()
     yield app
     app.stop()
 
@@ -122,7 +123,7 @@ def client(server):
 
 
 def feedback_folder(server) -> Path:
-    return server.log_path.parent / "feedback"
+    return server.feedback_dir
 
 
 def stored_record(folder: Path, record_id: str) -> tuple[dict, Path]:
