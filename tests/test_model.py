@@ -189,10 +189,11 @@ def test_decoding_step_matches_the_recurrent_module(decoder_type):
     tokens = torch.tensor([5, 9, 3])
     state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
     expected, expected_state = model.decoder(model.tag_embeddings(tokens)[:, None], state)
-    output, new_state = model._decoder_step(tokens, state, model._tag_input_gates())
-    assert torch.allclose(output, expected[:, 0], atol=1e-6)
-    for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
-        assert torch.allclose(got, want, atol=1e-6)
+    for input_gates in (model._tag_input_gates(), None):  # looked up in the table, or computed per step
+        output, new_state = model._decoder_step(tokens, state, input_gates)
+        assert torch.allclose(output, expected[:, 0], atol=1e-6)
+        for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
+            assert torch.allclose(got, want, atol=1e-6)
 
 
 def test_generated_scores_match_teacher_forced_probabilities():
@@ -208,6 +209,16 @@ def test_generated_scores_match_teacher_forced_probabilities():
         log_probs = logits[step].masked_fill(banned, float("-inf")).log_softmax(-1)
         assert log_probs[hypothesis["tag_ids"][step]].exp().item() == pytest.approx(tag["score"], rel=1e-4)
         banned = banned | conflicts[hypothesis["tag_ids"][step]]
+
+
+def test_one_image_and_a_batch_decode_alike():
+    """A single image decodes without the input-gate table, a batch with it: the same tags either way."""
+    model = tiny_model()
+    x = pixels(6)
+    batch = model.generate_tags(x)
+    singles = [model.generate_tags(x[i : i + 1])[0] for i in range(6)]
+    assert [h[0]["tag_ids"] for h in batch] == [h[0]["tag_ids"] for h in singles]
+    assert [h[0]["score"] for h in batch] == pytest.approx([h[0]["score"] for h in singles], abs=1e-5)
 
 
 def test_wider_beam_returns_hypotheses_sorted_by_score():

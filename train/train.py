@@ -140,7 +140,7 @@ class TaggingExamples(torch.utils.data.Dataset):
     def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0):
         self.dataset, self.config, self.processor = dataset, config, processor
         self.augment, self.augment_strength, self.seed, self.view = AUGMENTATIONS[augment], augment_strength, seed, view
-        self.attributes = list(config.attributes)
+        self.tag_vocabulary = config.tag_to_id()
 
     def __len__(self):
         return len(self.dataset)
@@ -154,7 +154,7 @@ class TaggingExamples(torch.utils.data.Dataset):
         return {
             "pixel_values": torch.from_numpy(self.processor.image_to_array(image)),
             "attribute_labels": torch.tensor(self.config.attribute_label_ids(row)),
-            "tag_ids": torch.tensor(self.config.tag_sequence_ids(row["tags"])),
+            "tag_ids": torch.tensor(self.config.tag_sequence_ids(row["tags"], self.tag_vocabulary)),
         }
 
 

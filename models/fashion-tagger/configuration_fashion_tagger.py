@@ -150,9 +150,12 @@ class FashionTaggerConfig(PreTrainedConfig):
             ids.append(labels.index(value) if value in labels else IGNORE_INDEX)
         return ids
 
-    def tag_sequence_ids(self, keys) -> list[int]:
-        """Tag keys -> `<bos> tag ... <eos>` ids for teacher forcing; keys outside the vocabulary are dropped."""
-        vocabulary = self.tag_to_id()
+    def tag_sequence_ids(self, keys, vocabulary: dict[str, int] | None = None) -> list[int]:
+        """Tag keys -> `<bos> tag ... <eos>` ids for teacher forcing; keys outside the vocabulary are dropped.
+
+        `vocabulary`: `tag_to_id()` built once by a caller that encodes many sequences (a data loader).
+        """
+        vocabulary = vocabulary if vocabulary is not None else self.tag_to_id()
         return [BOS_TAG_ID] + [vocabulary[key] for key in keys if key in vocabulary] + [EOS_TAG_ID]
 
     def id_to_tag(self, tag_id: int) -> tuple[str, str]:

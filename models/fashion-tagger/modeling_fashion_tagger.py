@@ -188,13 +188,17 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
 
     def _decoder_step(self, tokens, state, input_gates):
         """One GRU/LSTM step for a batch, the cell equations of `torch.nn.GRU`/`LSTM` written out, with layer 0's
-        input gates looked up in `input_gates` instead of recomputed."""
+        input gates looked up in `input_gates` when given (see `generate_tags`), else computed."""
         lstm = self.config.decoder_type == "lstm"
         hidden, cell = state if lstm else (state, None)
         hiddens, cells, layer_output = [], [], None
         for layer in range(self.config.decoder_num_layers):
-            if layer == 0:
+            if layer == 0 and input_gates is not None:
                 input_part = input_gates[tokens]
+            elif layer == 0:
+                input_part = torch.addmm(
+                    self.decoder.bias_ih_l0, self.tag_embeddings(tokens), self.decoder.weight_ih_l0.T
+                )
             else:
                 weight, bias = getattr(self.decoder, f"weight_ih_l{layer}"), getattr(self.decoder, f"bias_ih_l{layer}")
                 input_part = torch.addmm(bias, layer_output, weight.T)
@@ -247,7 +251,11 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         if image_embeds is None:
             image_embeds = self.encode_images(pixel_values)
         max_length = self.config.max_tag_length if max_length is None else max_length
-        conflicts, input_gates = tag_conflicts(self.config, image_embeds.device), self._tag_input_gates()
+        conflicts = tag_conflicts(self.config, image_embeds.device)
+        # The table of every tag's input gates pays off only when the decode looks up more rows than it holds
+        # (a batch, a beam); for one image it would cost more than it saves.
+        lookups = image_embeds.shape[0] * num_beams * max_length
+        input_gates = self._tag_input_gates() if lookups >= self.config.tag_vocab_size else None
         if num_beams == 1:
             tag_ids, tag_log_probs, scores = self._greedy_decode(image_embeds, max_length, conflicts, input_gates)
         else:
