@@ -53,6 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--max-tags", type=int, help="cap on generated tags (default: the model's max_tag_length)")
     parser.add_argument("--model", help="a saved model folder to use (resized per --sizes) instead of an untrained one")
+    parser.add_argument(
+        "--decoder-matmul-dtype",
+        choices=["float32", "bfloat16"],
+        default="bfloat16",
+        help="the untrained tagger's decoder_matmul_dtype (default bfloat16, the shipped model's; --model keeps its own)",
+    )
     parser.add_argument("--synthetic", action="store_true", help="synthetic photos even when the dataset is present")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see benchmarks/README.md)")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,7 +94,10 @@ def save_tagger(args, size: tuple[int, int], folder: str) -> None:
     else:
         torch.manual_seed(args.seed)
         attributes, tags = real_size_vocabulary()
-        model = FashionTaggerModel(FashionTaggerConfig(image_size=size, attributes=attributes, tags=tags))
+        config = FashionTaggerConfig(
+            image_size=size, attributes=attributes, tags=tags, decoder_matmul_dtype=args.decoder_matmul_dtype
+        )
+        model = FashionTaggerModel(config)
     model.save_pretrained(folder)
     FashionTaggerImageProcessor.from_model_config(model.config).save_pretrained(folder)
 
@@ -111,9 +120,9 @@ def measure_size(args, size, photos) -> dict:
             for pixels in pixel_batches:
                 model.encoder(pixels)
 
-    def preprocess():  # what the pipeline's DataLoader does: one processor call per image, then the collate
+    def preprocess():  # what the pipeline does before the encoder: decode and resize per image, normalise per batch
         for group in batches(photos, args.batch_size):
-            torch.cat([processor(photo, return_tensors="pt")["pixel_values"] for photo in group])
+            processor.normalize_pixels(torch.cat([tagger.preprocess(photo)["image"] for photo in group]))
 
     def heads_and_decoding():
         with torch.inference_mode():
@@ -159,6 +168,7 @@ def main(argv=None) -> int:
     print(runtime_line())
     print(
         f"tagger: {'model ' + args.model if args.model else 'untrained tf_efficientnet_lite0, 309 tags, GRU 512'}; "
+        f"decoder matmuls {'as the model says' if args.model else args.decoder_matmul_dtype}; "
         f"max tags {args.max_tags or 'max_tag_length'}; {source}; batch {args.batch_size}; "
         f"{args.repeats} interleaved rounds (+{args.warmup} warm-up), medians"
     )
@@ -181,7 +191,7 @@ def main(argv=None) -> int:
         )
     print()
     print("Where the time beyond the encoder goes, as a share of the encoder's time (per-round shares, medians):")
-    print("| size | tags/image | preprocess + collate | heads + tag decoding | rest: batching, post-processing |")
+    print("| size | tags/image | preprocess (per image) + normalise (per batch) | heads + tag decoding | rest: batching, post-processing |")
     print("|---|---:|---:|---:|---:|")
     for result in results:
         shares = result["shares"]

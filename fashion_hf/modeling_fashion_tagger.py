@@ -54,6 +54,14 @@ def encoder_output_width(encoder: nn.Module) -> int:
     return getattr(encoder, "head_hidden_size", None) or encoder.num_features
 
 
+def runs_bfloat16_natively(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False
+
+
 def tag_conflicts(config: FashionTaggerConfig, device=None) -> torch.Tensor:
     """`(V, V)` mask: emitting tag `i` forbids tag `j` later. A tag is never repeated, and an attribute takes one value."""
     group_names = list(config.attributes)
@@ -186,24 +194,33 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         matrix product per decode replaces one per step: about a third of each step's work."""
         return torch.addmm(self.decoder.bias_ih_l0, self.tag_embeddings.weight, self.decoder.weight_ih_l0.T)
 
-    def _decoder_step(self, tokens, state, input_gates):
+    def _recurrent_weights(self, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+        """Per layer `(weight_ih.T, bias_ih, weight_hh.T, bias_hh)` for `_decoder_step`, in the dtype that
+        `config.decoder_matmul_dtype` asks for when the hardware runs it natively (converted once per decode)."""
+        dtype = self.decoder.weight_hh_l0.dtype
+        if self.config.decoder_matmul_dtype == "bfloat16" and runs_bfloat16_natively(device):
+            dtype = torch.bfloat16
+        names = ("weight_ih", "bias_ih", "weight_hh", "bias_hh")
+        layers = []
+        for layer in range(self.config.decoder_num_layers):
+            weight_ih, bias_ih, weight_hh, bias_hh = (getattr(self.decoder, f"{name}_l{layer}").to(dtype) for name in names)
+            layers.append((weight_ih.T, bias_ih, weight_hh.T, bias_hh))
+        return layers
+
+    def _decoder_step(self, tokens, state, input_gates, weights):
         """One GRU/LSTM step for a batch, the cell equations of `torch.nn.GRU`/`LSTM` written out, with layer 0's
-        input gates looked up in `input_gates` when given (see `generate_tags`), else computed."""
+        input gates looked up in `input_gates` when given (see `generate_tags`), else computed. `weights`: from
+        `_recurrent_weights`; the gate arithmetic runs in the state's dtype whatever the matmuls ran in."""
         lstm = self.config.decoder_type == "lstm"
         hidden, cell = state if lstm else (state, None)
         hiddens, cells, layer_output = [], [], None
-        for layer in range(self.config.decoder_num_layers):
+        for layer, (weight_ih, bias_ih, weight_hh, bias_hh) in enumerate(weights):
             if layer == 0 and input_gates is not None:
                 input_part = input_gates[tokens]
-            elif layer == 0:
-                input_part = torch.addmm(
-                    self.decoder.bias_ih_l0, self.tag_embeddings(tokens), self.decoder.weight_ih_l0.T
-                )
             else:
-                weight, bias = getattr(self.decoder, f"weight_ih_l{layer}"), getattr(self.decoder, f"bias_ih_l{layer}")
-                input_part = torch.addmm(bias, layer_output, weight.T)
-            weight, bias = getattr(self.decoder, f"weight_hh_l{layer}"), getattr(self.decoder, f"bias_hh_l{layer}")
-            hidden_part = torch.addmm(bias, hidden[layer], weight.T)
+                layer_input = self.tag_embeddings(tokens) if layer == 0 else layer_output
+                input_part = torch.addmm(bias_ih, layer_input.to(weight_ih.dtype), weight_ih).to(hidden.dtype)
+            hidden_part = torch.addmm(bias_hh, hidden[layer].to(weight_hh.dtype), weight_hh).to(hidden.dtype)
             if lstm:
                 input_gate, forget_gate, candidate, output_gate = (input_part + hidden_part).chunk(4, 1)
                 new_cell = forget_gate.sigmoid() * cell[layer] + input_gate.sigmoid() * candidate.tanh()
@@ -220,8 +237,8 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         hidden = torch.stack(hiddens)
         return layer_output, ((hidden, torch.stack(cells)) if lstm else hidden)
 
-    def _next_tag_log_probs(self, tokens, state, banned, input_gates):
-        output, state = self._decoder_step(tokens, state, input_gates)
+    def _next_tag_log_probs(self, tokens, state, banned, input_gates, weights):
+        output, state = self._decoder_step(tokens, state, input_gates, weights)
         logits = self.tag_classifier(output).float().masked_fill(banned, float("-inf"))
         return logits.log_softmax(-1), state
 
@@ -256,13 +273,15 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         # (a batch, a beam); for one image it would cost more than it saves.
         lookups = image_embeds.shape[0] * num_beams * max_length
         input_gates = self._tag_input_gates() if lookups >= self.config.tag_vocab_size else None
+        weights = self._recurrent_weights(image_embeds.device)
         if num_beams == 1:
-            tag_ids, tag_log_probs, scores = self._greedy_decode(image_embeds, max_length, conflicts, input_gates)
+            decoded = self._greedy_decode(image_embeds, max_length, conflicts, input_gates, weights)
         else:
-            tag_ids, tag_log_probs, scores = self._beam_decode(image_embeds, max_length, num_beams, conflicts, input_gates)
+            decoded = self._beam_decode(image_embeds, max_length, num_beams, conflicts, input_gates, weights)
+        tag_ids, tag_log_probs, scores = decoded
         return self._hypotheses(tag_ids, tag_log_probs, scores)
 
-    def _greedy_decode(self, features, max_length, conflicts, input_gates):
+    def _greedy_decode(self, features, max_length, conflicts, input_gates, weights):
         batch = features.shape[0]
         state = self._initial_decoder_state(features)
         tokens = torch.full((batch,), BOS_TAG_ID, dtype=torch.long, device=features.device)
@@ -271,7 +290,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         scores = torch.zeros(batch, device=features.device)
         tag_ids, tag_log_probs = [], []
         for _ in range(max_length):
-            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates)
+            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates, weights)
             step_log_probs, tokens = log_probs.max(-1)
             tokens = tokens.masked_fill(finished, PAD_TAG_ID)
             step_log_probs = step_log_probs.masked_fill(finished, 0.0)
@@ -284,7 +303,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
                 break
         return torch.stack(tag_ids, 1)[:, None], torch.stack(tag_log_probs, 1)[:, None], scores[:, None]
 
-    def _beam_decode(self, features, max_length, num_beams, conflicts, input_gates):
+    def _beam_decode(self, features, max_length, num_beams, conflicts, input_gates, weights):
         batch, vocab, device = features.shape[0], self.config.tag_vocab_size, features.device
         rows = batch * num_beams
         state = self._initial_decoder_state(features.repeat_interleave(num_beams, 0))
@@ -298,7 +317,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         tag_log_probs = torch.empty(rows, 0, device=device)
         row_offsets = (torch.arange(batch, device=device) * num_beams)[:, None]
         for _ in range(max_length):
-            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates)
+            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates, weights)
             # A finished hypothesis continues only with <pad>, at no cost, so it competes with live ones as it is.
             log_probs[finished] = float("-inf")
             log_probs[finished, PAD_TAG_ID] = 0.0

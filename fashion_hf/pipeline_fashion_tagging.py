@@ -38,10 +38,15 @@ class FashionTaggingPipeline(Pipeline):
         return {}, forward_params, postprocess_params
 
     def preprocess(self, image):
-        return self.image_processor(image, return_tensors="pt")
+        # Per image only the decoding and resizing; normalisation runs once per batch in _forward, on the model's
+        # device. The key is "image" because the base class's collate concatenates that key as it is.
+        processor = self.image_processor
+        pixels = processor.to_model_size(processor.load_image(image))
+        return {"image": torch.from_numpy(pixels)[None]}
 
     def _forward(self, model_inputs, num_beams=1, max_length=None):
-        pixel_values = model_inputs["pixel_values"].to(self.model.device, self.model.dtype)
+        pixel_values = self.image_processor.normalize_pixels(model_inputs["image"].to(self.model.device))
+        pixel_values = pixel_values.to(self.model.dtype)
         image_embeds = self.model.encode_images(pixel_values)
         outputs = self.model(image_embeds=image_embeds)
         hypotheses = self.model.generate_tags(image_embeds=image_embeds, num_beams=num_beams, max_length=max_length)

@@ -2,6 +2,7 @@
 
 import ctypes
 import ctypes.util
+import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 KEEP_BYTES = 1 << 30
@@ -22,3 +23,8 @@ def keep_freed_memory() -> bool:
     if not hasattr(libc, "mallopt"):
         return False
     return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+def cpu_threads_per_process(local_processes: int = 1) -> int:
+    """This machine's usable cores shared evenly among the processes that run on it (at least 1 each)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_processes))

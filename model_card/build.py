@@ -9,7 +9,8 @@ folder, README.md included, with `HfApi.upload_folder`).
 `metrics` is what `train/evaluate.py` writes to metrics.json. `recipe` describes the training run:
 `{"command": "python train/train.py ...", "wall_time_s": 5400.0, "hardware": "1x NVIDIA H100 80GB",
 "hyperparameters": {"epochs": 10, ...}, "train_split": "train", "train_examples": 33315, "dataset_id": ...,
-"base_model": ...}`. Only `command` is required. `wall_time_seconds`, `train_images` and `arguments` (a dict, as
+"base_model": ...}`. Only `command` is required. A model trained in stages (`train.py --init-from` an earlier run)
+has `previous_stages`: the earlier runs' `{"command", "wall_time_seconds", "hardware"}`, first stage first. `wall_time_seconds`, `train_images` and `arguments` (a dict, as
 `vars(args)`) are read as `wall_time_s`, `train_examples` and `hyperparameters`; any other key is listed with the
 hyperparameters.
 """
@@ -42,7 +43,7 @@ HUB_DATASET_IDS = {  # evaluate.py's dataset names -> their Hub ids
 WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
 TRAIN_SIZE_KEYS = ("train_examples", "train_images")
 SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
-RECIPE_KEYS = {"command", "wall_time", "hardware", "train_split", "dataset_id", "base_model",
+RECIPE_KEYS = {"command", "wall_time", "hardware", "train_split", "dataset_id", "base_model", "previous_stages",
                *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
 DETAIL_GROUP = "detail"
 
@@ -111,6 +112,18 @@ def eval_results(metrics: dict, dataset_id: str) -> list[EvalResult]:
 
 def _first(recipe: dict, keys):
     return next((recipe[key] for key in keys if recipe.get(key) is not None), None)
+
+
+def _stages(recipe: dict) -> tuple[list[dict], str | None]:
+    """Each training stage's command, wall time and hardware, first stage first, and their total time (None with
+    one stage, or when a stage's time is not recorded)."""
+    stages, total = [], 0.0
+    for stage in [*(recipe.get("previous_stages") or []), recipe]:
+        seconds = _first(stage, WALL_TIME_KEYS)
+        total = None if seconds is None or total is None else total + float(seconds)
+        wall_time = format_duration(seconds) if seconds is not None else stage.get("wall_time", "not recorded")
+        stages.append({"command": stage["command"], "wall_time": wall_time, "hardware": stage.get("hardware", "not recorded")})
+    return stages, (format_duration(total) if total is not None and len(stages) > 1 else None)
 
 
 def _hyperparameters(recipe: dict) -> list[dict]:
@@ -187,8 +200,7 @@ def build_model_card(
 
     attributes = config.get("attributes", {})
     tags = config.get("tags", [])
-    seconds = _first(recipe, WALL_TIME_KEYS)
-    wall_time = format_duration(seconds) if seconds is not None else recipe.get("wall_time", "not recorded")
+    stages, total_wall_time = _stages(recipe)
     confusion_head = metrics.get("confusion_matrix_attribute")
     titles = dict(PLOTS)
     if confusion_head:
@@ -223,9 +235,8 @@ def build_model_card(
         is_product_images=dataset_name == DATASET_NAMES["fashion-product-images"],
         train_split=recipe.get("train_split"),
         train_examples=_first(recipe, TRAIN_SIZE_KEYS),
-        command=recipe["command"],
-        wall_time=wall_time,
-        hardware=recipe.get("hardware", "not recorded"),
+        stages=stages,
+        total_wall_time=total_wall_time,
         hyperparameters=_hyperparameters(recipe),
         n_images=metrics["n_images"],
         eval_dataset=metrics.get("dataset", dataset_id),

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
 from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID, EOS_TAG_ID, PAD_TAG_ID
-from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX, tag_conflicts
+from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX, runs_bfloat16_natively, tag_conflicts
 
 
 def pixels(batch=3, seed=0, size=(64, 48)):
@@ -176,7 +176,8 @@ def test_beam_width_one_reproduces_greedy_exactly():
     # And the beam-search code path itself, at width 1, agrees with greedy.
     conflicts = tag_conflicts(model.config)
     features, gates = model.encode_images(x), model._tag_input_gates()
-    ids, log_probs, scores = model._beam_decode(features, model.config.max_tag_length, 1, conflicts, gates)
+    weights = model._recurrent_weights(x.device)
+    ids, log_probs, scores = model._beam_decode(features, model.config.max_tag_length, 1, conflicts, gates, weights)
     beam_tags = model._hypotheses(ids, log_probs, scores)
     assert [h[0]["tag_ids"] for h in beam_tags] == [h[0]["tag_ids"] for h in greedy]
     assert [h[0]["score"] for h in beam_tags] == pytest.approx([h[0]["score"] for h in greedy], abs=1e-5)
@@ -189,11 +190,37 @@ def test_decoding_step_matches_the_recurrent_module(decoder_type):
     tokens = torch.tensor([5, 9, 3])
     state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
     expected, expected_state = model.decoder(model.tag_embeddings(tokens)[:, None], state)
+    weights = model._recurrent_weights(tokens.device)
     for input_gates in (model._tag_input_gates(), None):  # looked up in the table, or computed per step
-        output, new_state = model._decoder_step(tokens, state, input_gates)
+        output, new_state = model._decoder_step(tokens, state, input_gates, weights)
         assert torch.allclose(output, expected[:, 0], atol=1e-6)
         for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
             assert torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.skipif(not runs_bfloat16_natively(torch.device("cpu")), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("decoder_type", ["gru", "lstm"])
+def test_bfloat16_decoder_matmuls_stay_close_to_float32(decoder_type):
+    """decoder_matmul_dtype="bfloat16" changes only the recurrent matmuls: the step output stays within bf16
+    rounding of the float32 step, the state stays float32, and the classifier's scores keep float32."""
+    model = tiny_model(decoder_type=decoder_type, decoder_num_layers=2)
+    tokens = torch.tensor([5, 9, 3])
+    state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
+    exact, _ = model._decoder_step(tokens, state, None, model._recurrent_weights(tokens.device))
+    model.config.decoder_matmul_dtype = "bfloat16"
+    weights = model._recurrent_weights(tokens.device)
+    assert {weight.dtype for layer in weights for weight in layer} == {torch.bfloat16}
+    rounded, new_state = model._decoder_step(tokens, state, None, weights)
+    assert rounded.dtype == torch.float32 and all(s.dtype == torch.float32 for s in (new_state if decoder_type == "lstm" else [new_state]))
+    assert not torch.equal(rounded, exact)
+    assert torch.allclose(rounded, exact, atol=2e-2)
+    hypotheses = model.generate_tags(pixels(4), num_beams=2)
+    assert all(0.0 < tag["score"] <= 1.0 for image in hypotheses for hypothesis in image for tag in hypothesis["tags"])
+
+
+def test_decoder_matmul_dtype_is_validated():
+    with pytest.raises(ValueError, match="decoder_matmul_dtype"):
+        FashionTaggerConfig(decoder_matmul_dtype="float16")
 
 
 def test_generated_scores_match_teacher_forced_probabilities():

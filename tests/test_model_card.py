@@ -134,6 +134,18 @@ def test_recipe_as_the_training_script_writes_it(model_folder, metrics, no_netwo
     assert "push_to_hub" not in text  # unset settings are left out
 
 
+def test_a_model_trained_in_stages_lists_every_stage_and_the_total_time(model_folder, metrics, no_network):
+    first = {"command": "accelerate launch train/train.py --config stage1.yaml", "wall_time_seconds": 3600.0,
+             "hardware": "1 x cpu (2 threads)"}  # fmt: skip
+    recipe = {"command": "accelerate launch train/train.py --config stage2.yaml", "wall_time_seconds": 1800.0,
+              "hardware": "1 x cpu (2 threads)", "previous_stages": [first], "arguments": {"epochs": 6}}  # fmt: skip
+    text = build_model_card(model_folder, metrics, recipe, DATASET_ID, BASE_MODEL).text
+    assert text.index("--config stage1.yaml") < text.index("Stage 2 of 2") < text.index("--config stage2.yaml")
+    assert "1 h 00 min (3600 s)" in text and "30 min 00 s (1800 s)" in text
+    assert "**Total wall time, all stages:** 1 h 30 min (5400 s)" in text
+    assert "**epochs:** 6" in text and "previous_stages" not in text
+
+
 def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):
     (model_folder / "attribute_accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text

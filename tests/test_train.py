@@ -111,6 +111,21 @@ def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint_1").exists()
 
 
+def test_a_second_stage_from_init_from_records_both_stages_and_uses_every_core(trained, tiny_catalogue, tmp_path):
+    """Plain `accelerate launch` (no --cpu) pins OMP_NUM_THREADS=1; on CPU train.py still uses all the cores."""
+    first_stage, _ = trained
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path)]
+    run_training([*flags, "--init-from", str(first_stage / "model")], launcher=("accelerate", "launch", "--num_processes", "1"))
+    recipe = json.loads((tmp_path / "model" / "recipe.json").read_text())
+    first = json.loads((first_stage / "model" / "recipe.json").read_text())
+    assert [stage["command"] for stage in recipe["previous_stages"]] == [first["command"]]
+    assert recipe["previous_stages"][0]["wall_time_seconds"] == first["wall_time_seconds"]
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "Stage 2 of 2" in card and "Total wall time, all stages" in card
+    if "cpu" in recipe["hardware"]:
+        assert recipe["hardware"].endswith(f"{len(os.sched_getaffinity(0))} threads)")
+
+
 def test_feedback_records_join_the_training_data(tiny_catalogue, tmp_path):
     from fashion_hf.feedback import FeedbackStore
 

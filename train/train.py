@@ -11,6 +11,7 @@ whole network on augmented images.
 """
 
 import argparse
+import os
 import json
 import math
 import platform
@@ -35,7 +36,7 @@ from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, Fashion
 from fashion_hf import data  # noqa: E402
 from fashion_hf.encoder_weights import load_pretrained_encoder  # noqa: E402
 from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX  # noqa: E402
-from fashion_hf.runtime import keep_freed_memory  # noqa: E402
+from fashion_hf.runtime import cpu_threads_per_process, keep_freed_memory  # noqa: E402
 from train.augment import AUGMENTATIONS  # noqa: E402
 from train.feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder  # noqa: E402
 
@@ -82,6 +83,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--augment-strength", type=float, default=1.0)
     add("--num-workers", type=int, default=2)
     add("--seed", type=int, default=42)
+    add(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads per process when training on CPU (default: this machine's cores shared among its "
+        "processes; `accelerate launch` alone sets OMP_NUM_THREADS=1, which leaves all but one core idle)",
+    )
     # Output
     add("--output-dir", default="outputs/fashion-tagger")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
@@ -152,7 +160,7 @@ class TaggingExamples(torch.utils.data.Dataset):
             rng = np.random.default_rng([self.seed, self.view, index])
             image = self.augment(image, rng, self.augment_strength)
         return {
-            "pixel_values": torch.from_numpy(self.processor.image_to_array(image)),
+            "pixel_values": self.processor.pixel_values_of(image),
             "attribute_labels": torch.tensor(self.config.attribute_label_ids(row)),
             "tag_ids": torch.tensor(self.config.tag_sequence_ids(row["tags"], self.tag_vocabulary)),
         }
@@ -335,6 +343,9 @@ def main(argv=None):
         ),
     )
     set_seed(args.seed)
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(local_processes))
 
     train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
     attributes = dataset_attributes(args, train_set)
@@ -413,8 +424,19 @@ def main(argv=None):
             "train_images": len(train_set),
             "eval_images": len(eval_set),
             "arguments": vars(args),
+            "previous_stages": previous_stages(args.init_from),
         }
         finish(args, output_dir, processor, eval_set, recipe, list(config.attributes))
+
+
+def previous_stages(init_from: str | None) -> list[dict]:
+    """The runs that trained `--init-from`'s model, first first, from its recipe.json (none for other starts)."""
+    recipe_path = Path(init_from) / "recipe.json" if init_from else None
+    if recipe_path is None or not recipe_path.is_file():
+        return []
+    earlier = json.loads(recipe_path.read_text())
+    stage = {key: earlier[key] for key in ("command", "wall_time_seconds", "hardware", "wall_time_note") if key in earlier}
+    return [*earlier.get("previous_stages", []), stage]
 
 
 def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
