@@ -43,7 +43,7 @@ HUB_DATASET_IDS = {  # evaluate.py's dataset names -> their Hub ids
 WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
 TRAIN_SIZE_KEYS = ("train_examples", "train_images")
 SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
-RECIPE_KEYS = {"command", "wall_time", "hardware", "train_split", "dataset_id", "base_model", "previous_stages",
+RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages",
                *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
 DETAIL_GROUP = "detail"
 
@@ -122,7 +122,10 @@ def _stages(recipe: dict) -> tuple[list[dict], str | None]:
         seconds = _first(stage, WALL_TIME_KEYS)
         total = None if seconds is None or total is None else total + float(seconds)
         wall_time = format_duration(seconds) if seconds is not None else stage.get("wall_time", "not recorded")
-        stages.append({"command": stage["command"], "wall_time": wall_time, "hardware": stage.get("hardware", "not recorded")})
+        stages.append({
+            "command": stage["command"], "wall_time": wall_time, "hardware": stage.get("hardware", "not recorded"),
+            "note": stage.get("wall_time_note"),
+        })  # fmt: skip
     return stages, (format_duration(total) if total is not None and len(stages) > 1 else None)
 
 
@@ -160,6 +163,25 @@ def _head_comparison(tags: dict) -> list[dict]:
     ]
 
 
+def _robustness_rows(metrics: dict, shifted: dict | None) -> list[dict]:
+    """Top-1 per attribute, clean next to shifted (`evaluate.py --shift`), and the attribute-tag F1 both ways."""
+    if not shifted:
+        return []
+    rows = [
+        {"name": name, "clean": _score(values["top1"]), "shifted": _score(shifted["attributes"][name]["top1"])}
+        for name, values in metrics["attributes"].items()
+        if values.get("support") and shifted["attributes"].get(name, {}).get("support")
+    ]
+    clean_tags, shifted_tags = metrics["tags"].get("attribute_tags"), shifted["tags"].get("attribute_tags")
+    if clean_tags and shifted_tags and clean_tags.get("groups"):
+        rows.append({
+            "name": "attribute-tag F1 (decoder)",
+            "clean": _score(clean_tags["generated"]["overall"]["f1"]),
+            "shifted": _score(shifted_tags["generated"]["overall"]["f1"]),
+        })  # fmt: skip
+    return rows
+
+
 def build_model_card(
     model_folder: str | Path,
     metrics: dict,
@@ -168,12 +190,14 @@ def build_model_card(
     base_model: str,
     repo_id: str | None = None,
     *,
+    shifted_metrics: dict | None = None,
     license: str = "other",
     template_path: str | Path = TEMPLATE,
 ) -> ModelCard:
     """The model card of the model saved in `model_folder`, filled from `metrics` (evaluate.py's metrics.json) and
     `recipe` (the training command, wall time, hardware, hyperparameters), with a model-index of the measured scores.
 
+    `shifted_metrics`: the same evaluation with `--shift` (e.g. phone-style photos), shown next to the clean scores.
     Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
     `model_folder`. Nothing here touches the network; save the card with `card.save(path)`.
     """
@@ -253,6 +277,8 @@ def build_model_card(
         tag_rows=_tag_rows(metrics["tags"]),
         head_comparison=_head_comparison(metrics["tags"]),
         plots=plots,
+        shift=(shifted_metrics or {}).get("shift"),
+        robustness_rows=_robustness_rows(metrics, shifted_metrics),
     )
 
 
@@ -275,6 +301,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--repo-id", default=None, help="the Hub repository the model goes to (for the usage snippet)")
     parser.add_argument("--dataset-id", default=None, help="training data (default: the recipe's, else the metrics')")
     parser.add_argument("--base-model", default=None, help="pretrained encoder, e.g. timm/tf_efficientnet_lite0.in1k")
+    parser.add_argument("--shifted-metrics", type=Path, default=None, help="metrics.json of evaluate.py --shift phone")
     parser.add_argument("--license", default="other")
     parser.add_argument("--output", type=Path, default=None, help="the card's path (default MODEL_FOLDER/README.md)")
     parser.add_argument("--no-copy-plots", action="store_true", help="do not copy the plots next to metrics.json")
@@ -292,8 +319,9 @@ def main(argv=None) -> Path:
     if not args.no_copy_plots:
         for file in copy_plots(args.metrics.parent, args.model_folder):
             print(f"copied {file} into {args.model_folder}")
+    shifted = json.loads(args.shifted_metrics.read_text()) if args.shifted_metrics else None
     card = build_model_card(
-        args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, license=args.license
+        args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted, license=args.license
     )
     output = args.output or args.model_folder / "README.md"
     card.save(output)

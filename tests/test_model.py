@@ -175,8 +175,7 @@ def test_beam_width_one_reproduces_greedy_exactly():
     assert [h[0]["tag_ids"] for h in greedy] == [h[0]["tag_ids"] for h in beam]
     # And the beam-search code path itself, at width 1, agrees with greedy.
     conflicts = tag_conflicts(model.config)
-    features, gates = model.encode_images(x), model._tag_input_gates()
-    weights = model._recurrent_weights(x.device)
+    features, gates, weights = model.encode_images(x), model._tag_input_gates(), model._recurrent_weights(x.device)
     ids, log_probs, scores = model._beam_decode(features, model.config.max_tag_length, 1, conflicts, gates, weights)
     beam_tags = model._hypotheses(ids, log_probs, scores)
     assert [h[0]["tag_ids"] for h in beam_tags] == [h[0]["tag_ids"] for h in greedy]
@@ -190,12 +189,25 @@ def test_decoding_step_matches_the_recurrent_module(decoder_type):
     tokens = torch.tensor([5, 9, 3])
     state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
     expected, expected_state = model.decoder(model.tag_embeddings(tokens)[:, None], state)
-    weights = model._recurrent_weights(tokens.device)
-    for input_gates in (model._tag_input_gates(), None):  # looked up in the table, or computed per step
-        output, new_state = model._decoder_step(tokens, state, input_gates, weights)
-        assert torch.allclose(output, expected[:, 0], atol=1e-6)
-        for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
-            assert torch.allclose(got, want, atol=1e-6)
+    output, new_state = model._decoder_step(tokens, state, model._tag_input_gates(), model._recurrent_weights(tokens.device))
+    assert torch.allclose(output, expected[:, 0], atol=1e-6)
+    for got, want in zip(new_state if decoder_type == "lstm" else [new_state], expected_state if decoder_type == "lstm" else [expected_state]):
+        assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_input_gate_table_follows_weight_changes():
+    """The table is kept between decodes, and rebuilt after an in-place update or a load_state_dict."""
+    model = tiny_model()
+    x = pixels(3)
+    before = model.generate_tags(x)
+    assert model._tag_input_gates() is model._tag_input_gates()
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    with torch.no_grad():
+        model.tag_embeddings.weight.mul_(-3.0)  # what an optimizer step does: in place
+    fresh = torch.addmm(model.decoder.bias_ih_l0, model.tag_embeddings.weight, model.decoder.weight_ih_l0.T)
+    assert torch.equal(model._tag_input_gates(), fresh)
+    model.load_state_dict(saved)
+    assert [h[0]["tag_ids"] for h in model.generate_tags(x)] == [h[0]["tag_ids"] for h in before]
 
 
 @pytest.mark.skipif(not runs_bfloat16_natively(torch.device("cpu")), reason="this CPU has no native bfloat16")
@@ -206,11 +218,12 @@ def test_bfloat16_decoder_matmuls_stay_close_to_float32(decoder_type):
     model = tiny_model(decoder_type=decoder_type, decoder_num_layers=2)
     tokens = torch.tensor([5, 9, 3])
     state = model._initial_decoder_state(torch.randn(3, model.encoder.num_features))
-    exact, _ = model._decoder_step(tokens, state, None, model._recurrent_weights(tokens.device))
+    gates = model._tag_input_gates()
+    exact, _ = model._decoder_step(tokens, state, gates, model._recurrent_weights(tokens.device))
     model.config.decoder_matmul_dtype = "bfloat16"
     weights = model._recurrent_weights(tokens.device)
-    assert {weight.dtype for layer in weights for weight in layer} == {torch.bfloat16}
-    rounded, new_state = model._decoder_step(tokens, state, None, weights)
+    assert {weight.dtype for layer in weights for weight in layer if weight is not None} == {torch.bfloat16}
+    rounded, new_state = model._decoder_step(tokens, state, gates, weights)
     assert rounded.dtype == torch.float32 and all(s.dtype == torch.float32 for s in (new_state if decoder_type == "lstm" else [new_state]))
     assert not torch.equal(rounded, exact)
     assert torch.allclose(rounded, exact, atol=2e-2)
@@ -239,7 +252,7 @@ def test_generated_scores_match_teacher_forced_probabilities():
 
 
 def test_one_image_and_a_batch_decode_alike():
-    """A single image decodes without the input-gate table, a batch with it: the same tags either way."""
+    """Batching changes nothing: each image of a batch gets the tags it gets alone."""
     model = tiny_model()
     x = pixels(6)
     batch = model.generate_tags(x)

@@ -146,6 +146,18 @@ def test_a_model_trained_in_stages_lists_every_stage_and_the_total_time(model_fo
     assert "**epochs:** 6" in text and "previous_stages" not in text
 
 
+def test_phone_shift_scores_sit_next_to_the_clean_ones(model_folder, metrics, no_network):
+    shifted = json.loads(json.dumps(metrics))
+    shifted["shift"] = "phone"
+    shifted["attributes"]["gender"]["top1"] = 0.5
+    shifted["tags"]["attribute_tags"]["generated"]["overall"]["f1"] = 0.25
+    text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, shifted_metrics=shifted).text
+    assert "## Robustness to phone-style photos" in text
+    assert "| gender | 0.750 | 0.500 |" in text and "| usage | 1.000 | 1.000 |" in text
+    assert "| attribute-tag F1 (decoder) |" in text and "| 0.250 |" in text
+    assert "Robustness" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+
+
 def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):
     (model_folder / "attribute_accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text

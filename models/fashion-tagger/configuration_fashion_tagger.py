@@ -66,6 +66,12 @@ class FashionTaggerConfig(PreTrainedConfig):
             Weight of the decoder loss against the mean attribute loss.
         label_smoothing (`float`, *optional*, defaults to 0.0):
             Label smoothing of the attribute and tag cross-entropies.
+        decoder_matmul_dtype (`str`, *optional*, defaults to `"float32"`):
+            Dtype of the decoder's recurrent matrix products in `generate_tags` (inference only; training and
+            `forward` always use the model's dtype): `"float32"` or `"bfloat16"`. `"bfloat16"` runs them about 4x
+            faster on hardware with native bf16 (CPUs with AVX512-BF16 or AMX, recent GPUs) and falls back to the
+            model's dtype elsewhere; the tag classifier stays in the model's dtype, so scores and near-ties keep
+            full precision. See `BENCHMARKS.md` for its effect on the shipped model's tags.
         attribute_order (`list[str]`, *optional*):
             Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
@@ -97,11 +103,14 @@ class FashionTaggerConfig(PreTrainedConfig):
         classifier_dropout: float = 0.2,
         tag_loss_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        decoder_matmul_dtype: str = "float32",
         attribute_order: list[str] | None = None,
         **kwargs,
     ):
         if decoder_type not in ("gru", "lstm"):
             raise ValueError(f"decoder_type must be 'gru' or 'lstm', got {decoder_type!r}")
+        if decoder_matmul_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"decoder_matmul_dtype must be 'float32' or 'bfloat16', got {decoder_matmul_dtype!r}")
         attributes = {name: list(labels) for name, labels in (attributes or DEFAULT_ATTRIBUTES).items()}
         if attribute_order is not None:  # config.json is written with sorted keys; the head order travels here
             attributes = {name: attributes[name] for name in attribute_order}
@@ -132,6 +141,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.classifier_dropout = classifier_dropout
         self.tag_loss_weight = tag_loss_weight
         self.label_smoothing = label_smoothing
+        self.decoder_matmul_dtype = decoder_matmul_dtype
         super().__init__(**kwargs)
 
     @property

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
@@ -184,16 +185,34 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         """`images`: one image or a list of them, of any accepted kind. Returns `pixel_values` `(batch, 3, H, W)`."""
         if not isinstance(images, (list, tuple)):
             images = [images]
-        pixel_values = np.stack([self.image_to_array(self.load_image(image)) for image in images])
+        pixels = np.stack([self.to_model_size(self.load_image(image)) for image in images])
+        pixel_values = self.normalize_pixels(torch.from_numpy(pixels))
+        if return_tensors != "pt":
+            pixel_values = pixel_values.numpy()
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
 
-    def image_to_array(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> a normalised `(3, H, W)` float32 array at the model's size."""
+    def to_model_size(self, image: Image.Image) -> np.ndarray:
+        """An RGB PIL image -> `(H, W, 3)` uint8 at the model's size, padded with white to its aspect ratio."""
         height, width = self.size["height"], self.size["width"]
         image = pad_to_aspect(image, height, width).resize((width, height), Image.Resampling.BICUBIC)
-        array = np.asarray(image, dtype=np.float32) / 255.0
-        array = (array - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
-        return array.transpose(2, 0, 1)
+        return np.array(image)  # writable, so torch.from_numpy shares it without a warning
+
+    def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """`(batch, H, W, 3)` uint8 -> normalised `(batch, 3, H, W)` float32, on the device `pixels` are on.
+
+        One pass over a whole batch: cheaper than normalising image by image, and a pipeline on a GPU moves a
+        quarter of the bytes (uint8) and normalises there.
+        """
+        scale = torch.tensor([1.0 / (255.0 * std) for std in self.image_std], device=pixels.device)
+        offset = torch.tensor([-mean / std for mean, std in zip(self.image_mean, self.image_std)], device=pixels.device)
+        batch, height, width, _ = pixels.shape
+        pixel_values = torch.empty(batch, 3, height, width, device=pixels.device)
+        pixel_values.copy_(pixels.permute(0, 3, 1, 2))
+        return pixel_values.mul_(scale.view(1, 3, 1, 1)).add_(offset.view(1, 3, 1, 1))
+
+    def pixel_values_of(self, image: Image.Image) -> torch.Tensor:
+        """One RGB PIL image -> its normalised `(3, H, W)` float32 tensor."""
+        return self.normalize_pixels(torch.from_numpy(self.to_model_size(image))[None])[0]
 
 
 __all__ = ["FashionTaggerImageProcessor", "InvalidImageError"]
