@@ -82,11 +82,18 @@ def test_save_and_load_round_trip_gives_identical_outputs(tmp_path, decoder_type
     x = pixels()
     model.save_pretrained(tmp_path)
     loaded = FashionTaggerModel.from_pretrained(tmp_path).eval()
+    saved, restored = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == restored.keys() and all(torch.equal(saved[k], restored[k]) for k in saved)
     with torch.no_grad():
         before, after = model(x), loaded(x)
+    # Same weights, same outputs up to the last bits: oneDNN's channels-last kernels may round differently when the
+    # weights sit at other addresses (seen at 1 thread, ~1e-9).
     for name in model.config.attributes:
-        assert torch.equal(before.attribute_logits[name], after.attribute_logits[name])
-    assert model.generate_tags(x, num_beams=3) == loaded.generate_tags(x, num_beams=3)
+        torch.testing.assert_close(after.attribute_logits[name], before.attribute_logits[name], rtol=1e-5, atol=1e-7)
+    hypotheses, reloaded_hypotheses = model.generate_tags(x, num_beams=3), loaded.generate_tags(x, num_beams=3)
+    for image, reloaded_image in zip(hypotheses, reloaded_hypotheses, strict=True):
+        assert [h["tag_ids"] for h in image] == [h["tag_ids"] for h in reloaded_image]
+        assert [h["score"] for h in image] == pytest.approx([h["score"] for h in reloaded_image], rel=1e-5)
     assert (tmp_path / "model.safetensors").exists()
     assert not list(tmp_path.glob("*.bin"))
 

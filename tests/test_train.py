@@ -8,10 +8,11 @@ from unittest import mock
 
 import datasets
 import pytest
-from conftest import REPO, encode, product_photo
+import torch
+from conftest import REPO, encode, product_photo, tiny_model
 from transformers import AutoModel, pipeline
 
-from train.train import parse_args, push_to_hub
+from train.train import TrainingTagger, parse_args, push_to_hub
 
 TINY_FLAGS = [
     "--encoder-name", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "48",
@@ -140,6 +141,29 @@ def test_feedback_records_join_the_training_data(tiny_catalogue, tmp_path):
     log = run_training([*flags, "--feedback", str(tmp_path / "feedback")], launcher=(sys.executable,))
     assert "train 26 / eval 12 images" in log  # 24 catalogue rows + 2 corrected records
     assert json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())["train_images"] == 26
+
+
+def test_channels_last_training_gives_the_contiguous_loss_and_gradients():
+    torch.manual_seed(0)
+    model = tiny_model()
+    pixel_values = torch.randn(4, 3, *model.config.image_size)
+    labels = {"attribute_labels": torch.zeros(4, len(model.config.attributes), dtype=torch.long)}
+
+    def loss_and_gradients(memory_format):
+        tagger = TrainingTagger(model, 0).to(memory_format=memory_format)
+        tagger.zero_grad()
+        loss = tagger(pixel_values=pixel_values, **labels).loss
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in tagger.named_parameters() if p.grad is not None}
+
+    loss, gradients = loss_and_gradients(torch.contiguous_format)
+    loss_cl, gradients_cl = loss_and_gradients(torch.channels_last)
+    assert model.encoder.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert gradients.keys() == gradients_cl.keys() and "model.encoder.conv_stem.weight" in gradients
+    assert loss_cl == pytest.approx(loss, rel=1e-5)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(gradients_cl[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    assert parse_args([]).memory_format == "channels_last"
 
 
 def test_yaml_config_sets_defaults_and_flags_override(tmp_path):

@@ -67,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-tag-length", type=int, default=16)
     add("--classifier-dropout", type=float, default=0.2)
     add("--label-smoothing", type=float, default=0.1)
+    add(
+        "--decoder-matmul-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the written model's decoder_matmul_dtype (inference only; default float32, or --init-from's)",
+    )
     # Optimisation
     add("--frozen-stages", default="4", help="'all' (cache pooled embeddings), N (freeze stem + N stages) or 0")
     add("--cache-views", type=int, default=3, help="augmented views cached per training image (the first is clean)")
@@ -79,6 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--warmup-ratio", type=float, default=0.05)
     add("--gradient-accumulation-steps", type=int, default=1)
     add("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    add(
+        "--memory-format",
+        default="channels_last",
+        choices=["channels_last", "contiguous"],
+        help="layout of the encoder's feature maps: channels_last trains lite0 ~2x faster on CPU (oneDNN) and suits tensor cores",
+    )
     add("--augment", default="product", choices=sorted(AUGMENTATIONS), help="product: backdrops, zoom, crops; geometric: flip, crop")
     add("--augment-strength", type=float, default=1.0)
     add("--num-workers", type=int, default=2)
@@ -195,7 +207,10 @@ class TrainingTagger(nn.Module):
 
 def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
     if args.init_from:
-        return FashionTaggerModel.from_pretrained(args.init_from)
+        model = FashionTaggerModel.from_pretrained(args.init_from)
+        if args.decoder_matmul_dtype:
+            model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
+        return model
     heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=args.min_tag_count)
     config = FashionTaggerConfig(
         encoder_name=args.encoder_name,
@@ -208,6 +223,7 @@ def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
         max_tag_length=args.max_tag_length,
         classifier_dropout=args.classifier_dropout,
         label_smoothing=args.label_smoothing,
+        decoder_matmul_dtype=args.decoder_matmul_dtype or "float32",
     )
     model = FashionTaggerModel(config)
     if args.pretrained != "none":
@@ -362,6 +378,8 @@ def main(argv=None):
     frozen_stages = args.frozen_stages if args.frozen_stages == "all" else int(args.frozen_stages)
     cached = frozen_stages == "all" or frozen_stages > 0
     tagger = TrainingTagger(model, frozen_stages if cached else 0)
+    if args.memory_format == "channels_last":
+        tagger.to(memory_format=torch.channels_last)  # convolutions then keep their activations channels-last too
     total_epochs = args.epochs + (args.finetune_epochs if cached else 0)
     steps_per_epoch = math.ceil(len(train_set) / args.batch_size / args.gradient_accumulation_steps)
     optimizer = torch.optim.AdamW(parameter_groups(model, args))
