@@ -129,7 +129,9 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
     # --- encoder and heads -------------------------------------------------------------------------------------
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.encoder(pixel_values)
+        # Channels-last inputs make the convolutions keep that layout, ~1.4x faster on CPU (oneDNN) and the layout
+        # tensor cores want; the weights keep theirs, so checkpoints do not change.
+        return self.encoder(pixel_values.contiguous(memory_format=torch.channels_last))
 
     def forward(
         self,
