@@ -113,8 +113,9 @@ def measure_size(args, size, photos) -> dict:
         save_tagger(args, size, folder)
         tagger = pipeline("fashion-tagging", model=folder)
     model, processor = tagger.model, tagger.image_processor
-    nchw_batches = batches(processor(photos, return_tensors="pt")["pixel_values"], args.batch_size)
-    pixel_batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in nchw_batches]
+    pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
+    pixel_batches = batches(pixel_values.contiguous(memory_format=torch.channels_last), args.batch_size)
+    nchw_batches = batches(pixel_values.contiguous(), args.batch_size)
     with torch.inference_mode():
         embed_batches = [model.encoder(pixels) for pixels in pixel_batches]
 
