@@ -44,6 +44,11 @@ from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValid
 
 logger = logging.getLogger("fashion_hf.app")
 
+# Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event (for its monitoring page);
+# under load that was most of the server's Python time and cut /tag throughput 6x while /feedback ran beside it.
+# Once every 1,000 events keeps the page useful. Read when a Blocks' queue is created; an explicit setting wins.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 TOP_K = 5
 # A free tag is a short phrase: letters, digits, spaces and a little punctuation ("slim fit", "t-shirt", "3/4 sleeve").

@@ -125,6 +125,11 @@ def test_tag_returns_the_pipeline_contract(client, service, files):
         assert result["attributes"][name][0]["score"] == pytest.approx(predictions[0]["score"], abs=1e-5)
 
 
+def test_gradio_queue_summarises_its_analytics_once_per_thousand_events(served):
+    # Every event (Gradio's default) made the pandas summary the event loop's main work under load (BENCHMARKS.md).
+    assert served[0]._queue.ANAYLTICS_CACHE_FREQUENCY == 1000
+
+
 def test_tag_is_batched_and_serves_concurrent_requests(client, served, files):
     demo, _ = served
     tag = next(fn for fn in demo.fns.values() if fn.api_name == "tag")
