@@ -292,3 +292,12 @@ def test_config_rejects_invalid_vocabularies():
         tiny_config(attributes={"gender": ["Men", "Men"]})
     with pytest.raises(ValueError, match="twice"):
         tiny_config(tags=[["check", "detail"], ["check", "detail"]])
+
+
+@pytest.mark.parametrize(
+    "module", ["configuration_fashion_tagger.py", "modeling_fashion_tagger.py", "image_processing_fashion_tagger.py"]
+)
+def test_shipped_model_remote_code_is_the_package_code(module):
+    # save_pretrained copies these for trust_remote_code; the shipped folder must load exactly what the package runs.
+    shipped = REPO / "models" / "fashion-tagger" / module
+    assert shipped.read_text() == (REPO / "fashion_hf" / module).read_text()

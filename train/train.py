@@ -11,9 +11,9 @@ whole network on augmented images.
 """
 
 import argparse
-import os
 import json
 import math
+import os
 import platform
 import shlex
 import sys
