@@ -14,6 +14,7 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fashion-hf-datasets-"
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.utils import logging as transformers_logging
 
@@ -25,6 +26,7 @@ PRODUCT_IMAGES = SHARED_DATA / "fashion-product-images"
 transformers_logging.set_verbosity_error()
 
 import fashion_hf  # noqa: E402  (registers the Auto classes and the pipeline task)
+from fashion_hf.configuration_fashion_tagger import EOS_TAG_ID  # noqa: E402
 
 TINY_ENCODER = "test_efficientnet"  # timm's test-size EfficientNet: same code paths, a fraction of the compute
 
@@ -45,6 +47,18 @@ def tiny_model(**overrides) -> fashion_hf.FashionTaggerModel:
     return fashion_hf.FashionTaggerModel(tiny_config(**overrides)).eval()
 
 
+def tagging_model(**overrides) -> fashion_hf.FashionTaggerModel:
+    """A tiny model that tags every image up to the length limit: its end-of-sequence logit is pushed far down.
+
+    An untrained model's first choice is a draw that can land on end-of-sequence (it did on a CI machine whose CPU
+    rounds differently), and a test of how tags are shown would then have no tags to show."""
+    torch.manual_seed(0)
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        model.tag_classifier.bias[EOS_TAG_ID] = -1e4
+    return model
+
+
 def product_photo(colour=(200, 30, 30), size=(60, 80), mode="RGB") -> Image.Image:
     """A shirt-like shape on a white studio background."""
     image = Image.new("RGB", size, (255, 255, 255))
@@ -63,7 +77,7 @@ def encode(image: Image.Image, format="JPEG", **save_args) -> bytes:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny model with its processor: the folder layout every consumer loads from."""
     folder = tmp_path_factory.mktemp("tiny-fashion-tagger")
-    model = tiny_model()
+    model = tagging_model()
     model.save_pretrained(folder)
     fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config).save_pretrained(folder)
     return folder

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import REPO, encode, product_photo, tiny_config
+from conftest import REPO, encode, product_photo, tagging_model, tiny_config
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import FAKE_TOKEN, import_app, served_app
@@ -152,13 +152,11 @@ MARKUP = ("<img", "<i>", "<script", "<b ")
 
 @pytest.fixture(scope="module")
 def markup_model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
     tags = [[label, name] for name, labels in VOCABULARY.items() for label in labels]
-    config = tiny_config(attributes=VOCABULARY, tags=tags + [[text, "detail"] for text in DETAIL_TAGS])
+    model = tagging_model(attributes=VOCABULARY, tags=tags + [[text, "detail"] for text in DETAIL_TAGS])
     folder = tmp_path_factory.mktemp("markup-model")
-    model = fashion_hf.FashionTaggerModel(config).eval()
     model.save_pretrained(folder)
-    fashion_hf.FashionTaggerImageProcessor.from_model_config(config).save_pretrained(folder)
+    fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config).save_pretrained(folder)
     return folder
 
 
