@@ -113,10 +113,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
 
 
 def test_a_second_stage_from_init_from_records_both_stages_and_uses_every_core(trained, tiny_catalogue, tmp_path):
-    """Plain `accelerate launch` (no --cpu) pins OMP_NUM_THREADS=1; on CPU train.py still uses all the cores."""
+    """Plain `accelerate launch` (no --cpu) pins OMP_NUM_THREADS=1; on CPU train.py still uses all the cores.
+    The second stage also moves the model to a larger input size, which the saved config and processor carry."""
     first_stage, _ = trained
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path)]
-    run_training([*flags, "--init-from", str(first_stage / "model")], launcher=("accelerate", "launch", "--num_processes", "1"))
+    run_training([*flags, "--init-from", str(first_stage / "model"), "--image-size", "80", "60"],
+                 launcher=("accelerate", "launch", "--num_processes", "1"))  # fmt: skip
+    assert json.loads((first_stage / "model" / "config.json").read_text())["image_size"] == [64, 48]
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["image_size"] == [80, 60]
+    assert json.loads((tmp_path / "model" / "preprocessor_config.json").read_text())["size"] == {"height": 80, "width": 60}
     recipe = json.loads((tmp_path / "model" / "recipe.json").read_text())
     first = json.loads((first_stage / "model" / "recipe.json").read_text())
     assert [stage["command"] for stage in recipe["previous_stages"]] == [first["command"]]

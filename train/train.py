@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Model
     add("--init-from", default=None, help="start from this model folder (keeps its vocabulary)")
     add("--encoder-name", default="tf_efficientnet_lite0")
-    add("--image-size", type=int, nargs=2, default=[128, 96], metavar=("HEIGHT", "WIDTH"))
+    add("--image-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+        help="input size (default 128 96; with --init-from, the model's own size unless given)")
     add("--pretrained", default="auto", choices=["auto", "timm", "package", "none"])
     add("--decoder-type", default="gru", choices=["gru", "lstm"])
     add("--decoder-hidden-size", type=int, default=512)
@@ -208,13 +209,15 @@ class TrainingTagger(nn.Module):
 def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
     if args.init_from:
         model = FashionTaggerModel.from_pretrained(args.init_from)
+        if args.image_size:  # the encoder is convolutional and globally pooled: it runs at any size
+            model.config.image_size = list(args.image_size)
         if args.decoder_matmul_dtype:
             model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
         return model
     heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=args.min_tag_count)
     config = FashionTaggerConfig(
         encoder_name=args.encoder_name,
-        image_size=args.image_size,
+        image_size=args.image_size or [128, 96],
         attributes=heads,
         tags=tags,
         decoder_type=args.decoder_type,
