@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest reuses tmp paths across runs; a shared datasets cache would hand one run's dataset to the next.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fashion-hf-datasets-")
 
+import datasets
 import numpy as np
 import pytest
 import torch
@@ -71,6 +72,28 @@ def encode(image: Image.Image, format="JPEG", **save_args) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **save_args)
     return buffer.getvalue()
+
+
+COLOURS = {"Red": (200, 30, 30), "Blue": (30, 30, 200), "Green": (30, 160, 60)}
+ARTICLES = ["Tshirts", "Shirts"]
+
+
+def write_product_parquet(folder, split, rows):
+    """A tiny copy of the Fashion Product Images layout (data/<split>-00000-of-00001.parquet)."""
+    records = []
+    for i in range(rows):
+        colour = list(COLOURS)[i % 3]
+        article = ARTICLES[i % 2]
+        records.append({
+            "id": i, "image": {"bytes": encode(product_photo(COLOURS[colour])), "path": f"{i}.jpg"},
+            "gender": "Men" if i % 2 else "Women", "masterCategory": "Apparel", "subCategory": "Topwear",
+            "articleType": article, "baseColour": colour, "season": None if i == 0 else "Summer", "usage": "Casual",
+            "productDisplayName": f"Brand Men {colour} {'Checked' if i % 2 else 'Striped'} {article}", "year": 2012,
+        })
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({**{k: datasets.Value("string") for k in records[0]}, "id": datasets.Value("int64"),
+                                  "year": datasets.Value("int32"), "image": datasets.Image()})
+    datasets.Dataset.from_list(records, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
 
 
 @pytest.fixture(scope="session")

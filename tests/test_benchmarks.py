@@ -1,12 +1,17 @@
-"""The speed benchmarks run end to end at toy sizes and print their tables (figures: BENCHMARKS.md, not here)."""
+"""The benchmarks run end to end at toy sizes and print their tables (figures: BENCHMARKS.md, not here)."""
 
 import sys
 
 import pytest
-from conftest import REPO
+import torch
+from conftest import REPO, tiny_model, write_product_parquet
+
+import fashion_hf
+from fashion_hf import data
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import accuracy_levers  # noqa: E402
 import bench_decoding  # noqa: E402
 import bench_pipeline  # noqa: E402
 
@@ -26,3 +31,32 @@ def test_pipeline_benchmark_prints_overhead_and_breakdown(capsys, dtype):
     output = capsys.readouterr().out
     assert f"decoder matmuls {dtype}" in output
     assert sum(line.startswith("| 64x48 |") for line in output.splitlines()) == 2  # overhead row and breakdown row
+
+
+def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_changes_nothing(capsys, tmp_path):
+    write_product_parquet(tmp_path / "products", "validation", 12)
+    attributes = {"articleType": ["Shirts", "Tshirts"], "baseColour": ["Blue", "Green", "Red"]}
+    model = tiny_model(attributes=attributes, tags=[[label, name] for name, labels in attributes.items() for label in labels])
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor = fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config)
+    processor.save_pretrained(folder)
+
+    accuracy_levers.main([str(folder), str(folder), "--data-source", str(tmp_path / "products"), "--sizes", "80x60",
+                          "--batch-size", "5"])  # fmt: skip
+    table = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {folder}")
+             or line.startswith("| weights") or line.startswith("| predictions")]  # fmt: skip
+    rows = {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in table}
+    assert len(table) == 8 and len(rows) == 6  # plain and mirrored per model (the same folder twice), a size, 3 blends
+    plain = rows[str(folder)]
+    assert rows["weights of the 2 models averaged"][1:] == plain[1:]
+    assert rows["predictions of the 2 models averaged"] == ["2", *plain[1:]]
+    assert rows[f"{folder} at 80x60 instead of 64x48"][-1].startswith("MISS: articleType")  # untrained: below 0.90
+
+    dataset = data.load_fashion_product_images(tmp_path / "products", split="validation")
+    with torch.inference_mode():
+        logits = model(pixel_values=processor(list(dataset["image"]), return_tensors="pt")["pixel_values"]).attribute_logits
+    for position, name in enumerate(attributes, start=1):
+        predicted = [attributes[name][index] for index in logits[name].argmax(-1).tolist()]
+        expected = sum(p == t for p, t in zip(predicted, dataset[name])) / len(predicted)
+        assert float(plain[position]) == pytest.approx(expected, abs=5e-5)

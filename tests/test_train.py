@@ -6,10 +6,9 @@ import subprocess
 import sys
 from unittest import mock
 
-import datasets
 import pytest
 import torch
-from conftest import REPO, encode, product_photo, tiny_model
+from conftest import COLOURS, REPO, product_photo, tiny_model, write_product_parquet
 from transformers import AutoModel, pipeline
 
 from train.train import TrainingTagger, parse_args, push_to_hub
@@ -19,28 +18,6 @@ TINY_FLAGS = [
     "--decoder-hidden-size", "32", "--tag-embedding-size", "16", "--min-tag-count", "2",
     "--batch-size", "8", "--num-workers", "0", "--cache-views", "2", "--frozen-stages", "2",
 ]
-COLOURS = {"Red": (200, 30, 30), "Blue": (30, 30, 200), "Green": (30, 160, 60)}
-ARTICLES = ["Tshirts", "Shirts"]
-
-
-def write_product_parquet(folder, split, rows):
-    """A tiny copy of the Fashion Product Images layout (data/<split>-00000-of-00001.parquet)."""
-    records = []
-    for i in range(rows):
-        colour = list(COLOURS)[i % 3]
-        article = ARTICLES[i % 2]
-        records.append({
-            "id": i, "image": {"bytes": encode(product_photo(COLOURS[colour])), "path": f"{i}.jpg"},
-            "gender": "Men" if i % 2 else "Women", "masterCategory": "Apparel", "subCategory": "Topwear",
-            "articleType": article, "baseColour": colour, "season": None if i == 0 else "Summer", "usage": "Casual",
-            "productDisplayName": f"Brand Men {colour} {'Checked' if i % 2 else 'Striped'} {article}", "year": 2012,
-        })
-    (folder / "data").mkdir(parents=True, exist_ok=True)
-    features = datasets.Features({**{k: datasets.Value("string") for k in records[0]}, "id": datasets.Value("int64"),
-                                  "year": datasets.Value("int32"), "image": datasets.Image()})
-    datasets.Dataset.from_list(records, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
-
-
 @pytest.fixture(scope="module")
 def tiny_catalogue(tmp_path_factory):
     folder = tmp_path_factory.mktemp("products")
