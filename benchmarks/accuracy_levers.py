@@ -19,7 +19,7 @@ import copy
 
 import numpy as np
 import torch
-from bench_utils import runtime_line
+from bench_utils import image_size, runtime_line
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
@@ -29,11 +29,6 @@ from fashion_hf.runtime import keep_freed_memory
 # Issue 3's top-1 targets for the default model on the validation split.
 TARGETS = {"masterCategory": 0.99, "subCategory": 0.95, "articleType": 0.90, "baseColour": 0.70, "gender": 0.90,
            "usage": 0.92, "season": 0.72}  # fmt: skip
-
-
-def image_size(text: str) -> tuple[int, int]:
-    height, width = text.lower().split("x")
-    return int(height), int(width)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

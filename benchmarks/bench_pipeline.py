@@ -24,7 +24,15 @@ import tempfile
 
 import numpy as np
 import torch
-from bench_utils import PRODUCT_IMAGES, interleaved, ratio_summary, real_size_vocabulary, runtime_line, verdict
+from bench_utils import (
+    PRODUCT_IMAGES,
+    image_size,
+    interleaved,
+    ratio_summary,
+    real_size_vocabulary,
+    runtime_line,
+    verdict,
+)
 from PIL import Image
 from transformers import pipeline
 
@@ -32,11 +40,6 @@ from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, Fashion
 from fashion_hf.runtime import keep_freed_memory
 
 TARGET_OVERHEAD = 0.15
-
-
-def image_size(text: str) -> tuple[int, int]:
-    height, width = text.lower().split("x")
-    return int(height), int(width)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

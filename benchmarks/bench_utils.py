@@ -39,6 +39,12 @@ REAL_HEAD_SIZES = {
 REAL_DETAIL_TAG_COUNT = 55
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """`--sizes` arguments: "HEIGHTxWIDTH" -> (height, width)."""
+    height, width = text.lower().split("x")
+    return int(height), int(width)
+
+
 def real_size_vocabulary() -> tuple[dict[str, list[str]], list[list[str]]]:
     """`(attributes, tags)` with the shipped model's head sizes and tag count; the label names are placeholders."""
     attributes = {name: [f"{name}-{index}" for index in range(size)] for name, size in REAL_HEAD_SIZES.items()}
