@@ -29,13 +29,18 @@ from PIL import Image
 from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Child processes load feedback.py by path: the same code, without the package's heavy model imports (seconds each).
+# Child processes load the store's two modules by path: the same code, without the package's heavy model imports
+# (seconds each). A module already in sys.modules is imported without its package.
 CHILD_PRELUDE = f"""
 import importlib.util, io, sys
 from PIL import Image
-spec = importlib.util.spec_from_file_location("feedback_child", {str(REPO_ROOT / "fashion_hf" / "feedback.py")!r})
-feedback = sys.modules["feedback_child"] = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(feedback)
+def load(name, file_name):
+    spec = importlib.util.spec_from_file_location(name, {str(REPO_ROOT / "fashion_hf")!r} + "/" + file_name)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+load("fashion_hf.feedback_hub", "feedback_hub.py")
+feedback = load("feedback_child", "feedback.py")
 
 def png(seed):
     buffer = io.BytesIO()

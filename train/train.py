@@ -215,9 +215,10 @@ def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
             model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
         return model
     heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=args.min_tag_count)
+    size = {"image_size": list(args.image_size)} if args.image_size else {}  # else the configuration's default
     config = FashionTaggerConfig(
         encoder_name=args.encoder_name,
-        image_size=args.image_size or [128, 96],
+        **size,
         attributes=heads,
         tags=tags,
         decoder_type=args.decoder_type,
