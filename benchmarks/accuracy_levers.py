@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
 from fashion_hf import data
+from fashion_hf.metrics import attribute_metrics
 from fashion_hf.runtime import keep_freed_memory
 
 # Issue 3's top-1 targets for the default model on the validation split.
@@ -44,18 +45,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def head_probabilities(model, processor, images: list, batch_size: int, mirrored: bool = False) -> dict:
-    """`{head: (N, labels) array}` of softmax probabilities; `mirrored`: of the left-right mirrored photos."""
-    chunks = {name: [] for name in model.config.attributes}
+def head_probabilities(model, processor, images: list, batch_size: int, with_mirrored: bool = False) -> list[dict]:
+    """`[plain]`, or `[plain, mirrored]` with `with_mirrored`: per view, `{head: (N, labels) array}` of softmax
+    probabilities; the mirrored view runs the left-right mirror of each preprocessed batch (no second preprocessing)."""
+    flips = [False, True] if with_mirrored else [False]
+    views = [{name: [] for name in model.config.attributes} for _ in flips]
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), batch_size), desc="predict", leave=False):
             pixel_values = processor(images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-            if mirrored:
-                pixel_values = pixel_values.flip(-1)
-            logits = model(pixel_values=pixel_values).attribute_logits
-            for name in chunks:
-                chunks[name].append(logits[name].float().softmax(-1).numpy())
-    return {name: np.concatenate(parts) for name, parts in chunks.items()}
+            for flip, chunks in zip(flips, views):
+                logits = model(pixel_values=pixel_values.flip(-1) if flip else pixel_values).attribute_logits
+                for name in chunks:
+                    chunks[name].append(logits[name].float().softmax(-1).numpy())
+    return [{name: np.concatenate(parts) for name, parts in chunks.items()} for chunks in views]
 
 
 def average_weights(models: list) -> torch.nn.Module:
@@ -71,13 +73,12 @@ def average_weights(models: list) -> torch.nn.Module:
     return soup.eval()
 
 
-def top1(probabilities: dict, label_ids: dict) -> dict:
-    """Top-1 accuracy per head over the images that carry a label the model knows."""
-    scores = {}
-    for name, ids in label_ids.items():
-        known = ids >= 0
-        scores[name] = float((probabilities[name][known].argmax(-1) == ids[known]).mean())
-    return scores
+def top1(probabilities: dict, label_ids: np.ndarray, attributes: dict) -> dict:
+    """Top-1 accuracy per head over the images that carry a label the model knows (`label_ids`: (N, heads))."""
+    return {
+        name: attribute_metrics(label_ids[:, position], probabilities[name], labels)["top1"]
+        for position, (name, labels) in enumerate(attributes.items())
+    }
 
 
 def mean_of(probability_sets: list[dict]) -> dict:
@@ -98,10 +99,8 @@ def main(argv=None) -> None:
     if args.limit:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
     images = [processor.load_image(image) for image in dataset["image"]]
-    label_ids = {}
-    for name, labels in reference.attributes.items():
-        index = {label: position for position, label in enumerate(labels)}
-        label_ids[name] = np.array([index.get(value, -1) for value in dataset[name]])
+    columns = dataset.select_columns([name for name in reference.attributes if name in dataset.column_names])
+    label_ids = np.array([reference.attribute_label_ids(row) for row in columns])
     print(runtime_line())
     print(f"{len(images)} images of Fashion Product Images ({args.split}); models: {', '.join(args.models)}")
 
@@ -109,27 +108,26 @@ def main(argv=None) -> None:
         return head_probabilities(model, processor, images, args.batch_size, **options)
 
     rows = []  # (variant, encoder passes per image, probabilities)
-    plain = [predict(model) for model in models]
-    mirrored = [predict(model, mirrored=True) for model in models]
+    plain, mirrored = map(list, zip(*(predict(model, with_mirrored=True) for model in models)))
     for folder, straight, flipped in zip(args.models, plain, mirrored):
         rows.append((folder, 1, straight))
         rows.append((f"{folder}, averaged with the mirrored photo", 2, mean_of([straight, flipped])))
     height, width = reference.image_size
     for size in args.sizes:
         resized = AutoImageProcessor.from_pretrained(args.models[0], size={"height": size[0], "width": size[1]})
-        probabilities = head_probabilities(models[0], resized, images, args.batch_size)
+        probabilities = head_probabilities(models[0], resized, images, args.batch_size)[0]
         rows.append((f"{args.models[0]} at {size[0]}x{size[1]} instead of {height}x{width}", 1, probabilities))
     if len(models) > 1:
-        rows.append((f"weights of the {len(models)} models averaged", 1, predict(average_weights(models))))
+        rows.append((f"weights of the {len(models)} models averaged", 1, predict(average_weights(models))[0]))
         rows.append((f"predictions of the {len(models)} models averaged", len(models), mean_of(plain)))
         rows.append((f"predictions of the {len(models)} models averaged, with mirrored photos", 2 * len(models),
-                     mean_of(plain + mirrored)))  # fmt: skip
+                     mean_of([*plain, *mirrored])))  # fmt: skip
 
     heads = list(reference.attributes)
     print(f"\n| variant | encoder passes | {' | '.join(heads)} | mean | targets |")
     print(f"|---|---:|{'---:|' * (len(heads) + 1)}---|")
     for variant, passes, probabilities in rows:
-        scores = top1(probabilities, label_ids)
+        scores = top1(probabilities, label_ids, reference.attributes)
         cells = " | ".join(f"{scores[name]:.4f}" for name in heads)
         missed = [name for name, target in TARGETS.items() if name in scores and scores[name] < target]
         verdict = f"MISS: {', '.join(missed)}" if missed else "PASS"
