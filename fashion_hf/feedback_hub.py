@@ -1,7 +1,7 @@
 """Pushing a `FeedbackStore` folder to a Hub dataset: a `CommitScheduler` that retries and never loses a record.
 
-The store decides what to push (`FeedbackStore._push_snapshot`, read under its lock) and records what was pushed
-(`_push_done`); this module decides when, commits, and retries failures with back-off.
+The store decides what to push (`FeedbackStore.push_snapshot`, read under its lock) and records what was pushed
+(`mark_pushed`); this module decides when, commits, and retries failures with back-off.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class FeedbackCommitScheduler(CommitScheduler):
     ) -> None:
         # Set before super().__init__: it starts the scheduler thread.
         self._store = store
-        self._status = store._hub
+        self._status = store.push_state
         self._ready = threading.Event()
         self._stop_event = threading.Event()
         self._push_lock = threading.Lock()
@@ -168,7 +168,7 @@ class FeedbackCommitScheduler(CommitScheduler):
         info, committed = None, False
         while True:
             with self.lock:
-                snapshot = self._store._push_snapshot(
+                snapshot = self._store.push_snapshot(
                     self._state_name, self.max_files_per_commit, self.max_bytes_per_commit
                 )
             if not snapshot.adds and not snapshot.deletes:
@@ -199,13 +199,13 @@ class FeedbackCommitScheduler(CommitScheduler):
                     ),
                 )
                 committed = True
-            self._store._push_done(self._state_name, snapshot)
+            self._store.mark_pushed(self._state_name, snapshot)
             if not snapshot.truncated:
                 return info, committed
 
     def _push_failed(self, exc: BaseException) -> None:
         self.last_push_ok = False
-        message = self._store._redact(f"{type(exc).__name__}: {exc}")[:500]
+        message = self._store.redact(f"{type(exc).__name__}: {exc}")[:500]
         delay = None
         if _is_retryable(exc) and not self._stop_event.is_set():
             failures = self._status.consecutive_failures + 1

