@@ -5,8 +5,9 @@ run, the levers that need no retraining, each with its inference cost in encoder
 
 - each model as it ships (1 pass), and with its prediction averaged with that of the mirrored photo (2 passes);
 - the first model at other input sizes (1 pass; the encoder is convolutional and pooled, so it runs at any size);
-- with two or more models trained from the same start: their weights averaged into one model ("model soup",
-  1 pass), and their predictions averaged (one pass per model), plain and with mirrored photos.
+- with two or more models: their predictions averaged (one pass per model), plain and with mirrored photos; and,
+  when they share an architecture and were trained from the same start, their weights averaged into one model
+  ("model soup", 1 pass).
 
 Models must share the first one's vocabulary and input size; the first one's image processor is used for all.
 
@@ -58,6 +59,12 @@ def head_probabilities(model, processor, images: list, batch_size: int, with_mir
                 for name in chunks:
                     chunks[name].append(logits[name].float().softmax(-1).numpy())
     return [{name: np.concatenate(parts) for name, parts in chunks.items()} for chunks in views]
+
+
+def same_architecture(models: list) -> bool:
+    """Whether the models' state dicts hold the same tensors by name and shape (what weight averaging needs)."""
+    shapes = [{key: value.shape for key, value in model.state_dict().items()} for model in models]
+    return all(other == shapes[0] for other in shapes[1:])
 
 
 def average_weights(models: list) -> torch.nn.Module:
@@ -118,7 +125,10 @@ def main(argv=None) -> None:
         probabilities = head_probabilities(models[0], resized, images, args.batch_size)[0]
         rows.append((f"{args.models[0]} at {size[0]}x{size[1]} instead of {height}x{width}", 1, probabilities))
     if len(models) > 1:
-        rows.append((f"weights of the {len(models)} models averaged", 1, predict(average_weights(models))[0]))
+        if same_architecture(models):
+            rows.append((f"weights of the {len(models)} models averaged", 1, predict(average_weights(models))[0]))
+        else:
+            print("Weights not averaged: the models' architectures differ (other encoders or decoder sizes).")
         rows.append((f"predictions of the {len(models)} models averaged", len(models), mean_of(plain)))
         rows.append((f"predictions of the {len(models)} models averaged, with mirrored photos", 2 * len(models),
                      mean_of([*plain, *mirrored])))  # fmt: skip
