@@ -38,6 +38,7 @@ from fashion_hf.encoder_weights import load_pretrained_encoder  # noqa: E402
 from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX  # noqa: E402
 from fashion_hf.runtime import cpu_threads_per_process, keep_freed_memory  # noqa: E402
 from train.augment import AUGMENTATIONS  # noqa: E402
+from train.distillation import distillation_loss, load_teachers, teacher_probabilities  # noqa: E402
 from train.feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder  # noqa: E402
 
 
@@ -68,6 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--max-tag-length", type=int, default=16)
     add("--classifier-dropout", type=float, default=0.2)
     add("--label-smoothing", type=float, default=0.1)
+    add("--distill-from", nargs="+", default=None, metavar="MODEL",
+        help="trained models (same heads) whose averaged head probabilities are soft targets too; needs --frozen-stages 0")
+    add("--distill-weight", type=float, default=1.0, help="weight of the distillation term added to the loss")
+    add("--distill-temperature", type=float, default=2.0)
     add(
         "--decoder-matmul-dtype",
         default=None,
@@ -120,6 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.frozen_stages not in ("all",) and not str(args.frozen_stages).isdigit():
         parser.error("--frozen-stages takes 'all' or a number of stages")
+    if args.distill_from and str(args.frozen_stages) != "0":
+        parser.error("--distill-from needs images, not cached features: use it with --frozen-stages 0")
     return args
 
 
@@ -292,7 +299,7 @@ def validate(tagger, loader, accelerator, attributes) -> dict[str, float]:
     return metrics
 
 
-def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool):
+def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool, args, teachers=()):
     tagger.train()
     if frozen_trunk:
         tagger.trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
@@ -300,7 +307,13 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
         with accelerator.accumulate(tagger):
-            loss = tagger(**batch).loss
+            output = tagger(**batch)
+            loss = output.loss
+            if teachers:
+                soft_targets = teacher_probabilities(teachers, batch["pixel_values"], args.distill_temperature)
+                loss = loss + args.distill_weight * distillation_loss(
+                    output.attribute_logits, soft_targets, args.distill_temperature
+                )
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(tagger.parameters(), 5.0)
@@ -406,6 +419,9 @@ def main(argv=None):
     seconds_before = progress.seconds  # wall time of earlier sessions of this run, so the card reports the total
 
     inner = accelerator.unwrap_model(tagger)
+    teachers = load_teachers(args.distill_from, config, accelerator.device) if args.distill_from else []
+    if teachers:
+        accelerator.print(f"distilling from {len(teachers)} teacher(s): {', '.join(args.distill_from)}")
     if cached and progress.epoch < args.epochs:
         freeze(inner.trunk)
         cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor)
@@ -419,7 +435,7 @@ def main(argv=None):
         else:
             freeze(inner.trunk, False)
             train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch))
-        metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase)
+        metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, args, teachers)
         metrics |= validate(tagger, eval_loader, accelerator, list(config.attributes))
         metrics["epoch_seconds"] = time.time() - epoch_started
         accelerator.log(metrics, step=epoch + 1)

@@ -1,0 +1,43 @@
+"""Knowledge distillation: trained taggers (teachers) whose averaged head probabilities the model learns from too.
+
+Averaging the predictions of two taggers with different encoders beats either one (BENCHMARKS.md, "A larger
+encoder"); distilling that average into one model keeps one encoder pass per image. The teachers see the very
+augmented batch the model sees, so the soft targets always match the view being trained on.
+"""
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fashion_hf import FashionTaggerModel
+
+
+def load_teachers(folders: list[str | Path], student_config, device) -> list[FashionTaggerModel]:
+    """Frozen teachers in eval mode; each must have the student's heads and labels, in the same order."""
+    teachers = []
+    for folder in folders:
+        teacher = FashionTaggerModel.from_pretrained(folder).eval().requires_grad_(False)
+        if teacher.config.attributes != student_config.attributes:
+            raise SystemExit(f"--distill-from {folder}: its heads or labels differ from the model being trained")
+        teachers.append(teacher.to(device))
+    return teachers
+
+
+@torch.no_grad()
+def teacher_probabilities(teachers: list[FashionTaggerModel], pixel_values: torch.Tensor, temperature: float) -> dict:
+    """Per head, the teachers' softmax at `temperature`, averaged over the teachers."""
+    outputs = [teacher(pixel_values=pixel_values).attribute_logits for teacher in teachers]
+    return {
+        name: torch.stack([(logits[name].float() / temperature).softmax(-1) for logits in outputs]).mean(0)
+        for name in outputs[0]
+    }
+
+
+def distillation_loss(student_logits: dict, soft_targets: dict, temperature: float) -> torch.Tensor:
+    """KL(teachers || student) per head at `temperature`, times temperature² (Hinton et al., 2015), mean over heads."""
+    losses = [
+        F.kl_div(F.log_softmax(student_logits[name].float() / temperature, -1), targets, reduction="batchmean")
+        for name, targets in soft_targets.items()
+    ]
+    return torch.stack(losses).mean() * temperature**2
