@@ -36,14 +36,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pooled_features(encoder_name: str, size: tuple[int, int], pixel_batches: list[torch.Tensor]) -> np.ndarray:
-    """The encoder's pooled ImageNet features for every image, computed once."""
+def pooled_features(encoder_name: str, size: tuple[int, int], *pixel_sets: list[torch.Tensor]) -> list[np.ndarray]:
+    """The encoder's pooled ImageNet features for every image of each set (lists of batches); one encoder built."""
     model = FashionTaggerModel(FashionTaggerConfig(encoder_name=encoder_name, image_size=size)).eval()
     source = load_pretrained_encoder(model)
-    with torch.inference_mode():
-        features = [model.encode_images(pixels) for pixels in tqdm(pixel_batches, desc=encoder_name, leave=False)]
     print(f"{encoder_name}: weights from {source}, {sum(p.numel() for p in model.encoder.parameters()):,} parameters")
-    return torch.cat(features).float().numpy()
+    with torch.inference_mode():
+        return [
+            torch.cat([model.encode_images(pixels) for pixels in tqdm(batches, desc=encoder_name, leave=False)])
+            .float()
+            .numpy()
+            for batches in pixel_sets
+        ]
 
 
 def probe_accuracy(train_x, train_y, eval_x, eval_y) -> float:
@@ -74,13 +78,13 @@ def main(argv=None) -> None:
         ]
 
     train_pixels, eval_pixels = batches(train["image"]), batches(validation["image"])
+    labels = {head: (train[head], validation[head]) for head in args.heads}
     rows = []
     for name in args.encoders:
         started = time.perf_counter()
-        train_x = pooled_features(name, args.size, train_pixels)
-        eval_x = pooled_features(name, args.size, eval_pixels)
+        train_x, eval_x = pooled_features(name, args.size, train_pixels, eval_pixels)
         seconds = time.perf_counter() - started
-        rows.append((name, seconds, [probe_accuracy(train_x, train[h], eval_x, validation[h]) for h in args.heads]))
+        rows.append((name, seconds, [probe_accuracy(train_x, y_train, eval_x, y_eval) for y_train, y_eval in labels.values()]))
 
     print(f"\n| encoder | features s | {' | '.join(args.heads)} |")
     print("|---|---:|" + "---:|" * len(args.heads))
