@@ -2,6 +2,7 @@
 
 import io
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -114,3 +115,38 @@ def photo() -> Image.Image:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+# --- train/train.py end to end (test_train.py, test_distillation.py): one tiny first-stage run per session ----
+
+TINY_FLAGS = [
+    "--encoder-name", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "48",
+    "--decoder-hidden-size", "32", "--tag-embedding-size", "16", "--min-tag-count", "2",
+    "--batch-size", "8", "--num-workers", "0", "--cache-views", "2", "--frozen-stages", "2",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_catalogue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("products")
+    write_product_parquet(folder, "train", 24)
+    write_product_parquet(folder, "validation", 12)
+    return folder
+
+
+def run_training(args, timeout=600, launcher=("accelerate", "launch", "--num_processes", "1", "--cpu")):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [*launcher, str(REPO / "train" / "train.py"), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_catalogue, tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    log = run_training([
+        "--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--finetune-epochs", "1",
+        "--output-dir", str(output),
+    ])
+    return output, log

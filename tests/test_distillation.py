@@ -5,8 +5,8 @@ import sys
 
 import pytest
 import torch
+from conftest import TINY_FLAGS, run_training, tiny_model
 from safetensors.torch import load_file
-from test_train import TINY_FLAGS, run_training, tiny_catalogue, trained  # noqa: F401 (module fixtures)
 
 from train.distillation import distillation_loss, teacher_probabilities
 from train.train import parse_args
@@ -48,7 +48,7 @@ def test_distillation_needs_images_not_cached_features():
     assert parse_args(["--distill-from", "a", "b", "--frozen-stages", "0"]).distill_from == ["a", "b"]
 
 
-def test_a_run_with_a_teacher_trains_differently_and_records_it(trained, tiny_catalogue, tmp_path):  # noqa: F811
+def test_a_run_with_a_teacher_trains_differently_and_records_it(trained, tiny_catalogue, tmp_path):
     """Same seed, data and start: only the distillation term differs, so the trained weights must too."""
     first_stage = trained[0] / "model"
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--frozen-stages", "0", "--epochs", "1",
@@ -65,9 +65,7 @@ def test_a_run_with_a_teacher_trains_differently_and_records_it(trained, tiny_ca
     assert any(not torch.equal(plain[key], distilled[key]) for key in plain if key.startswith("heads."))
 
 
-def test_a_teacher_with_other_heads_is_refused(tiny_catalogue, tmp_path):  # noqa: F811
-    from conftest import tiny_model
-
+def test_a_teacher_with_other_heads_is_refused(tiny_catalogue, tmp_path):
     other = tiny_model(attributes={"gender": ["Men", "Women"]}, tags=[["Men", "gender"], ["Women", "gender"]])
     other.save_pretrained(tmp_path / "teacher")
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--frozen-stages", "0", "--epochs", "1",

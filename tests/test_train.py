@@ -2,47 +2,15 @@
 
 import json
 import os
-import subprocess
 import sys
 from unittest import mock
 
 import pytest
 import torch
-from conftest import COLOURS, REPO, product_photo, tiny_model, write_product_parquet
+from conftest import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_model
 from transformers import AutoModel, pipeline
 
 from train.train import TrainingTagger, parse_args, push_to_hub
-
-TINY_FLAGS = [
-    "--encoder-name", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "48",
-    "--decoder-hidden-size", "32", "--tag-embedding-size", "16", "--min-tag-count", "2",
-    "--batch-size", "8", "--num-workers", "0", "--cache-views", "2", "--frozen-stages", "2",
-]
-@pytest.fixture(scope="module")
-def tiny_catalogue(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("products")
-    write_product_parquet(folder, "train", 24)
-    write_product_parquet(folder, "validation", 12)
-    return folder
-
-
-def run_training(args, timeout=600, launcher=("accelerate", "launch", "--num_processes", "1", "--cpu")):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [*launcher, str(REPO / "train" / "train.py"), *args]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result.stdout + result.stderr
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_catalogue, tmp_path_factory):
-    output = tmp_path_factory.mktemp("run")
-    log = run_training([
-        "--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--finetune-epochs", "1",
-        "--output-dir", str(output),
-    ])
-    return output, log
-
 
 def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
     output, log = trained
