@@ -349,6 +349,27 @@ def test_tag_chips_escape_markup(app_module):
     assert "<img" not in chips and "&lt;img" in chips
 
 
+def test_tag_chips_show_the_heads_label_where_the_decoder_differs(app_module):
+    prediction = {
+        "attributes": {
+            "season": [{"label": "Summer", "score": 0.47}, {"label": "Fall", "score": 0.39}],
+            "gender": [{"label": "Men", "score": 0.9}],
+            "usage": [{"label": "<b>Casual</b>", "score": 0.6}],
+        },
+        "tags": [
+            {"tag": "Men", "group": "gender", "score": 0.9},
+            {"tag": "Fall", "group": "season", "score": 0.47},
+            {"tag": "Sports", "group": "usage", "score": 0.5},
+            {"tag": "check", "group": "detail", "score": 0.4},
+        ],
+    }
+    chips = app_module.tag_chips(prediction)
+    season = chips[chips.index("Fall<") :].split('<span class="chip">')[0]
+    assert '<span class="head">head: Summer 47%</span>' in season
+    assert chips.count('class="head"') == 2  # season and usage; gender agrees, detail has no head
+    assert "<b>" not in chips and "head: &lt;b&gt;Casual&lt;/b&gt; 60%" in chips
+
+
 def test_annotator_is_the_oauth_username_or_anonymous(app_module):
     assert app_module.annotator_name({"preferred_username": "ada", "name": "Ada L."}) == "ada"
     assert app_module.annotator_name(None) == "anonymous"
