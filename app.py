@@ -211,7 +211,7 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
     attributes = list(service.config.attributes)
     form_size = len(attributes) + 5  # the feedback form: image, a dropdown per attribute, details, text, consent, note
     on_model = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
-    on_store = {"concurrency_limit": 4, "concurrency_id": "feedback"}
+    on_store = {"concurrency_limit": settings.feedback_concurrency, "concurrency_id": "feedback"}
 
     # -- event handlers ----------------------------------------------------------------------------------------------
 

@@ -66,6 +66,7 @@ class Settings:
     max_image_pixels: int = field(default=40_000_000, metadata={"env": "MAX_IMAGE_PIXELS"})
     max_images_per_request: int = field(default=32, metadata={"env": "MAX_IMAGES_PER_REQUEST"})
     concurrency: int = field(default=2, metadata={"env": "TAG_CONCURRENCY"})
+    feedback_concurrency: int = field(default=1, metadata={"env": "FEEDBACK_CONCURRENCY"})
     max_batch_size: int = field(default=16, metadata={"env": "TAG_MAX_BATCH_SIZE"})
     queue_size: int = field(default=64, metadata={"env": "QUEUE_MAX_SIZE"})
 
@@ -85,7 +86,10 @@ class Settings:
         return cls(**values).validated()
 
     def validated(self) -> "Settings":
-        positive = ("max_upload_mb", "max_image_pixels", "max_images_per_request", "concurrency", "max_batch_size")
+        positive = (
+            "max_upload_mb", "max_image_pixels", "max_images_per_request", "concurrency", "feedback_concurrency",
+            "max_batch_size",
+        )  # fmt: skip
         for setting in fields(self):
             if setting.name in positive and getattr(self, setting.name) <= 0:
                 raise ValueError(f"{setting.metadata['env']} must be positive, got {getattr(self, setting.name)}")

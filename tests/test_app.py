@@ -342,6 +342,14 @@ def test_settings_come_from_the_environment(app_module):
         app_module.Settings.from_env({"MAX_IMAGE_PIXELS": "lots"})
     with pytest.raises(ValueError, match="MAX_UPLOAD_MB"):
         app_module.Settings.from_env({"MAX_UPLOAD_MB": "-1"})
+    with pytest.raises(ValueError, match="FEEDBACK_CONCURRENCY"):
+        app_module.Settings.from_env({"FEEDBACK_CONCURRENCY": "0"})
+
+
+def test_feedback_and_tagging_run_under_their_own_concurrency_limits(served, settings):
+    limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in served[0].fns.values()}
+    assert limits["tag"] == ("model", settings.concurrency)
+    assert limits["feedback"] == limits["delete_feedback"] == ("feedback", settings.feedback_concurrency)
 
 
 def test_tag_chips_escape_markup(app_module):
