@@ -46,7 +46,6 @@ RECENT_UPLOADS = 12
 JSON_EXAMPLE = '{"articleType": "Tshirts"}'
 
 
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------------------------------
@@ -452,5 +451,3 @@ class TaggerService:
 def csv_cell(value):
     """Spreadsheets run cells that start with = + - @ as formulas: user file names must not."""
     return "'" + value if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
-
-
