@@ -41,3 +41,9 @@ def distillation_loss(student_logits: dict, soft_targets: dict, temperature: flo
         for name, targets in soft_targets.items()
     ]
     return torch.stack(losses).mean() * temperature**2
+
+
+def distillation_term(teachers: list, weight: float, temperature: float, attribute_logits: dict, pixel_values):
+    """What distillation adds to a batch's loss: `weight` x the KL to the teachers' soft targets on these images."""
+    soft_targets = teacher_probabilities(teachers, pixel_values, temperature)
+    return weight * distillation_loss(attribute_logits, soft_targets, temperature)

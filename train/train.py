@@ -18,6 +18,7 @@ import platform
 import shlex
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import datasets
@@ -38,7 +39,7 @@ from fashion_hf.encoder_weights import load_pretrained_encoder  # noqa: E402
 from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX  # noqa: E402
 from fashion_hf.runtime import cpu_threads_per_process, keep_freed_memory  # noqa: E402
 from train.augment import AUGMENTATIONS  # noqa: E402
-from train.distillation import distillation_loss, load_teachers, teacher_probabilities  # noqa: E402
+from train.distillation import distillation_term, load_teachers  # noqa: E402
 from train.feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder  # noqa: E402
 
 
@@ -299,7 +300,8 @@ def validate(tagger, loader, accelerator, attributes) -> dict[str, float]:
     return metrics
 
 
-def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool, args, teachers=()):
+def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool, distill=None):
+    """One epoch; `distill(attribute_logits, pixel_values)`, when given, is added to each batch's loss."""
     tagger.train()
     if frozen_trunk:
         tagger.trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
@@ -309,11 +311,8 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
         with accelerator.accumulate(tagger):
             output = tagger(**batch)
             loss = output.loss
-            if teachers:
-                soft_targets = teacher_probabilities(teachers, batch["pixel_values"], args.distill_temperature)
-                loss = loss + args.distill_weight * distillation_loss(
-                    output.attribute_logits, soft_targets, args.distill_temperature
-                )
+            if distill is not None:
+                loss = loss + distill(output.attribute_logits, batch["pixel_values"])
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(tagger.parameters(), 5.0)
@@ -419,9 +418,11 @@ def main(argv=None):
     seconds_before = progress.seconds  # wall time of earlier sessions of this run, so the card reports the total
 
     inner = accelerator.unwrap_model(tagger)
-    teachers = load_teachers(args.distill_from, config, accelerator.device) if args.distill_from else []
-    if teachers:
+    distill = None
+    if args.distill_from:
+        teachers = load_teachers(args.distill_from, config, accelerator.device)
         accelerator.print(f"distilling from {len(teachers)} teacher(s): {', '.join(args.distill_from)}")
+        distill = partial(distillation_term, teachers, args.distill_weight, args.distill_temperature)
     if cached and progress.epoch < args.epochs:
         freeze(inner.trunk)
         cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor)
@@ -435,7 +436,7 @@ def main(argv=None):
         else:
             freeze(inner.trunk, False)
             train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch))
-        metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, args, teachers)
+        metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, distill)
         metrics |= validate(tagger, eval_loader, accelerator, list(config.attributes))
         metrics["epoch_seconds"] = time.time() - epoch_started
         accelerator.log(metrics, step=epoch + 1)
