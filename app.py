@@ -129,7 +129,7 @@ def model_card_markdown(service: TaggerService) -> str:
         [
             f"**Model:** `{html.escape(service.model_id)}`  ",
             f"**Revision:** `{html.escape(service.revision)}`  ",
-            f"**Encoder:** `{html.escape(config.encoder_name)}` at {config.image_size[0]}x{config.image_size[1]} px  ",
+            f"**Encoder:** `{html.escape(config.encoder_description)}` at {config.image_size[0]}x{config.image_size[1]} px  ",
             f"**Heads:** {heads}  ",
             f"**Tag vocabulary:** {len(config.tags)} tags ({len(service.detail_tags)} detail tags)",
             "",

@@ -3,26 +3,31 @@
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_fashion_tagger import FashionTaggerConfig, tag_key
+from .configuration_fashion_tagger import FashionTaggerConfig, FashionTaggerEnsembleConfig, tag_key
 from .image_processing_fashion_tagger import FashionTaggerImageProcessor, InvalidImageError
-from .modeling_fashion_tagger import FashionTaggerModel, FashionTaggerOutput
+from .modeling_fashion_tagger import FashionTaggerEnsembleModel, FashionTaggerModel, FashionTaggerOutput
 from .pipeline_fashion_tagging import FashionTaggingPipeline
 
 TASK = "fashion-tagging"
 
-AutoConfig.register(FashionTaggerConfig.model_type, FashionTaggerConfig, exist_ok=True)
-AutoModel.register(FashionTaggerConfig, FashionTaggerModel, exist_ok=True)
-AutoImageProcessor.register(FashionTaggerConfig, slow_image_processor_class=FashionTaggerImageProcessor, exist_ok=True)
+for config_class, model_class in ((FashionTaggerConfig, FashionTaggerModel), (FashionTaggerEnsembleConfig, FashionTaggerEnsembleModel)):
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    AutoModel.register(config_class, model_class, exist_ok=True)
+    AutoImageProcessor.register(config_class, slow_image_processor_class=FashionTaggerImageProcessor, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FashionTaggingPipeline, pt_model=AutoModel, type="image")
 
 # A saved or pushed folder then carries this code and loads with trust_remote_code=True where fashion_hf is absent.
 FashionTaggerConfig.register_for_auto_class()
+FashionTaggerEnsembleConfig.register_for_auto_class()
 FashionTaggerModel.register_for_auto_class("AutoModel")
+FashionTaggerEnsembleModel.register_for_auto_class("AutoModel")
 FashionTaggerImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
     "TASK",
     "FashionTaggerConfig",
+    "FashionTaggerEnsembleConfig",
+    "FashionTaggerEnsembleModel",
     "FashionTaggerImageProcessor",
     "FashionTaggerModel",
     "FashionTaggerOutput",

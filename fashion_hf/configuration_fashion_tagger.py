@@ -145,6 +145,10 @@ class FashionTaggerConfig(PreTrainedConfig):
         super().__init__(**kwargs)
 
     @property
+    def encoder_description(self) -> str:
+        return self.encoder_name
+
+    @property
     def tag_vocab_size(self) -> int:
         return len(SPECIAL_TAGS) + len(self.tags)
 
@@ -174,4 +178,68 @@ class FashionTaggerConfig(PreTrainedConfig):
         return text, group
 
 
-__all__ = ["FashionTaggerConfig", "tag_key"]
+def _shared_fields(config: FashionTaggerConfig) -> dict:
+    """The config's fields, without those that name its class or the members, to build another config from."""
+    fields = config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "members", "mirror_views"):
+        fields.pop(key, None)
+    return fields
+
+
+class FashionTaggerEnsembleConfig(FashionTaggerConfig):
+    r"""
+    Configuration of a [`FashionTaggerEnsembleModel`]: several fashion taggers trained on the same vocabulary, whose
+    head probabilities and next-tag probabilities are averaged (optionally over each photo and its mirror image).
+
+    The vocabularies, input size and normalisation are shared and live at the top level as in
+    [`FashionTaggerConfig`]; each member differs only in its architecture.
+
+    Args:
+        members (`list[dict]`):
+            Per member, the architecture fields of its [`FashionTaggerConfig`] (`MEMBER_FIELDS`); the rest of the
+            member's config is this one's.
+        mirror_views (`bool`, *optional*, defaults to `True`):
+            Also run every member on the left-right mirror of each photo and average that view in.
+        kwargs:
+            The shared fields of [`FashionTaggerConfig`]; its architecture fields describe the first member.
+    """
+
+    model_type = "fashion-tagger-ensemble"
+    MEMBER_FIELDS = ("encoder_name", "encoder_kwargs", "decoder_type", "decoder_hidden_size", "decoder_num_layers",
+                     "tag_embedding_size")  # fmt: skip
+
+    def __init__(self, members: list[dict] | None = None, mirror_views: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        if members is None:  # a loadable default, as every transformers config has one
+            members = [{field: getattr(self, field) for field in self.MEMBER_FIELDS}]
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        unknown = {field for member in members for field in member} - set(self.MEMBER_FIELDS)
+        if unknown:
+            raise ValueError(f"ensemble members set only {list(self.MEMBER_FIELDS)}, not {sorted(unknown)}")
+        self.members = [dict(member) for member in members]
+        self.mirror_views = mirror_views
+
+    def member_configs(self) -> list[FashionTaggerConfig]:
+        shared = _shared_fields(self)
+        return [FashionTaggerConfig(**{**shared, **member}) for member in self.members]
+
+    @classmethod
+    def from_members(cls, configs: list[FashionTaggerConfig], mirror_views: bool = True) -> "FashionTaggerEnsembleConfig":
+        """The ensemble of models with these configs; they must share every vocabulary and the input format."""
+        first = configs[0]
+        for config in configs[1:]:
+            for field in ("attributes", "tags", "image_size", "image_mean", "image_std"):
+                if getattr(config, field) != getattr(first, field):
+                    raise ValueError(f"ensemble members must share {field}; {config.encoder_name}'s differs")
+        shared = _shared_fields(first)
+        members = [{field: getattr(config, field) for field in cls.MEMBER_FIELDS} for config in configs]
+        return cls(members=members, mirror_views=mirror_views, **shared)
+
+    @property
+    def encoder_description(self) -> str:
+        names = " + ".join(member["encoder_name"] for member in self.members)
+        return f"{names}{', with mirrored photos' if self.mirror_views else ''}"
+
+
+__all__ = ["FashionTaggerConfig", "FashionTaggerEnsembleConfig", "tag_key"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 DEFAULT_ATTRIBUTE = "articleType"
@@ -48,9 +49,28 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
 
     `pixel_values` come from the image processor. `label_ids` (one per image) pick the label to explain; by default
     each image's top label. Images are independent (the model is in eval mode), so one backward pass serves the batch.
+    An ensemble's map is the mean of its members' maps for the label the ensemble ranks first, on the photo as given.
     """
     attribute = explained_attribute(model.config, attribute)
     pixel_values = pixel_values.to(model.device, model.dtype)
+    members = getattr(model, "members", None)  # an ensemble (duck-typed: remote-code classes are other objects)
+    if members is not None:
+        if label_ids is None:
+            with torch.no_grad():
+                label_ids = model(pixel_values=pixel_values).attribute_logits[attribute].argmax(-1)
+        cams = [_class_activation(member, pixel_values, attribute, label_ids)[0] for member in members]
+        size = cams[0].shape[-2:]
+        cams = torch.stack([F.interpolate(cam[:, None], size=size, mode="bilinear")[:, 0] for cam in cams]).mean(0)
+    else:
+        cams, label_ids = _class_activation(model, pixel_values, attribute, label_ids)
+    peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
+    maps = (cams / peak).cpu().numpy()
+    names = model.config.attributes[attribute]
+    return GradCam(attribute=attribute, labels=[names[i] for i in label_ids.tolist()], maps=maps)
+
+
+def _class_activation(model, pixel_values, attribute: str, label_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(cams, label_ids)`: one [`FashionTaggerModel`]'s unnormalised `(batch, h, w)` Grad-CAM maps."""
     with torch.enable_grad():
         features = model.encoder.forward_features(pixel_values)
         if not features.requires_grad:  # a frozen encoder: the gradient is still taken w.r.t. the features
@@ -63,11 +83,7 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
         chosen = logits.gather(1, label_ids[:, None]).sum()
         (gradients,) = torch.autograd.grad(chosen, features)
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)
-    cams = torch.relu((weights * features.detach().float()).sum(1))
-    peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    maps = (cams / peak).cpu().numpy()
-    names = model.config.attributes[attribute]
-    return GradCam(attribute=attribute, labels=[names[i] for i in label_ids.tolist()], maps=maps)
+    return torch.relu((weights * features.detach().float()).sum(1)), label_ids
 
 
 def _padded_canvas(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ its initial hidden state is a projection of the image embedding, and the image i
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import timm
 import torch
@@ -21,6 +22,7 @@ from .configuration_fashion_tagger import (
     PAD_TAG_ID,
     SPECIAL_TAGS,
     FashionTaggerConfig,
+    FashionTaggerEnsembleConfig,
 )
 
 
@@ -80,7 +82,19 @@ def tag_conflicts(config: FashionTaggerConfig, device=None) -> torch.Tensor:
     return conflicts
 
 
+def select_rows(state, rows: torch.Tensor):
+    """Batch rows of a decoder state: a `(layers, batch, hidden)` tensor, or tuples and lists of them (an LSTM's
+    `(h, c)`, an ensemble's member states)."""
+    if isinstance(state, torch.Tensor):
+        return state[:, rows]
+    return type(state)(select_rows(part, rows) for part in state)
+
+
 class FashionTaggerPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and tag decoding shared by the single model and the ensemble. Subclasses give
+    `encode_images` and `_decoding_start(image_embeds) -> (initial state, step)`, where
+    `step(tokens, state, banned) -> (next-tag log-probabilities, state)`."""
+
     config_class = FashionTaggerConfig
     base_model_prefix = "fashion_tagger"
     main_input_name = "pixel_values"
@@ -101,6 +115,113 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
                     nn.init.zeros_(weight)
                 else:
                     nn.init.orthogonal_(weight)
+
+    @torch.no_grad()
+    def generate_tags(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        num_beams: int = 1,
+        max_length: int | None = None,
+    ) -> list[list[dict]]:
+        """Decode the tag sequences of a whole batch at once.
+
+        Greedy when `num_beams == 1`, beam search otherwise. A sequence ends at `<eos>` or after `max_length` tags
+        (default `config.max_tag_length`), so decoding always terminates. A tag is never emitted twice, and an
+        attribute (e.g. articleType) contributes at most one tag.
+
+        Returns, per image, its hypotheses sorted by score (one for greedy, up to `num_beams` for beam search):
+        `{"tags": [{"tag", "group", "score"}, ...], "tag_ids": [...], "score": total log-probability}`, where a tag's
+        score is its probability at the step it was emitted.
+        """
+        if image_embeds is None:
+            image_embeds = self.encode_images(pixel_values)
+        max_length = self.config.max_tag_length if max_length is None else max_length
+        state, step = self._decoding_start(image_embeds)
+        batch, device = image_embeds.shape[0], image_embeds.device
+        conflicts = tag_conflicts(self.config, device)
+        if num_beams == 1:
+            decoded = self._greedy_decode(state, step, batch, device, max_length, conflicts)
+        else:
+            decoded = self._beam_decode(state, step, batch, device, max_length, num_beams, conflicts)
+        return self._hypotheses(*decoded)
+
+    def _initial_banned(self, rows: int, device) -> torch.Tensor:
+        banned = torch.zeros(rows, self.config.tag_vocab_size, dtype=torch.bool, device=device)
+        banned[:, [PAD_TAG_ID, BOS_TAG_ID]] = True
+        return banned
+
+    def _greedy_decode(self, state, step, batch, device, max_length, conflicts):
+        tokens = torch.full((batch,), BOS_TAG_ID, dtype=torch.long, device=device)
+        banned = self._initial_banned(batch, device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        scores = torch.zeros(batch, device=device)
+        tag_ids, tag_log_probs = [], []
+        for _ in range(max_length):
+            log_probs, state = step(tokens, state, banned)
+            step_log_probs, tokens = log_probs.max(-1)
+            tokens = tokens.masked_fill(finished, PAD_TAG_ID)
+            step_log_probs = step_log_probs.masked_fill(finished, 0.0)
+            scores += step_log_probs
+            tag_ids.append(tokens)
+            tag_log_probs.append(step_log_probs)
+            banned |= conflicts[tokens]
+            finished |= tokens == EOS_TAG_ID
+            if finished.all():
+                break
+        return torch.stack(tag_ids, 1)[:, None], torch.stack(tag_log_probs, 1)[:, None], scores[:, None]
+
+    def _beam_decode(self, state, step, batch, device, max_length, num_beams, conflicts):
+        vocab = self.config.tag_vocab_size
+        rows = batch * num_beams
+        state = select_rows(state, torch.arange(batch, device=device).repeat_interleave(num_beams))
+        tokens = torch.full((rows,), BOS_TAG_ID, dtype=torch.long, device=device)
+        banned = self._initial_banned(rows, device)
+        finished = torch.zeros(rows, dtype=torch.bool, device=device)
+        # All beams start identical: keep only the first alive so the first step does not pick one tag k times.
+        beam_scores = torch.full((batch, num_beams), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0
+        tag_ids = torch.empty(rows, 0, dtype=torch.long, device=device)
+        tag_log_probs = torch.empty(rows, 0, device=device)
+        row_offsets = (torch.arange(batch, device=device) * num_beams)[:, None]
+        for _ in range(max_length):
+            log_probs, state = step(tokens, state, banned)
+            # A finished hypothesis continues only with <pad>, at no cost, so it competes with live ones as it is.
+            log_probs[finished] = float("-inf")
+            log_probs[finished, PAD_TAG_ID] = 0.0
+            candidates = (beam_scores.view(-1, 1) + log_probs).view(batch, num_beams * vocab)
+            beam_scores, flat_index = candidates.topk(num_beams, dim=-1)
+            source_rows = (row_offsets + flat_index // vocab).view(-1)
+            tokens = (flat_index % vocab).view(-1)
+
+            step_log_probs = log_probs[source_rows, tokens]
+            state = select_rows(state, source_rows)
+            tag_ids = torch.cat([tag_ids[source_rows], tokens[:, None]], 1)
+            tag_log_probs = torch.cat([tag_log_probs[source_rows], step_log_probs[:, None]], 1)
+            banned = banned[source_rows] | conflicts[tokens]
+            finished = finished[source_rows] | (tokens == EOS_TAG_ID) | (tokens == PAD_TAG_ID)
+            if finished.all():
+                break
+        shape = (batch, num_beams, -1)
+        return tag_ids.view(shape), tag_log_probs.view(shape), beam_scores
+
+    def _hypotheses(self, tag_ids, tag_log_probs, scores) -> list[list[dict]]:
+        results = []
+        for image_ids, image_log_probs, image_scores in zip(tag_ids.tolist(), tag_log_probs.tolist(), scores.tolist()):
+            hypotheses = []
+            for ids, log_probs, score in zip(image_ids, image_log_probs, image_scores):
+                if score == float("-inf"):  # a beam that never had a valid continuation
+                    continue
+                tags, kept_ids = [], []
+                for tag_id, log_prob in zip(ids, log_probs):
+                    if tag_id in (EOS_TAG_ID, PAD_TAG_ID):
+                        break
+                    text, group = self.config.id_to_tag(tag_id)
+                    tags.append({"tag": text, "group": group, "score": math.exp(log_prob)})
+                    kept_ids.append(tag_id)
+                hypotheses.append({"tags": tags, "tag_ids": kept_ids, "score": score})
+            results.append(sorted(hypotheses, key=lambda hypothesis: hypothesis["score"], reverse=True))
+        return results
 
 
 class FashionTaggerModel(FashionTaggerPreTrainedModel):
@@ -262,115 +383,98 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         logits = self.tag_classifier(output).float().masked_fill(banned, float("-inf"))
         return logits.log_softmax(-1), state
 
-    def _initial_banned(self, rows: int, device) -> torch.Tensor:
-        banned = torch.zeros(rows, self.config.tag_vocab_size, dtype=torch.bool, device=device)
-        banned[:, [PAD_TAG_ID, BOS_TAG_ID]] = True
-        return banned
+    def _decoding_start(self, image_embeds: torch.Tensor):
+        """`(initial state, step)` for `generate_tags`, `step(tokens, state, banned) -> (log_probs, state)`."""
+        step = partial(
+            self._next_tag_log_probs,
+            input_gates=self._tag_input_gates(),
+            weights=self._recurrent_weights(image_embeds.device),
+        )
+        return self._initial_decoder_state(image_embeds), step
 
-    @torch.no_grad()
-    def generate_tags(
+def mean_of_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
+    """log(mean(exp(x))) over a list of log-probability tensors: the log of the averaged distribution."""
+    return torch.stack(log_probs).logsumexp(0) - math.log(len(log_probs))
+
+
+class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
+    """Trained fashion taggers combined: the average of their head probabilities and, step by step, of their
+    next-tag probabilities, so the decoder's tags follow the averaged heads. With `config.mirror_views` each member
+    also sees the mirror image of every photo. Inference only: train the members, then combine them
+    (`train/ensemble.py`).
+
+    `image_embeds` are `(batch, views, embed_dim)`: member by member, the photo then (with mirroring) its mirror.
+    """
+
+    config_class = FashionTaggerEnsembleConfig
+
+    def __init__(self, config: FashionTaggerEnsembleConfig):
+        super().__init__(config)
+        self.members = nn.ModuleList(FashionTaggerModel(member) for member in config.member_configs())
+        widths = {encoder_output_width(member.encoder) for member in self.members}
+        if len(widths) > 1:
+            raise ValueError(f"ensemble members must pool to one embedding width, got {sorted(widths)}")
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass  # each member initialised itself; an ensemble is built from trained members
+
+    @property
+    def views_per_member(self) -> int:
+        return 2 if self.config.mirror_views else 1
+
+    def _view_members(self) -> list[FashionTaggerModel]:
+        """The member that reads each view of `image_embeds`, in order."""
+        return [member for member in self.members for _ in range(self.views_per_member)]
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        views = [pixel_values, pixel_values.flip(-1)] if self.config.mirror_views else [pixel_values]
+        batch = torch.cat(views)  # one encoder call per member for all views
+        embeds = [member.encode_images(batch).view(len(views), pixel_values.shape[0], -1) for member in self.members]
+        return torch.cat(embeds).transpose(0, 1)
+
+    def forward(
         self,
         pixel_values: torch.Tensor | None = None,
+        attribute_labels: torch.Tensor | None = None,
+        tag_ids: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
-        num_beams: int = 1,
-        max_length: int | None = None,
-    ) -> list[list[dict]]:
-        """Decode the tag sequences of a whole batch at once.
+        **kwargs,
+    ) -> FashionTaggerOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Images from [`FashionTaggerImageProcessor`]. Not needed when `image_embeds` (from `encode_images`) are given.
 
-        Greedy when `num_beams == 1`, beam search otherwise. A sequence ends at `<eos>` or after `max_length` tags
-        (default `config.max_tag_length`), so decoding always terminates. A tag is never emitted twice, and an
-        attribute (e.g. articleType) contributes at most one tag.
-
-        Returns, per image, its hypotheses sorted by score (one for greedy, up to `num_beams` for beam search):
-        `{"tags": [{"tag", "group", "score"}, ...], "tag_ids": [...], "score": total log-probability}`, where a tag's
-        score is its probability at the step it was emitted.
+        `attribute_logits` are the log of the averaged probabilities: their softmax is that average.
         """
+        if attribute_labels is not None or tag_ids is not None:
+            raise ValueError("an ensemble is not trained: train its members, then combine them (train/ensemble.py)")
         if image_embeds is None:
+            if pixel_values is None:
+                raise ValueError("FashionTaggerEnsembleModel needs pixel_values or image_embeds")
             image_embeds = self.encode_images(pixel_values)
-        max_length = self.config.max_tag_length if max_length is None else max_length
-        conflicts = tag_conflicts(self.config, image_embeds.device)
-        input_gates = self._tag_input_gates()
-        weights = self._recurrent_weights(image_embeds.device)
-        if num_beams == 1:
-            decoded = self._greedy_decode(image_embeds, max_length, conflicts, input_gates, weights)
-        else:
-            decoded = self._beam_decode(image_embeds, max_length, num_beams, conflicts, input_gates, weights)
-        tag_ids, tag_log_probs, scores = decoded
-        return self._hypotheses(tag_ids, tag_log_probs, scores)
+        per_view = [
+            member(image_embeds=image_embeds[:, view]).attribute_logits
+            for view, member in enumerate(self._view_members())
+        ]
+        attribute_logits = {
+            name: mean_of_probabilities([logits[name].float().log_softmax(-1) for logits in per_view])
+            for name in self.config.attributes
+        }
+        return FashionTaggerOutput(attribute_logits=attribute_logits, image_embeds=image_embeds)
 
-    def _greedy_decode(self, features, max_length, conflicts, input_gates, weights):
-        batch = features.shape[0]
-        state = self._initial_decoder_state(features)
-        tokens = torch.full((batch,), BOS_TAG_ID, dtype=torch.long, device=features.device)
-        banned = self._initial_banned(batch, features.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=features.device)
-        scores = torch.zeros(batch, device=features.device)
-        tag_ids, tag_log_probs = [], []
-        for _ in range(max_length):
-            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates, weights)
-            step_log_probs, tokens = log_probs.max(-1)
-            tokens = tokens.masked_fill(finished, PAD_TAG_ID)
-            step_log_probs = step_log_probs.masked_fill(finished, 0.0)
-            scores += step_log_probs
-            tag_ids.append(tokens)
-            tag_log_probs.append(step_log_probs)
-            banned |= conflicts[tokens]
-            finished |= tokens == EOS_TAG_ID
-            if finished.all():
-                break
-        return torch.stack(tag_ids, 1)[:, None], torch.stack(tag_log_probs, 1)[:, None], scores[:, None]
+    def _decoding_start(self, image_embeds: torch.Tensor):
+        states, steps = [], []
+        for view, member in enumerate(self._view_members()):
+            state, step = member._decoding_start(image_embeds[:, view])
+            states.append(state)
+            steps.append(step)
 
-    def _beam_decode(self, features, max_length, num_beams, conflicts, input_gates, weights):
-        batch, vocab, device = features.shape[0], self.config.tag_vocab_size, features.device
-        rows = batch * num_beams
-        state = self._initial_decoder_state(features.repeat_interleave(num_beams, 0))
-        tokens = torch.full((rows,), BOS_TAG_ID, dtype=torch.long, device=device)
-        banned = self._initial_banned(rows, device)
-        finished = torch.zeros(rows, dtype=torch.bool, device=device)
-        # All beams start identical: keep only the first alive so the first step does not pick one tag k times.
-        beam_scores = torch.full((batch, num_beams), float("-inf"), device=device)
-        beam_scores[:, 0] = 0.0
-        tag_ids = torch.empty(rows, 0, dtype=torch.long, device=device)
-        tag_log_probs = torch.empty(rows, 0, device=device)
-        row_offsets = (torch.arange(batch, device=device) * num_beams)[:, None]
-        for _ in range(max_length):
-            log_probs, state = self._next_tag_log_probs(tokens, state, banned, input_gates, weights)
-            # A finished hypothesis continues only with <pad>, at no cost, so it competes with live ones as it is.
-            log_probs[finished] = float("-inf")
-            log_probs[finished, PAD_TAG_ID] = 0.0
-            candidates = (beam_scores.view(-1, 1) + log_probs).view(batch, num_beams * vocab)
-            beam_scores, flat_index = candidates.topk(num_beams, dim=-1)
-            source_rows = (row_offsets + flat_index // vocab).view(-1)
-            tokens = (flat_index % vocab).view(-1)
+        def step(tokens, states, banned):
+            log_probs, states = zip(*(member_step(tokens, state, banned) for member_step, state in zip(steps, states)))
+            return mean_of_probabilities(list(log_probs)), list(states)
 
-            step_log_probs = log_probs[source_rows, tokens]
-            state = tuple(s[:, source_rows] for s in state) if isinstance(state, tuple) else state[:, source_rows]
-            tag_ids = torch.cat([tag_ids[source_rows], tokens[:, None]], 1)
-            tag_log_probs = torch.cat([tag_log_probs[source_rows], step_log_probs[:, None]], 1)
-            banned = banned[source_rows] | conflicts[tokens]
-            finished = finished[source_rows] | (tokens == EOS_TAG_ID) | (tokens == PAD_TAG_ID)
-            if finished.all():
-                break
-        shape = (batch, num_beams, -1)
-        return tag_ids.view(shape), tag_log_probs.view(shape), beam_scores
-
-    def _hypotheses(self, tag_ids, tag_log_probs, scores) -> list[list[dict]]:
-        results = []
-        for image_ids, image_log_probs, image_scores in zip(tag_ids.tolist(), tag_log_probs.tolist(), scores.tolist()):
-            hypotheses = []
-            for ids, log_probs, score in zip(image_ids, image_log_probs, image_scores):
-                if score == float("-inf"):  # a beam that never had a valid continuation
-                    continue
-                tags, kept_ids = [], []
-                for tag_id, log_prob in zip(ids, log_probs):
-                    if tag_id in (EOS_TAG_ID, PAD_TAG_ID):
-                        break
-                    text, group = self.config.id_to_tag(tag_id)
-                    tags.append({"tag": text, "group": group, "score": math.exp(log_prob)})
-                    kept_ids.append(tag_id)
-                hypotheses.append({"tags": tags, "tag_ids": kept_ids, "score": score})
-            results.append(sorted(hypotheses, key=lambda hypothesis: hypothesis["score"], reverse=True))
-        return results
+        return states, step
 
 
-__all__ = ["FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]
+__all__ = ["FashionTaggerEnsembleModel", "FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]

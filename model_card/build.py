@@ -43,7 +43,7 @@ HUB_DATASET_IDS = {  # evaluate.py's dataset names -> their Hub ids
 WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
 TRAIN_SIZE_KEYS = ("train_examples", "train_images")
 SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
-RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages",
+RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages", "members",
                *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
 DETAIL_GROUP = "detail"
 
@@ -114,19 +114,50 @@ def _first(recipe: dict, keys):
     return next((recipe[key] for key in keys if recipe.get(key) is not None), None)
 
 
-def _stages(recipe: dict) -> tuple[list[dict], str | None]:
-    """Each training stage's command, wall time and hardware, first stage first, and their total time (None with
-    one stage, or when a stage's time is not recorded)."""
-    stages, total = [], 0.0
-    for stage in [*(recipe.get("previous_stages") or []), recipe]:
-        seconds = _first(stage, WALL_TIME_KEYS)
-        total = None if seconds is None or total is None else total + float(seconds)
-        wall_time = format_duration(seconds) if seconds is not None else stage.get("wall_time", "not recorded")
-        stages.append({
-            "command": stage["command"], "wall_time": wall_time, "hardware": stage.get("hardware", "not recorded"),
-            "note": stage.get("wall_time_note"),
-        })  # fmt: skip
-    return stages, (format_duration(total) if total is not None and len(stages) > 1 else None)
+def _stage(stage: dict, heading: str | None) -> dict:
+    seconds = _first(stage, WALL_TIME_KEYS)
+    return {
+        "heading": heading,
+        "command": stage["command"],
+        "wall_time": format_duration(seconds) if seconds is not None else stage.get("wall_time", "not recorded"),
+        "hardware": stage.get("hardware", "not recorded"),
+        "note": stage.get("wall_time_note"),
+        "seconds": seconds,
+    }
+
+
+def _lineage(runs: list[dict], member: str | None = None) -> list[dict]:
+    """One model's training runs, first first; each headed with its place in the sequence (and the ensemble member
+    it trained) unless a single model was trained in one run."""
+    if len(runs) == 1 and member is None:
+        return [_stage(runs[0], None)]
+    stages = []
+    for number, run in enumerate(runs, 1):
+        place = f"stage {number} of {len(runs)}"
+        heading = f"{member}, {place}" if member else place.capitalize()
+        if number > 1:
+            heading += f", starting from the model of {'its' if member else ''} stage {number - 1}".replace("  ", " ")
+        stages.append(_stage(run, heading + ":"))
+    return stages
+
+
+def _stages(recipe: dict, member_encoders: list[str] | None = None) -> tuple[list[dict], str | None]:
+    """Each training run's heading, command, wall time and hardware, in order, and their total time (None with one
+    run, or when a run's time is not recorded). An ensemble's recipe has `members`, each with its `stages`: every
+    member's runs come first, then the run that combined them."""
+    members = recipe.get("members") or []
+    if members:
+        encoders = member_encoders or [None] * len(members)
+        stages = []
+        for number, (member, encoder) in enumerate(zip(members, encoders), 1):
+            name = f"Member {number} of {len(members)}" + (f" (`{encoder}`)" if encoder else "")
+            stages += _lineage(member.get("stages", []), name)
+        stages.append(_stage(recipe, "The members combined into the ensemble:"))
+    else:
+        stages = _lineage([*(recipe.get("previous_stages") or []), recipe])
+    times = [stage.pop("seconds") for stage in stages]
+    total = None if len(stages) < 2 or None in times else format_duration(sum(float(t) for t in times))
+    return stages, total
 
 
 def _hyperparameters(recipe: dict) -> list[dict]:
@@ -224,7 +255,8 @@ def build_model_card(
 
     attributes = config.get("attributes", {})
     tags = config.get("tags", [])
-    stages, total_wall_time = _stages(recipe)
+    members = config.get("members") if config.get("model_type") == "fashion-tagger-ensemble" else None
+    stages, total_wall_time = _stages(recipe, [member["encoder_name"] for member in members or []])
     confusion_head = metrics.get("confusion_matrix_attribute")
     titles = dict(PLOTS)
     if confusion_head:
@@ -247,6 +279,9 @@ def build_model_card(
         attribute_names=list(attributes),
         heads=[{"name": name, "num_labels": len(labels)} for name, labels in attributes.items()],
         encoder_name=config.get("encoder_name"),
+        members=members,
+        mirror_views=config.get("mirror_views", False),
+        weights_dtype=(recipe.get("arguments") or {}).get("weights_dtype"),
         image_height=height,
         image_width=width,
         decoder_type=config.get("decoder_type", "gru"),

@@ -13,6 +13,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import accuracy_levers  # noqa: E402
 import bench_decoding  # noqa: E402
+import bench_models  # noqa: E402
 import bench_pipeline  # noqa: E402
 import encoder_probe  # noqa: E402
 
@@ -61,6 +62,26 @@ def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_c
         predicted = [attributes[name][index] for index in logits[name].argmax(-1).tolist()]
         expected = sum(p == t for p, t in zip(predicted, dataset[name])) / len(predicted)
         assert float(plain[position]) == pytest.approx(expected, abs=5e-5)
+
+
+def test_model_cost_benchmark_times_each_folder_against_the_first(capsys, tmp_path, tiny_model_dir):
+    write_product_parquet(tmp_path / "products", "validation", 6)
+    single = fashion_hf.FashionTaggerModel.from_pretrained(tiny_model_dir)
+    ensemble = fashion_hf.FashionTaggerEnsembleModel(fashion_hf.FashionTaggerEnsembleConfig.from_members([single.config]))
+    ensemble.members[0].load_state_dict(single.state_dict())
+    ensemble.save_pretrained(tmp_path / "ensemble")
+    fashion_hf.FashionTaggerImageProcessor.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "ensemble")
+    folders = [str(tiny_model_dir), str(tmp_path / "ensemble")]
+
+    results = bench_models.main([*folders, "--data-source", str(tmp_path / "products"), "--single", "2", "--repeats", "2"])
+    output = capsys.readouterr().out
+    assert "2 photos one by one and 6 in batches of 32 per round, 2 rounds" in output
+    rows = {line.split("|")[1].strip(): line for line in output.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in folders}
+    assert "| test_efficientnet |" in rows[folders[0]] and "| test_efficientnet, with mirrored photos |" in rows[folders[1]]
+    assert rows[folders[0]].count("| 1.00x (1.00-1.00) |") == 2  # the first against itself
+    assert all(results[folder]["ms_per_photo"] > 0 and results[folder]["photos_per_s"] > 0 for folder in folders)
+    with pytest.raises(SystemExit):
+        bench_models.main([folders[0], folders[0]])
 
 
 def test_encoder_probe_separates_colours_with_imagenet_features(capsys, tmp_path):

@@ -182,8 +182,8 @@ def test_beam_width_one_reproduces_greedy_exactly():
     assert [h[0]["tag_ids"] for h in greedy] == [h[0]["tag_ids"] for h in beam]
     # And the beam-search code path itself, at width 1, agrees with greedy.
     conflicts = tag_conflicts(model.config)
-    features, gates, weights = model.encode_images(x), model._tag_input_gates(), model._recurrent_weights(x.device)
-    ids, log_probs, scores = model._beam_decode(features, model.config.max_tag_length, 1, conflicts, gates, weights)
+    state, step = model._decoding_start(model.encode_images(x))
+    ids, log_probs, scores = model._beam_decode(state, step, len(x), x.device, model.config.max_tag_length, 1, conflicts)
     beam_tags = model._hypotheses(ids, log_probs, scores)
     assert [h[0]["tag_ids"] for h in beam_tags] == [h[0]["tag_ids"] for h in greedy]
     assert [h[0]["score"] for h in beam_tags] == pytest.approx([h[0]["score"] for h in greedy], abs=1e-5)

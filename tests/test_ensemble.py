@@ -1,0 +1,217 @@
+"""FashionTaggerEnsembleModel: averaged heads and decoding, float16 storage, Auto classes, remote code, the pipeline,
+Grad-CAM, and train/ensemble.py end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import REPO, tagging_model
+from safetensors import safe_open
+from transformers import AutoModel, pipeline
+
+from fashion_hf import (
+    FashionTaggerEnsembleConfig,
+    FashionTaggerEnsembleModel,
+    FashionTaggerImageProcessor,
+    FashionTaggerModel,
+)
+from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID
+from fashion_hf.explain import grad_cam
+from fashion_hf.modeling_fashion_tagger import tag_conflicts
+from train import ensemble as ensemble_script
+
+
+def pixels(batch=3, seed=0, size=(64, 48)):
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def members():
+    """Two differently built and initialised tiny taggers on one vocabulary (the second an LSTM)."""
+    first = tagging_model()
+    torch.manual_seed(1)
+    second = tagging_model(decoder_type="lstm", decoder_hidden_size=24)
+    return [first, second]
+
+
+def ensemble_of(models, mirror_views=True) -> FashionTaggerEnsembleModel:
+    config = FashionTaggerEnsembleConfig.from_members([model.config for model in models], mirror_views)
+    ensemble = FashionTaggerEnsembleModel(config)
+    for slot, model in zip(ensemble.members, models):
+        slot.load_state_dict(model.state_dict())
+    return ensemble.eval()
+
+
+def views(x, mirror_views):
+    return [x, x.flip(-1)] if mirror_views else [x]
+
+
+@pytest.mark.parametrize("mirror_views", [True, False])
+def test_heads_give_the_mean_of_the_members_probabilities_over_the_views(mirror_views):
+    models, x = members(), pixels()
+    ensemble = ensemble_of(models, mirror_views)
+    with torch.no_grad():
+        combined = ensemble(pixel_values=x).attribute_logits
+        for name in ensemble.config.attributes:
+            expected = torch.stack([
+                model(pixel_values=view).attribute_logits[name].softmax(-1)
+                for model in models for view in views(x, mirror_views)
+            ]).mean(0)  # fmt: skip
+            assert torch.allclose(combined[name].softmax(-1), expected, atol=1e-6)
+            assert torch.allclose(combined[name].exp().sum(-1), torch.ones(len(x)), atol=1e-5)
+
+
+def test_the_first_tag_is_the_one_the_averaged_next_tag_probabilities_rank_first():
+    models, x = members(), pixels()
+    ensemble = ensemble_of(models)
+    tokens = torch.full((len(x),), BOS_TAG_ID)
+    banned = ensemble._initial_banned(len(x), x.device)
+    with torch.no_grad():
+        first_step = []
+        for model in models:
+            for view in views(x, True):
+                state, step = model._decoding_start(model.encode_images(view))
+                first_step.append(step(tokens, state, banned)[0].exp())
+        averaged = torch.stack(first_step).mean(0)
+        hypotheses = ensemble.generate_tags(x)
+    for row, (image,) in enumerate(hypotheses):
+        first = image["tag_ids"][0]
+        assert first == averaged[row].argmax().item()
+        assert image["tags"][0]["score"] == pytest.approx(averaged[row, first].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_an_ensemble_of_one_member_without_mirroring_tags_as_that_member(num_beams):
+    model, x = tagging_model(), pixels(4)
+    ensemble = ensemble_of([model], mirror_views=False)
+    alone, combined = model.generate_tags(x, num_beams=num_beams), ensemble.generate_tags(x, num_beams=num_beams)
+    assert [[h["tag_ids"] for h in image] for image in combined] == [[h["tag_ids"] for h in image] for image in alone]
+    assert [h["score"] for image in combined for h in image] == pytest.approx([h["score"] for image in alone for h in image], abs=1e-5)
+
+
+def test_beam_search_over_the_ensemble_keeps_the_tag_rules():
+    ensemble, x = ensemble_of(members()), pixels(4)
+    conflicts = tag_conflicts(ensemble.config)
+    to_id = ensemble.config.tag_to_id()
+    for image in ensemble.generate_tags(x, num_beams=3):
+        assert len(image) == 3
+        assert [h["score"] for h in image] == sorted((h["score"] for h in image), reverse=True)
+        for hypothesis in image:
+            ids = [to_id[f"{tag['group']}:{tag['tag']}"] for tag in hypothesis["tags"]]
+            assert ids == hypothesis["tag_ids"] and len(ids) <= ensemble.config.max_tag_length
+            assert not any(conflicts[a, b] for i, a in enumerate(ids) for b in ids[i + 1 :])
+
+
+def test_members_must_share_the_vocabularies_and_input():
+    first = tagging_model()
+    with pytest.raises(ValueError, match="share attributes"):
+        FashionTaggerEnsembleConfig.from_members([first.config, tagging_model(attributes={"gender": ["Men", "Women"]}).config])
+    with pytest.raises(ValueError, match="share image_size"):
+        FashionTaggerEnsembleConfig.from_members([first.config, tagging_model(image_size=(96, 72)).config])
+    with pytest.raises(ValueError, match="only"):
+        FashionTaggerEnsembleConfig(members=[{"encoder_name": "test_efficientnet", "attributes": {}}])
+
+
+def test_an_ensemble_is_not_trained_directly():
+    ensemble = ensemble_of(members())
+    with pytest.raises(ValueError, match="train its members"):
+        ensemble(pixel_values=pixels(), attribute_labels=torch.zeros(3, len(ensemble.config.attributes), dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def ensemble_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ensemble")
+    models = members()
+    ensemble_script.save(ensemble_of(models), folder, torch.float16)
+    FashionTaggerImageProcessor.from_model_config(models[0].config).save_pretrained(folder)
+    return folder, models
+
+
+def test_weights_are_stored_in_float16_and_load_as_float32(ensemble_dir):
+    folder, models = ensemble_dir
+    with safe_open(folder / "model.safetensors", "pt") as stored:
+        dtypes = {stored.get_slice(name).get_dtype() for name in stored.keys()}
+    assert dtypes == {"F16", "I64"}  # batch-norm counters stay integers
+    loaded = AutoModel.from_pretrained(folder).eval()
+    assert isinstance(loaded, FashionTaggerEnsembleModel) and loaded.config.mirror_views
+    assert {parameter.dtype for parameter in loaded.parameters()} == {torch.float32}
+    x = pixels()
+    with torch.no_grad():
+        original = ensemble_of(models)(pixel_values=x).attribute_logits
+        reloaded = loaded(pixel_values=x).attribute_logits
+    for name in original:
+        assert torch.allclose(reloaded[name].exp(), original[name].exp(), atol=2e-3)
+
+
+def test_the_pipeline_serves_an_ensemble_folder(ensemble_dir, photo):
+    folder, _ = ensemble_dir
+    tagger = pipeline("fashion-tagging", model=str(folder))
+    model, processor = tagger.model, tagger.image_processor
+    result = tagger(photo, top_k=2)
+    with torch.no_grad():
+        logits = model(**processor(photo, return_tensors="pt")).attribute_logits
+    for name, labels in result["attributes"].items():
+        top = logits[name][0].softmax(-1).max()
+        assert labels[0]["label"] == model.config.attributes[name][logits[name][0].argmax()]
+        assert labels[0]["score"] == pytest.approx(top.item(), abs=1e-5)
+    assert result["tags"] and all(0 < tag["score"] <= 1 for tag in result["tags"])
+
+
+def test_trust_remote_code_loads_an_ensemble_where_fashion_hf_is_not_installed(ensemble_dir, tmp_path):
+    folder, _ = ensemble_dir
+    model = AutoModel.from_pretrained(folder).eval()
+    x = pixels(2)
+    with torch.no_grad():
+        expected = model(x).attribute_logits["articleType"].tolist()
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import json, sys, torch
+        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            logits = model(x).attribute_logits["articleType"].tolist()
+            tags = model.generate_tags(x, num_beams=2)[0][0]["tags"]
+        print(json.dumps({{"class": type(model).__name__, "module": type(model).__module__, "logits": logits,
+                          "tags": len(tags)}}))
+    """)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["class"] == "FashionTaggerEnsembleModel" and loaded["module"].startswith("transformers_modules")
+    assert torch.allclose(torch.tensor(loaded["logits"]), torch.tensor(expected), atol=1e-5)
+    assert loaded["tags"] > 0
+
+
+def test_grad_cam_of_an_ensemble_explains_the_ensembles_top_label():
+    ensemble, x = ensemble_of(members()), pixels(2)
+    explanation = grad_cam(ensemble, x, "articleType")
+    with torch.no_grad():
+        top = ensemble(pixel_values=x).attribute_logits["articleType"].argmax(-1)
+    assert explanation.labels == [ensemble.config.attributes["articleType"][i] for i in top.tolist()]
+    assert explanation.maps.shape[0] == 2 and explanation.maps.min() >= 0 and explanation.maps.max() <= 1 + 1e-6
+
+
+def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_its_card(trained, tiny_catalogue, tmp_path):
+    member = trained[0] / "model"
+    output = tmp_path / "ensemble"
+    ensemble_script.main([str(member), str(member), "--output-dir", str(output), "--dataset", str(tiny_catalogue)])
+    model = AutoModel.from_pretrained(output)
+    assert isinstance(model, FashionTaggerEnsembleModel) and len(model.members) == 2
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["n_images"] == 12 and 0 <= metrics["attributes"]["articleType"]["top1"] <= 1
+    recipe = json.loads((output / "recipe.json").read_text())
+    card = (output / "README.md").read_text()
+    assert recipe["members"][0]["stages"] and recipe["members"][0]["stages"][-1]["command"] in card
+    assert "Member 1 of 2 (`test_efficientnet`)" in card and "The members combined into the ensemble:" in card
+    assert "train/ensemble.py" in card and "stored in float16" in card
+    assert f"{metrics['attributes']['articleType']['top1']:.4f}"[:4] in card
+    assert sorted(path.name for path in output.glob("*.py")) == [
+        "configuration_fashion_tagger.py", "image_processing_fashion_tagger.py", "modeling_fashion_tagger.py"
+    ]  # fmt: skip
+    assert isinstance(FashionTaggerModel.from_pretrained(member), FashionTaggerModel)  # the members are untouched
