@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import REPO, tagging_model
+from gradio_server import import_app
 from safetensors import safe_open
 from transformers import AutoModel, pipeline
 
@@ -186,6 +188,15 @@ def test_trust_remote_code_loads_an_ensemble_where_fashion_hf_is_not_installed(e
     assert loaded["class"] == "FashionTaggerEnsembleModel" and loaded["module"].startswith("transformers_modules")
     assert torch.allclose(torch.tensor(loaded["logits"]), torch.tensor(expected), atol=1e-5)
     assert loaded["tags"] > 0
+
+
+def test_the_apps_model_tab_names_every_member_encoder(ensemble_dir):
+    folder, _ = ensemble_dir
+    app = import_app()
+    tagger = app.load_tagger(app.Settings(model=str(folder)))
+    service = SimpleNamespace(config=tagger.model.config, settings=app.Settings(model=str(folder)), model_id=str(folder),
+                              revision="local", detail_tags=[])  # fmt: skip
+    assert "**Encoder:** `test_efficientnet + test_efficientnet, with mirrored photos` at 64x48 px" in app.model_card_markdown(service)
 
 
 def test_grad_cam_of_an_ensemble_explains_the_ensembles_top_label():
