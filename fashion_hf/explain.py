@@ -58,6 +58,7 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
         if label_ids is None:
             with torch.no_grad():
                 label_ids = model(pixel_values=pixel_values).attribute_logits[attribute].argmax(-1)
+        label_ids = torch.as_tensor(label_ids, device=pixel_values.device).long().view(-1)
         cams = [_class_activation(member, pixel_values, attribute, label_ids)[0] for member in members]
         size = cams[0].shape[-2:]
         cams = torch.stack([F.interpolate(cam[:, None], size=size, mode="bilinear")[:, 0] for cam in cams]).mean(0)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, tagging_model
@@ -206,6 +207,10 @@ def test_grad_cam_of_an_ensemble_explains_the_ensembles_top_label():
         top = ensemble(pixel_values=x).attribute_logits["articleType"].argmax(-1)
     assert explanation.labels == [ensemble.config.attributes["articleType"][i] for i in top.tolist()]
     assert explanation.maps.shape[0] == 2 and explanation.maps.min() >= 0 and explanation.maps.max() <= 1 + 1e-6
+    chosen = grad_cam(ensemble, x, "articleType", label_ids=[0, 1])
+    assert chosen.labels == ensemble.config.attributes["articleType"][:2]
+    members_maps = [grad_cam(member, x, "articleType", label_ids=[0, 1]).maps for member in ensemble.members]
+    assert not all(np.allclose(chosen.maps, maps) for maps in members_maps)  # both members contribute
 
 
 def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_its_card(trained, tiny_catalogue, tmp_path):
