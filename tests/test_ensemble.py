@@ -7,7 +7,9 @@ import subprocess
 import sys
 import textwrap
 from types import SimpleNamespace
+from unittest import mock
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -213,10 +215,20 @@ def test_grad_cam_of_an_ensemble_explains_the_ensembles_top_label():
     assert not all(np.allclose(chosen.maps, maps) for maps in members_maps)  # both members contribute
 
 
-def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_its_card(trained, tiny_catalogue, tmp_path):
+def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_its_card(
+    trained, tiny_catalogue, tmp_path, monkeypatch
+):
     member = trained[0] / "model"
     output = tmp_path / "ensemble"
-    ensemble_script.main([str(member), str(member), "--output-dir", str(output), "--dataset", str(tiny_catalogue)])
+    hub = mock.MagicMock()
+    hub.upload_folder.return_value = mock.Mock(commit_url="https://huggingface.co/me/tagger-ensemble/commit/abc")
+    monkeypatch.setattr(huggingface_hub, "HfApi", mock.Mock(return_value=hub))
+    ensemble_script.main([str(member), str(member), "--output-dir", str(output), "--dataset", str(tiny_catalogue),
+                          "--push-to-hub", "me/tagger-ensemble"])  # fmt: skip
+    hub.create_repo.assert_called_once_with("me/tagger-ensemble", repo_type="model", private=False, exist_ok=True)
+    upload = hub.upload_folder.call_args.kwargs
+    assert upload["repo_id"] == "me/tagger-ensemble" and upload["repo_type"] == "model"
+    assert upload["folder_path"] == str(output) and "fashion tagger" in upload["commit_message"]
     model = AutoModel.from_pretrained(output)
     assert isinstance(model, FashionTaggerEnsembleModel) and len(model.members) == 2
     metrics = json.loads((output / "metrics.json").read_text())
@@ -225,7 +237,7 @@ def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_i
     card = (output / "README.md").read_text()
     assert recipe["members"][0]["stages"] and recipe["members"][0]["stages"][-1]["command"] in card
     assert "Member 1 of 2 (`test_efficientnet`)" in card and "The members combined into the ensemble:" in card
-    assert "train/ensemble.py" in card and "stored in float16" in card
+    assert "train/ensemble.py" in card and "stored in float16" in card and "me/tagger-ensemble" in card
     assert f"{metrics['attributes']['articleType']['top1']:.4f}"[:4] in card
     assert sorted(path.name for path in output.glob("*.py")) == [
         "configuration_fashion_tagger.py", "image_processing_fashion_tagger.py", "modeling_fashion_tagger.py"
