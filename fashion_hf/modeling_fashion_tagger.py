@@ -226,6 +226,11 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
 
 class FashionTaggerModel(FashionTaggerPreTrainedModel):
     def __init__(self, config: FashionTaggerConfig):
+        if getattr(config, "members", None) is not None:  # else from_pretrained would quietly initialise at random
+            raise ValueError(
+                "this config describes an ensemble: load it with AutoModel or FashionTaggerEnsembleModel, and train "
+                "(--init-from) from one of its members' folders"
+            )
         super().__init__(config)
         self.encoder = create_encoder(config)
         embed_dim = encoder_output_width(self.encoder)

@@ -28,6 +28,7 @@ from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID
 from fashion_hf.explain import grad_cam
 from fashion_hf.modeling_fashion_tagger import tag_conflicts
 from train import ensemble as ensemble_script
+from train.distillation import load_teachers, teacher_probabilities
 
 
 def pixels(batch=3, seed=0, size=(64, 48)):
@@ -149,6 +150,25 @@ def test_weights_are_stored_in_float16_and_load_as_float32(ensemble_dir):
         reloaded = loaded(pixel_values=x).attribute_logits
     for name in original:
         assert torch.allclose(reloaded[name].exp(), original[name].exp(), atol=2e-3)
+
+
+def test_the_single_model_class_refuses_an_ensemble_folder_instead_of_initialising_at_random(ensemble_dir):
+    folder, _ = ensemble_dir
+    with pytest.raises(ValueError, match="describes an ensemble"):
+        FashionTaggerModel.from_pretrained(folder)
+
+
+def test_an_ensemble_can_teach_a_distilled_model(ensemble_dir):
+    folder, models = ensemble_dir
+    (teacher,) = load_teachers([folder], models[0].config, "cpu")
+    x = pixels()
+    with torch.no_grad():
+        expected = teacher(pixel_values=x).attribute_logits
+    soft_targets = teacher_probabilities([teacher], x, temperature=1.0)
+    for name in expected:
+        assert torch.allclose(soft_targets[name], expected[name].exp(), atol=1e-6)
+    with pytest.raises(SystemExit, match="differ"):
+        load_teachers([folder], tagging_model(attributes={"gender": ["Men", "Women"]}).config, "cpu")
 
 
 def test_the_pipeline_serves_an_ensemble_folder(ensemble_dir, photo):

@@ -10,14 +10,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fashion_hf import FashionTaggerModel
+from transformers import AutoModel
+
+import fashion_hf  # noqa: F401  (registers the taggers with AutoModel)
 
 
-def load_teachers(folders: list[str | Path], student_config, device) -> list[FashionTaggerModel]:
-    """Frozen teachers in eval mode; each must have the student's heads and labels, in the same order."""
+def load_teachers(folders: list[str | Path], student_config, device) -> list:
+    """Frozen teachers in eval mode, single taggers or ensembles; each must have the student's heads and labels, in
+    the same order."""
     teachers = []
     for folder in folders:
-        teacher = FashionTaggerModel.from_pretrained(folder).eval().requires_grad_(False)
+        teacher = AutoModel.from_pretrained(folder).eval().requires_grad_(False)
         if teacher.config.attributes != student_config.attributes:
             raise SystemExit(f"--distill-from {folder}: its heads or labels differ from the model being trained")
         teachers.append(teacher.to(device))
@@ -25,7 +28,7 @@ def load_teachers(folders: list[str | Path], student_config, device) -> list[Fas
 
 
 @torch.no_grad()
-def teacher_probabilities(teachers: list[FashionTaggerModel], pixel_values: torch.Tensor, temperature: float) -> dict:
+def teacher_probabilities(teachers: list, pixel_values: torch.Tensor, temperature: float) -> dict:
     """Per head, the teachers' softmax at `temperature`, averaged over the teachers."""
     outputs = [teacher(pixel_values=pixel_values).attribute_logits for teacher in teachers]
     return {
