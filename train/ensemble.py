@@ -27,7 +27,7 @@ from fashion_hf import (  # noqa: E402
     FashionTaggerModel,
 )
 from fashion_hf import data  # noqa: E402
-from train.train import push_to_hub  # noqa: E402
+from train.train import previous_stages, push_to_hub  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -64,16 +64,6 @@ def save(ensemble: FashionTaggerEnsembleModel, folder: Path, weights_dtype: torc
     ensemble.save_pretrained(folder, state_dict=state_dict)
 
 
-def member_recipe(folder: str) -> dict:
-    """A member's training runs (its recipe.json), first stage first, for the card."""
-    path = Path(folder) / "recipe.json"
-    if not path.is_file():
-        return {"folder": folder, "stages": []}
-    recipe = json.loads(path.read_text())
-    last = {key: recipe[key] for key in ("command", "wall_time_seconds", "hardware", "wall_time_note") if key in recipe}
-    return {"folder": folder, "stages": [*recipe.get("previous_stages", []), last]}
-
-
 def main(argv=None) -> Path:
     from model_card.build import build_model_card
     from train.evaluate import load_eval_dataset, write_evaluation
@@ -99,7 +89,7 @@ def main(argv=None) -> Path:
         "hardware": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dataset_id": dataset_id,
         "base_model": base_models,
-        "members": [member_recipe(folder) for folder in args.members],
+        "members": [{"folder": folder, "stages": previous_stages(folder)} for folder in args.members],
         "arguments": vars(args),
     }
     (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))

@@ -468,9 +468,10 @@ def main(argv=None):
         finish(args, output_dir, processor, eval_set, recipe, list(config.attributes))
 
 
-def previous_stages(init_from: str | None) -> list[dict]:
-    """The runs that trained `--init-from`'s model, first first, from its recipe.json (none for other starts)."""
-    recipe_path = Path(init_from) / "recipe.json" if init_from else None
+def previous_stages(model_folder: str | None) -> list[dict]:
+    """The runs that trained the model in `model_folder` (an `--init-from` start, an ensemble member), first first,
+    from its recipe.json; none without one."""
+    recipe_path = Path(model_folder) / "recipe.json" if model_folder else None
     if recipe_path is None or not recipe_path.is_file():
         return []
     earlier = json.loads(recipe_path.read_text())
