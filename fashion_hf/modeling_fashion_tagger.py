@@ -116,6 +116,14 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
                 else:
                     nn.init.orthogonal_(weight)
 
+    def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The given embeddings (cached, or shared between `forward` and `generate_tags`), else the encoder's."""
+        if image_embeds is not None:
+            return image_embeds
+        if pixel_values is None:
+            raise ValueError(f"{type(self).__name__} needs pixel_values or image_embeds")
+        return self.encode_images(pixel_values)
+
     @torch.no_grad()
     def generate_tags(
         self,
@@ -134,8 +142,7 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
         `{"tags": [{"tag", "group", "score"}, ...], "tag_ids": [...], "score": total log-probability}`, where a tag's
         score is its probability at the step it was emitted.
         """
-        if image_embeds is None:
-            image_embeds = self.encode_images(pixel_values)
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
         max_length = self.config.max_tag_length if max_length is None else max_length
         state, step = self._decoding_start(image_embeds)
         batch, device = image_embeds.shape[0], image_embeds.device
@@ -275,10 +282,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         tag_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             `<bos> tag ... tag <eos>` padded with `<pad>`, for teacher forcing.
         """
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("FashionTaggerModel needs pixel_values or image_embeds")
-            image_embeds = self.encode_images(pixel_values)
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
         features = self.dropout(image_embeds)
         attribute_logits = {name: head(features) for name, head in self.heads.items()}
         tag_logits = self._teacher_forced_tag_logits(features, tag_ids) if tag_ids is not None else None
@@ -454,10 +458,7 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         """
         if attribute_labels is not None or tag_ids is not None:
             raise ValueError("an ensemble is not trained: train its members, then combine them (train/ensemble.py)")
-        if image_embeds is None:
-            if pixel_values is None:
-                raise ValueError("FashionTaggerEnsembleModel needs pixel_values or image_embeds")
-            image_embeds = self.encode_images(pixel_values)
+        image_embeds = self._image_embeds(pixel_values, image_embeds)
         per_view = [
             member(image_embeds=image_embeds[:, view]).attribute_logits
             for view, member in enumerate(self._view_members())

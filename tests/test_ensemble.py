@@ -121,6 +121,13 @@ def test_members_must_share_the_vocabularies_and_input():
         FashionTaggerEnsembleConfig(members=[{"encoder_name": "test_efficientnet", "attributes": {}}])
 
 
+def test_both_models_name_what_they_need_without_images_or_embeddings():
+    for model in (tagging_model(), ensemble_of(members())):
+        for call in (model, model.generate_tags):
+            with pytest.raises(ValueError, match=f"{type(model).__name__} needs pixel_values or image_embeds"):
+                call()
+
+
 def test_an_ensemble_is_not_trained_directly():
     ensemble = ensemble_of(members())
     with pytest.raises(ValueError, match="train its members"):
