@@ -228,7 +228,7 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
             return tuple(outputs)
         uploads = [service.read_upload(images[index]) for index in present]
         results, predict_seconds = service.predict(uploads)
-        overlays, attribute, cam_seconds = service.heatmaps(uploads)
+        overlays, attribute, cam_seconds = service.heatmaps(uploads, results)
         timing = timing_text(predict_seconds, cam_seconds, len(uploads), attribute)
         for index, result, overlay in zip(present, results, overlays):
             values = [*label_values(result, attributes), tag_chips(result), overlay, timing, result]

@@ -53,12 +53,13 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
     """
     attribute = explained_attribute(model.config, attribute)
     pixel_values = pixel_values.to(model.device, model.dtype)
+    if label_ids is not None:
+        label_ids = torch.as_tensor(label_ids, device=pixel_values.device).long().view(-1)
     members = getattr(model, "members", None)  # an ensemble (duck-typed: remote-code classes are other objects)
     if members is not None:
-        if label_ids is None:
+        if label_ids is None:  # its own top label: a forward pass of the whole ensemble, which callers can spare
             with torch.no_grad():
                 label_ids = model(pixel_values=pixel_values).attribute_logits[attribute].argmax(-1)
-        label_ids = torch.as_tensor(label_ids, device=pixel_values.device).long().view(-1)
         cams = [_class_activation(member, pixel_values, attribute, label_ids)[0] for member in members]
         size = cams[0].shape[-2:]
         cams = torch.stack([F.interpolate(cam[:, None], size=size, mode="bilinear")[:, 0] for cam in cams]).mean(0)
@@ -71,7 +72,8 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
 
 
 def _class_activation(model, pixel_values, attribute: str, label_ids) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(cams, label_ids)`: one [`FashionTaggerModel`]'s unnormalised `(batch, h, w)` Grad-CAM maps."""
+    """`(cams, label_ids)`: one [`FashionTaggerModel`]'s unnormalised `(batch, h, w)` Grad-CAM maps; `label_ids`: a
+    `(batch,)` tensor, or None for each image's top label."""
     with torch.enable_grad():
         features = model.encoder.forward_features(pixel_values)
         if not features.requires_grad:  # a frozen encoder: the gradient is still taken w.r.t. the features
@@ -80,7 +82,6 @@ def _class_activation(model, pixel_values, attribute: str, label_ids) -> tuple[t
         logits = model(image_embeds=image_embeds).attribute_logits[attribute].float()
         if label_ids is None:
             label_ids = logits.argmax(-1)
-        label_ids = torch.as_tensor(label_ids, device=logits.device).long().view(-1)
         chosen = logits.gather(1, label_ids[:, None]).sum()
         (gradients,) = torch.autograd.grad(chosen, features)
     weights = gradients.float().mean(dim=(2, 3), keepdim=True)

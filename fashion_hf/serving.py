@@ -293,12 +293,18 @@ class TaggerService:
         cached = self.predictions.get(upload.sha256)
         return cached if cached is not None else self.predict([upload])[0][0]
 
-    def heatmaps(self, uploads: list[Upload]) -> tuple[list, str, float]:
-        """Grad-CAM overlays of the top category, the attribute explained, and the seconds it took."""
+    def heatmaps(self, uploads: list[Upload], predictions: list[dict]) -> tuple[list, str, float]:
+        """Grad-CAM overlays of the predicted top category, the attribute explained, and the seconds it took.
+
+        `predictions` (the pipeline's, for these uploads) give the label to explain, so the model is not run again
+        to find it (an ensemble would run all its encoder passes for that)."""
         start = time.perf_counter()
         processor = self.tagger.image_processor
         pixel_values = processor([upload.image for upload in uploads], return_tensors="pt")["pixel_values"]
-        cam = grad_cam(self.tagger.model, pixel_values)
+        attribute = explained_attribute(self.config)
+        labels = self.config.attributes[attribute]
+        label_ids = [labels.index(prediction["attributes"][attribute][0]["label"]) for prediction in predictions]
+        cam = grad_cam(self.tagger.model, pixel_values, attribute, label_ids)
         size = (processor.size["height"], processor.size["width"])
         overlays = [overlay_heatmap(upload.image, heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
         return overlays, cam.attribute, time.perf_counter() - start

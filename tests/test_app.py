@@ -19,6 +19,8 @@ from gradio_client.exceptions import AppError
 from gradio_server import FAKE_TOKEN, example_folder, import_app, serving
 from PIL import Image
 
+from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap
+
 MAX_UPLOAD_MB = 1
 MAX_IMAGE_PIXELS = 1_000_000
 
@@ -155,6 +157,22 @@ def test_tag_image_event_gives_labels_chips_heatmap_and_timing(client, service, 
     with Image.open(heatmap) as overlay:
         assert max(overlay.size) == 384  # the photo at display size, heatmap blended in
     assert "Prediction took" in timing and "ms" in timing
+
+
+def test_heatmaps_explain_the_label_the_prediction_ranked_first(service, files):
+    upload = service.read_upload(files("photo.png", encode(product_photo(), "PNG")))
+    prediction = service.predict([upload])[0][0]
+    attribute = explained_attribute(service.config)
+    runner_up = prediction["attributes"][attribute][1]["label"]  # a label the model would not pick itself
+    prediction["attributes"][attribute].insert(0, {"label": runner_up, "score": 1.0})
+    (overlay,), explained, _ = service.heatmaps([upload], [prediction])
+    processor = service.tagger.image_processor
+    pixel_values = processor([upload.image], return_tensors="pt")["pixel_values"]
+    label_id = service.config.attributes[attribute].index(runner_up)
+    expected = grad_cam(service.tagger.model, pixel_values, attribute, [label_id])
+    size = (processor.size["height"], processor.size["width"])
+    assert explained == attribute and expected.labels == [runner_up]
+    assert np.array_equal(np.asarray(overlay), np.asarray(overlay_heatmap(upload.image, expected.maps[0], size)))
 
 
 def test_several_images_give_a_table_with_csv_and_json(client, service, files):
