@@ -31,7 +31,6 @@ def served_model(path: str | None, workdir: Path) -> tuple[str, str]:
         return path, f"model {path}"
     if (DEFAULT_MODEL / "config.json").is_file():
         return str(DEFAULT_MODEL), f"the shipped model {DEFAULT_MODEL.relative_to(REPO)}"
-    sys.path.insert(0, str(REPO))
     import torch
 
     import fashion_hf

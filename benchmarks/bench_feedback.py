@@ -112,7 +112,6 @@ def worker(url: str, photos: list[str], correction: str, work: Submissions) -> N
 
 def check_folder(folder: Path, acknowledged: dict[int, str], cache_dir: Path) -> tuple[list[tuple[str, bool]], float]:
     """(check, passed) pairs of the folder against what was acknowledged, and the seconds load_dataset took."""
-    sys.path.insert(0, str(REPO))
     import datasets
     from PIL import Image
 

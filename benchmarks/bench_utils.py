@@ -6,7 +6,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time by huggingfa
 
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,12 +16,9 @@ from transformers.utils import logging as transformers_logging
 transformers_logging.set_verbosity_error()  # no "Loading weights" bars or backend notices between the figures
 transformers_logging.disable_progress_bar()
 
+from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP  # noqa: E402  (after HF_HUB_OFFLINE is set)
+
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP  # noqa: E402
-
 PRODUCT_IMAGES = REPO.parent / "shared" / "data" / "fashion-product-images"
 
 # Head sizes of the shipped model's vocabulary (train split of Fashion Product Images, train/configs/

@@ -77,4 +77,11 @@ class FashionTaggingPipeline(Pipeline):
         return {"attributes": attributes, "tags": tags}
 
 
-__all__ = ["FashionTaggingPipeline"]
+def save_tagger(model, image_processor, folder, **save_kwargs) -> None:
+    """Write a Hub-ready model folder: weights, config, image processor and their code, and this pipeline's code
+    named in the config's `custom_pipelines`, so that `pipeline(model=folder, trust_remote_code=True)` tags where
+    fashion_hf is not installed. `save_kwargs` go to the model's `save_pretrained` (e.g. `state_dict`)."""
+    FashionTaggingPipeline(model=model, image_processor=image_processor).save_pretrained(folder, **save_kwargs)
+
+
+__all__ = ["FashionTaggingPipeline", "save_tagger"]

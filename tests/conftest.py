@@ -3,7 +3,6 @@
 import io
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -21,7 +20,6 @@ from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / "shared" / "data"
 PRODUCT_IMAGES = SHARED_DATA / "fashion-product-images"
 
@@ -29,6 +27,12 @@ transformers_logging.set_verbosity_error()
 
 import fashion_hf  # noqa: E402  (registers the Auto classes and the pipeline task)
 from fashion_hf.configuration_fashion_tagger import EOS_TAG_ID  # noqa: E402
+from fashion_hf.pipeline_fashion_tagging import save_tagger  # noqa: E402
+
+# The first lines of a subprocess script that must run as where fashion_hf is not installed: the package is
+# installed (editable) in the test environment, so it is blocked rather than left off sys.path.
+WITHOUT_FASHION_HF = "import sys\nsys.modules['fashion_hf'] = None  # `import fashion_hf` now raises ImportError\n"
+ONE_PROCESS_LAUNCH = ("accelerate", "launch", "--config_file", str(REPO / "train" / "accelerate" / "one-process.yaml"))
 
 TINY_ENCODER = "test_efficientnet"  # timm's test-size EfficientNet: same code paths, a fraction of the compute
 
@@ -102,8 +106,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     """A saved tiny model with its processor: the folder layout every consumer loads from."""
     folder = tmp_path_factory.mktemp("tiny-fashion-tagger")
     model = tagging_model()
-    model.save_pretrained(folder)
-    fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config).save_pretrained(folder)
+    save_tagger(model, fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config), folder)
     return folder
 
 
@@ -134,8 +137,8 @@ def tiny_catalogue(tmp_path_factory):
     return folder
 
 
-def run_training(args, timeout=600, launcher=("accelerate", "launch", "--num_processes", "1", "--cpu")):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+def run_training(args, timeout=600, launcher=ONE_PROCESS_LAUNCH):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [*launcher, str(REPO / "train" / "train.py"), *args]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

@@ -6,8 +6,8 @@ import pytest
 from conftest import product_photo
 
 from fashion_hf import FashionTaggerImageProcessor
-from train.augment import AUGMENTATIONS, phone_photo_shift, replace_background
-from train.evaluate import shift_like_phone_photos
+from fashion_hf.training.augment import AUGMENTATIONS, phone_photo_shift, replace_background
+from fashion_hf.training.evaluate import shift_like_phone_photos
 
 RED = (200, 30, 30)
 

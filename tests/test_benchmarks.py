@@ -1,21 +1,17 @@
 """The benchmarks run end to end at toy sizes and print their tables (figures: BENCHMARKS.md, not here)."""
 
-import sys
-
 import pytest
 import torch
-from conftest import REPO, tiny_model, write_product_parquet
+from conftest import tiny_model, write_product_parquet
 
 import fashion_hf
 from fashion_hf import data
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import accuracy_levers  # noqa: E402
-import bench_decoding  # noqa: E402
-import bench_models  # noqa: E402
-import bench_pipeline  # noqa: E402
-import encoder_probe  # noqa: E402
+import accuracy_levers
+import bench_decoding
+import bench_models
+import bench_pipeline
+import encoder_probe
 
 
 def test_decoding_benchmark_checks_both_decoders_agree_and_prints_its_table(capsys):

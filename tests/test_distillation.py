@@ -8,8 +8,8 @@ import torch
 from conftest import TINY_FLAGS, run_training, tiny_model
 from safetensors.torch import load_file
 
-from train.distillation import distillation_loss, teacher_probabilities
-from train.train import parse_args
+from fashion_hf.training.distillation import distillation_loss, teacher_probabilities
+from fashion_hf.training.train import parse_args
 
 
 def test_loss_is_zero_on_the_teachers_own_logits_and_pulls_a_student_towards_them():

@@ -13,7 +13,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tagging_model
+from conftest import WITHOUT_FASHION_HF, tagging_model
 from gradio_server import import_app
 from safetensors import safe_open
 from transformers import AutoModel, pipeline
@@ -27,8 +27,8 @@ from fashion_hf import (
 from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID
 from fashion_hf.explain import grad_cam
 from fashion_hf.modeling_fashion_tagger import tag_conflicts
-from train import ensemble as ensemble_script
-from train.distillation import load_teachers, teacher_probabilities
+from fashion_hf.training import ensemble as ensemble_script
+from fashion_hf.training.distillation import load_teachers, teacher_probabilities
 
 
 def pixels(batch=3, seed=0, size=(64, 48)):
@@ -138,8 +138,7 @@ def test_an_ensemble_is_not_trained_directly():
 def ensemble_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ensemble")
     models = members()
-    ensemble_script.save(ensemble_of(models), folder, torch.float16)
-    FashionTaggerImageProcessor.from_model_config(models[0].config).save_pretrained(folder)
+    ensemble_script.save(ensemble_of(models), FashionTaggerImageProcessor.from_model_config(models[0].config), folder, torch.float16)
     return folder, models
 
 
@@ -199,9 +198,8 @@ def test_trust_remote_code_loads_an_ensemble_where_fashion_hf_is_not_installed(e
     with torch.no_grad():
         expected = model(x).attribute_logits["articleType"].tolist()
     torch.save(x, tmp_path / "x.pt")
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+    script = WITHOUT_FASHION_HF + textwrap.dedent(f"""
+        import json, torch
         from transformers import AutoModel
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
         x = torch.load({str(tmp_path / "x.pt")!r}, weights_only=True)
@@ -267,6 +265,7 @@ def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_i
     assert "train/ensemble.py" in card and "stored in float16" in card and "me/tagger-ensemble" in card
     assert f"{metrics['attributes']['articleType']['top1']:.4f}"[:4] in card
     assert sorted(path.name for path in output.glob("*.py")) == [
-        "configuration_fashion_tagger.py", "image_processing_fashion_tagger.py", "modeling_fashion_tagger.py"
+        "configuration_fashion_tagger.py", "image_processing_fashion_tagger.py", "modeling_fashion_tagger.py",
+        "pipeline_fashion_tagging.py",
     ]  # fmt: skip
     assert isinstance(FashionTaggerModel.from_pretrained(member), FashionTaggerModel)  # the members are untouched

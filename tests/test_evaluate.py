@@ -13,7 +13,7 @@ from datasets import Dataset, Features, Image, List, Value
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModel
 
-from train.evaluate import (
+from fashion_hf.training.evaluate import (
     Predictions,
     evaluate,
     main,

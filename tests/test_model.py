@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, tiny_config, tiny_model
+from conftest import REPO, WITHOUT_FASHION_HF, tiny_config, tiny_model
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
@@ -115,9 +115,8 @@ def test_trust_remote_code_loads_where_fashion_hf_is_not_installed(tiny_model_di
     x = pixels(2)
     expected = model(x).attribute_logits["articleType"].tolist()
     torch.save(x, tmp_path / "x.pt")
-    script = textwrap.dedent(f"""
-        import json, sys, torch
-        sys.path = [p for p in sys.path if p not in ("", {str(REPO)!r})]
+    script = WITHOUT_FASHION_HF + textwrap.dedent(f"""
+        import json, torch
         try:
             import fashion_hf
         except ImportError:
@@ -295,7 +294,13 @@ def test_config_rejects_invalid_vocabularies():
 
 
 @pytest.mark.parametrize(
-    "module", ["configuration_fashion_tagger.py", "modeling_fashion_tagger.py", "image_processing_fashion_tagger.py"]
+    "module",
+    [
+        "configuration_fashion_tagger.py",
+        "modeling_fashion_tagger.py",
+        "image_processing_fashion_tagger.py",
+        "pipeline_fashion_tagging.py",
+    ],
 )
 def test_shipped_model_remote_code_is_the_package_code(module):
     # save_pretrained copies these for trust_remote_code; the shipped folder must load exactly what the package runs.

@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 from huggingface_hub import ModelCard
 
-from model_card import build_model_card
-from train.evaluate import Predictions, score
+from fashion_hf.training.model_card import build_model_card
+from fashion_hf.training.evaluate import Predictions, score
 
 DATASET_ID = "ashraq/fashion-product-images-small"
 BASE_MODEL = "timm/tf_efficientnet_lite0.in1k"
@@ -190,7 +190,7 @@ def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, tmp_path)
     (tmp_path / "recipe.json").write_text(json.dumps({**RECIPE, "base_model": BASE_MODEL}))
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}  # nowhere to go
     subprocess.run(
-        [sys.executable, "model_card/build.py", str(model_folder), "--metrics", str(evaluation / "metrics.json"),
+        [sys.executable, "-m", "fashion_hf.training.model_card", str(model_folder), "--metrics", str(evaluation / "metrics.json"),
          "--recipe", str(tmp_path / "recipe.json"), "--repo-id", "someone/tagger"],
         cwd=REPO, env=environment, check=True, capture_output=True, timeout=120,
     )  # fmt: skip

@@ -1,8 +1,15 @@
-"""The "fashion-tagging" pipeline honours its output contract for every input kind."""
+"""The "fashion-tagging" pipeline honours its output contract for every input kind, and loads from a saved folder
+with this package installed and, with trust_remote_code, where it is not."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
-from conftest import encode, product_photo
+from conftest import REPO, WITHOUT_FASHION_HF, encode, product_photo
 from transformers import pipeline
 
 from fashion_hf import InvalidImageError
@@ -27,6 +34,16 @@ def assert_contract(result, config, top_k):
         assert (tag["tag"], tag["group"]) in vocabulary and 0 < tag["score"] <= 1
 
 
+def assert_same_prediction(result, expected, tolerance=1e-5):
+    """The same labels and tags in the same order, with the same scores to within `tolerance`."""
+    assert list(result["attributes"]) == list(expected["attributes"])
+    for name, predictions in expected["attributes"].items():
+        assert [p["label"] for p in result["attributes"][name]] == [p["label"] for p in predictions], name
+        assert [p["score"] for p in result["attributes"][name]] == pytest.approx([p["score"] for p in predictions], abs=tolerance)
+    assert [(t["tag"], t["group"]) for t in result["tags"]] == [(t["tag"], t["group"]) for t in expected["tags"]]
+    assert [t["score"] for t in result["tags"]] == pytest.approx([t["score"] for t in expected["tags"]], abs=tolerance)
+
+
 def test_single_image(tagger):
     assert_contract(tagger(product_photo(), top_k=3), tagger.model.config, 3)
 
@@ -39,9 +56,7 @@ def test_path_bytes_and_numpy_agree_with_pil(tagger, tmp_path):
     for same_image in (str(path), encode(image, "PNG"), np.asarray(image)):
         result = tagger(same_image, top_k=2)
         assert_contract(result, tagger.model.config, 2)
-        assert result["tags"] == pytest.approx(expected["tags"]) or [t["tag"] for t in result["tags"]] == [
-            t["tag"] for t in expected["tags"]
-        ]
+        assert_same_prediction(result, expected)
 
 
 def test_list_gives_one_result_per_image_in_order(tagger):
@@ -51,9 +66,7 @@ def test_list_gives_one_result_per_image_in_order(tagger):
     one_by_one = [tagger(image, top_k=2) for image in images]
     for got, expected in zip(batched, one_by_one):
         assert_contract(got, tagger.model.config, 2)
-        assert [t["tag"] for t in got["tags"]] == [t["tag"] for t in expected["tags"]]
-        for name in expected["attributes"]:
-            assert got["attributes"][name][0]["score"] == pytest.approx(expected["attributes"][name][0]["score"], abs=1e-5)
+        assert_same_prediction(got, expected)
 
 
 def test_default_top_k_and_beam_search(tagger):
@@ -65,3 +78,46 @@ def test_default_top_k_and_beam_search(tagger):
 def test_bad_input_raises_a_clear_error(tagger):
     with pytest.raises(InvalidImageError, match="not a readable image"):
         tagger(b"GIF89a but not really")
+
+
+def test_a_saved_folder_names_its_pipeline_for_remote_code(tiny_model_dir):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    assert config["custom_pipelines"]["fashion-tagging"]["impl"] == "pipeline_fashion_tagging.FashionTaggingPipeline"
+    assert (tiny_model_dir / "pipeline_fashion_tagging.py").is_file()
+
+
+def remote_code_predictions(folder, image_path, tmp_path) -> dict:
+    """What `pipeline(..., trust_remote_code=True)` predicts in a fresh process where fashion_hf cannot be imported:
+    with the task named, and without it (inferred from the folder's config, as for a Hub model id)."""
+    script = WITHOUT_FASHION_HF + textwrap.dedent(f"""
+        import json
+        from transformers import pipeline
+        named = pipeline("fashion-tagging", model={str(folder)!r}, trust_remote_code=True)
+        inferred = pipeline(model={str(folder)!r}, trust_remote_code=True)
+        print(json.dumps({{
+            "module": type(named).__module__,
+            "named": named({str(image_path)!r}, top_k=2),
+            "inferred": inferred({str(image_path)!r}, top_k=2),
+        }}))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("folder", ["tiny", "shipped"])
+def test_trust_remote_code_pipeline_tags_where_fashion_hf_is_not_installed(folder, tiny_model_dir, tmp_path):
+    folder = tiny_model_dir if folder == "tiny" else REPO / "models" / "fashion-tagger"
+    image_path = tmp_path / "photo.png"
+    image_path.write_bytes(encode(product_photo(), "PNG"))
+    remote = remote_code_predictions(folder, image_path, tmp_path)
+    assert remote["module"].startswith("transformers_modules")
+    expected = pipeline("fashion-tagging", model=str(folder))(str(image_path), top_k=2)
+    assert_same_prediction(remote["named"], expected)
+    assert_same_prediction(remote["inferred"], expected)
+
+
+def test_trust_remote_code_also_works_where_fashion_hf_is_installed(tiny_model_dir):
+    tagger = pipeline("fashion-tagging", model=str(tiny_model_dir), trust_remote_code=True)
+    assert_same_prediction(tagger(product_photo(), top_k=2), pipeline("fashion-tagging", model=str(tiny_model_dir))(product_photo(), top_k=2))

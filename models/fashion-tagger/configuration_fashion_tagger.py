@@ -1,6 +1,7 @@
 """Configuration of the fashion tagger: the encoder, the attribute heads, the tag decoder and every vocabulary."""
 
 from transformers import PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # Special tag-decoder tokens come first in the tag id space; real tags follow in vocabulary order.
 SPECIAL_TAGS = ("<pad>", "<bos>", "<eos>")
@@ -19,6 +20,12 @@ DEFAULT_ATTRIBUTES = {
     "usage": ["Casual", "Ethnic", "Formal", "Sports"],
 }
 DEFAULT_DETAIL_TAGS = ["check", "denim", "printed", "running", "slim fit", "solid", "striped"]
+
+
+def registered_locally(config_class: type) -> bool:
+    """Whether `config_class` is the class AutoConfig holds for its model type: the `fashion_hf` package's own,
+    registered at its import, rather than a copy loaded from a model folder with trust_remote_code."""
+    return config_class.model_type in CONFIG_MAPPING and CONFIG_MAPPING[config_class.model_type] is config_class
 
 
 def tag_key(group: str, text: str) -> str:
@@ -142,6 +149,12 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.tag_loss_weight = tag_loss_weight
         self.label_smoothing = label_smoothing
         self.decoder_matmul_dtype = decoder_matmul_dtype
+        if registered_locally(type(self)):
+            # A saved folder names its pipeline in `custom_pipelines` for trust_remote_code users, and transformers
+            # then refuses that task without trust_remote_code, even where this package registers it. Loaded by
+            # this package's own classes, the folder is served by the registered pipeline; saving through the
+            # pipeline (`save_tagger`) writes the entry again.
+            kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
 
     @property

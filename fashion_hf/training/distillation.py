@@ -12,7 +12,6 @@ import torch.nn.functional as F
 
 from transformers import AutoModel
 
-import fashion_hf  # noqa: F401  (registers the taggers with AutoModel)
 
 
 def load_teachers(folders: list[str | Path], student_config, device) -> list:

@@ -1,6 +1,6 @@
 """Write the model card (README.md) of a trained fashion tagger from its evaluation metrics and training recipe.
 
-    python model_card/build.py models/fashion-tagger --metrics outputs/eval/metrics.json --recipe recipe.json \
+    fashion-hf model-card models/fashion-tagger --metrics outputs/eval/metrics.json --recipe recipe.json \
         [--repo-id user/fashion-tagger] [--dataset-id ashraq/fashion-product-images-small] [--base-model ID]
 
 Everything is rendered offline: the card is never validated against, nor pushed to, the Hub here (upload the model
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-TEMPLATE = Path(__file__).with_name("template.md")
+TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TASK_TYPE = "image-classification"
 TAGS = ["fashion", "image-classification", "multi-label-classification", "image-tagging", "timm", "custom_code"]
 PLOTS = (

@@ -1,0 +1,515 @@
+"""Train a fashion tagger: one CPU, one GPU or many, same script.
+
+    accelerate launch --config_file train/accelerate/one-process.yaml train/train.py \
+        --config train/configs/fashion-product-images.yaml [--flag value ...]
+
+Flags override the YAML config; both use the names below. The run ends with a Hub-ready folder in --output-dir
+(weights, config, processor, remote code, model card, plots) that --push-to-hub ORG/NAME uploads.
+
+Fast CPU mode (--frozen-stages N or all): the encoder's stem and first N stages are frozen and run once per image
+and augmented view; only the rest of the network trains, on those cached features. --finetune-epochs then trains the
+whole network on augmented images.
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
+from .. import data
+from ..encoder_weights import load_pretrained_encoder
+from ..modeling_fashion_tagger import IGNORE_INDEX
+from ..pipeline_fashion_tagging import save_tagger
+from ..runtime import cpu_threads_per_process, keep_freed_memory
+from .augment import AUGMENTATIONS
+from .distillation import distillation_term, load_teachers
+from .feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file whose keys are these flags (dashes or underscores)")
+    add = parser.add_argument
+    # Data
+    add("--dataset", default="fashion-product-images", help="fashion-product-images, fashion-mnist, or a catalogue path")
+    add("--data-source", default=None, help="local folder or Hub id for the dataset (default: the loader's)")
+    add("--train-split", default="train")
+    add("--eval-split", default="validation")
+    add("--attributes", nargs="+", default=None, help="heads to train (default: every attribute of the dataset)")
+    add("--with-brand", action="store_true", help="add the brand head mined from product names")
+    add("--min-tag-count", type=int, default=20)
+    add("--feedback", default=None, help="feedback store folder or Hub dataset whose corrections join the training data")
+    add("--limit-train", type=int, default=None)
+    add("--limit-eval", type=int, default=None)
+    # Model
+    add("--init-from", default=None, help="start from this model folder (keeps its vocabulary)")
+    add("--encoder-name", default="tf_efficientnet_lite0")
+    add("--image-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
+        help="input size (default 128 96; with --init-from, the model's own size unless given)")
+    add("--pretrained", default="auto", choices=["auto", "timm", "package", "none"])
+    add("--decoder-type", default="gru", choices=["gru", "lstm"])
+    add("--decoder-hidden-size", type=int, default=512)
+    add("--tag-embedding-size", type=int, default=256)
+    add("--max-tag-length", type=int, default=16)
+    add("--classifier-dropout", type=float, default=0.2)
+    add("--label-smoothing", type=float, default=0.1)
+    add("--distill-from", nargs="+", default=None, metavar="MODEL",
+        help="trained models (same heads) whose averaged head probabilities are soft targets too; needs --frozen-stages 0")
+    add("--distill-weight", type=float, default=1.0, help="weight of the distillation term added to the loss")
+    add("--distill-temperature", type=float, default=2.0)
+    add(
+        "--decoder-matmul-dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="the written model's decoder_matmul_dtype (inference only; default float32, or --init-from's)",
+    )
+    # Optimisation
+    add("--frozen-stages", default="4", help="'all' (cache pooled embeddings), N (freeze stem + N stages) or 0")
+    add("--cache-views", type=int, default=3, help="augmented views cached per training image (the first is clean)")
+    add("--epochs", type=int, default=10, help="epochs with the frozen stages (all epochs when --frozen-stages 0)")
+    add("--finetune-epochs", type=int, default=0, help="then epochs of the whole network on augmented images")
+    add("--batch-size", type=int, default=128)
+    add("--learning-rate", type=float, default=2e-3)
+    add("--encoder-lr-scale", type=float, default=0.25, help="encoder learning rate = this x --learning-rate")
+    add("--weight-decay", type=float, default=0.05)
+    add("--warmup-ratio", type=float, default=0.05)
+    add("--gradient-accumulation-steps", type=int, default=1)
+    add("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    add(
+        "--memory-format",
+        default="channels_last",
+        choices=["channels_last", "contiguous"],
+        help="layout of the encoder's feature maps: channels_last trains lite0 ~2x faster on CPU (oneDNN) and suits tensor cores",
+    )
+    add("--augment", default="product", choices=sorted(AUGMENTATIONS), help="product: backdrops, zoom, crops; geometric: flip, crop")
+    add("--augment-strength", type=float, default=1.0)
+    add("--num-workers", type=int, default=2)
+    add("--seed", type=int, default=42)
+    add(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads per process when training on CPU (default: this machine's cores shared among its "
+        "processes; `accelerate launch` alone sets OMP_NUM_THREADS=1, which leaves all but one core idle)",
+    )
+    # Output
+    add("--output-dir", default="outputs/fashion-tagger")
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    add("--push-to-hub", default=None, metavar="ORG/NAME")
+    add("--hub-private", action="store_true")
+
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        settings = yaml.safe_load(Path(known.config).read_text()) or {}
+        valid = {action.dest for action in parser._actions}
+        unknown = {key.replace("-", "_") for key in settings} - valid
+        if unknown:
+            parser.error(f"unknown keys in {known.config}: {sorted(unknown)}")
+        parser.set_defaults(**{key.replace("-", "_"): value for key, value in settings.items()})
+    args = parser.parse_args(argv)
+    if args.frozen_stages not in ("all",) and not str(args.frozen_stages).isdigit():
+        parser.error("--frozen-stages takes 'all' or a number of stages")
+    if args.distill_from and str(args.frozen_stages) != "0":
+        parser.error("--distill-from needs images, not cached features: use it with --frozen-stages 0")
+    return args
+
+
+# --- data --------------------------------------------------------------------------------------------------------
+
+
+def load_split(args, split: str):
+    if args.dataset == "fashion-product-images":
+        dataset = data.load_fashion_product_images(args.data_source, split=split, with_brand=args.with_brand)
+    elif args.dataset == "fashion-mnist":
+        dataset = data.load_fashion_mnist(args.data_source, split=split)
+    else:
+        dataset = data.load_catalogue(args.dataset, attributes=args.attributes)
+        dataset = dataset.train_test_split(test_size=0.1, seed=args.seed)["train" if split == args.train_split else "test"]
+    limit = args.limit_train if split == args.train_split else args.limit_eval
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def add_feedback(train_set, feedback, attributes):
+    """Append annotators' corrected records to the training data (images, the attributes trained, tags)."""
+    columns = ["image", *attributes, data.TAGS_COLUMN]
+    for attribute in attributes:
+        if attribute not in feedback.column_names:
+            feedback = feedback.add_column(attribute, [None] * len(feedback))
+    feedback = feedback.select_columns(columns).cast(train_set.select_columns(columns).features)
+    return datasets.concatenate_datasets([train_set.select_columns(columns), feedback])
+
+
+def dataset_attributes(args, dataset) -> list[str]:
+    if args.attributes:
+        return list(args.attributes)
+    candidates = list(data.PRODUCT_ATTRIBUTES) + ([data.BRAND] if args.with_brand else [])
+    return [column for column in candidates if column in dataset.column_names]
+
+
+class TaggingExamples(torch.utils.data.Dataset):
+    """Rows of a tagging dataset -> model inputs. Augmentation is seeded per (seed, view, index): reruns repeat."""
+
+    def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0):
+        self.dataset, self.config, self.processor = dataset, config, processor
+        self.augment, self.augment_strength, self.seed, self.view = AUGMENTATIONS[augment], augment_strength, seed, view
+        self.tag_vocabulary = config.tag_to_id()
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        row = self.dataset[index]
+        image = self.processor.load_image(row["image"])
+        if self.augment_strength > 0:
+            rng = np.random.default_rng([self.seed, self.view, index])
+            image = self.augment(image, rng, self.augment_strength)
+        return {
+            "pixel_values": self.processor.pixel_values_of(image),
+            "attribute_labels": torch.tensor(self.config.attribute_label_ids(row)),
+            "tag_ids": torch.tensor(self.config.tag_sequence_ids(row["tags"], self.tag_vocabulary)),
+        }
+
+
+def collate(examples):
+    batch = {key: torch.stack([e[key] for e in examples]) for key in examples[0] if key != "tag_ids"}
+    batch["tag_ids"] = nn.utils.rnn.pad_sequence([e["tag_ids"] for e in examples], batch_first=True)  # <pad> is 0
+    return batch
+
+
+# --- model -------------------------------------------------------------------------------------------------------
+
+
+class TrainingTagger(nn.Module):
+    """The tagger as trained here: frozen trunk, trainable top of the encoder, heads and decoder.
+
+    The trunk and top are views into `model.encoder`, kept out of this module's registry so that its state dict
+    is exactly the model's and checkpoints load across phases.
+    """
+
+    def __init__(self, model: FashionTaggerModel, frozen_stages):
+        super().__init__()
+        self.model = model
+        self.__dict__["trunk"], self.__dict__["top"] = split_encoder(model.encoder, frozen_stages)
+
+    def forward(self, pixel_values=None, trunk_features=None, attribute_labels=None, tag_ids=None):
+        if trunk_features is None:
+            trunk_features = self.trunk(pixel_values)
+        return self.model(image_embeds=self.top(trunk_features), attribute_labels=attribute_labels, tag_ids=tag_ids)
+
+
+def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
+    if args.init_from:
+        model = FashionTaggerModel.from_pretrained(args.init_from)
+        if args.image_size:  # the encoder is convolutional and globally pooled: it runs at any size
+            model.config.image_size = list(args.image_size)
+        if args.decoder_matmul_dtype:
+            model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
+        return model
+    heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=args.min_tag_count)
+    size = {"image_size": list(args.image_size)} if args.image_size else {}  # else the configuration's default
+    config = FashionTaggerConfig(
+        encoder_name=args.encoder_name,
+        **size,
+        attributes=heads,
+        tags=tags,
+        decoder_type=args.decoder_type,
+        decoder_hidden_size=args.decoder_hidden_size,
+        tag_embedding_size=args.tag_embedding_size,
+        max_tag_length=args.max_tag_length,
+        classifier_dropout=args.classifier_dropout,
+        label_smoothing=args.label_smoothing,
+        decoder_matmul_dtype=args.decoder_matmul_dtype or "float32",
+    )
+    model = FashionTaggerModel(config)
+    if args.pretrained != "none":
+        model.config.encoder_weights = load_pretrained_encoder(model, args.pretrained)
+    return model
+
+
+def parameter_groups(model: FashionTaggerModel, args):
+    decay, no_decay, encoder = [], [], []
+    for name, parameter in model.named_parameters():
+        if name.startswith("encoder."):
+            encoder.append(parameter)
+        elif parameter.ndim < 2:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [
+        {"params": encoder, "lr": args.learning_rate * args.encoder_lr_scale, "weight_decay": args.weight_decay},
+        {"params": decay, "lr": args.learning_rate, "weight_decay": args.weight_decay},
+        {"params": no_decay, "lr": args.learning_rate, "weight_decay": 0.0},
+    ]
+
+
+PROGRESS_FILE = "progress.json"
+
+
+class Progress:
+    """What a checkpoint must remember besides weights and optimizer: where the run is and its best score."""
+
+    def __init__(self):
+        self.epoch, self.best_score, self.best_epoch, self.seconds = 0, -math.inf, -1, 0.0
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "best_score": self.best_score, "best_epoch": self.best_epoch, "seconds": self.seconds}
+
+    def load_state_dict(self, state):
+        self.epoch, self.best_score, self.best_epoch = state["epoch"], state["best_score"], state["best_epoch"]
+        self.seconds = state.get("seconds", 0.0)
+
+
+# --- loop --------------------------------------------------------------------------------------------------------
+
+
+def validate(tagger, loader, accelerator, attributes) -> dict[str, float]:
+    tagger.eval()
+    correct, counted, losses = torch.zeros(len(attributes)), torch.zeros(len(attributes)), []
+    with torch.inference_mode():
+        for batch in loader:
+            output = tagger(**batch)
+            predictions = torch.stack([output.attribute_logits[name].argmax(-1) for name in attributes], 1)
+            predictions, labels, loss = accelerator.gather_for_metrics(
+                (predictions, batch["attribute_labels"], output.loss.detach()[None])
+            )
+            present = labels != IGNORE_INDEX
+            correct += ((predictions == labels) & present).sum(0).cpu().float()
+            counted += present.sum(0).cpu().float()
+            losses.append(loss.float().mean().item())
+    top1 = correct / counted.clamp(min=1)
+    metrics = {f"val/{name}_top1": top1[i].item() for i, name in enumerate(attributes)}
+    metrics["val/mean_top1"] = top1.mean().item()
+    metrics["val/loss"] = float(np.mean(losses))
+    return metrics
+
+
+def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool, distill=None):
+    """One epoch; `distill(attribute_logits, pixel_values)`, when given, is added to each batch's loss."""
+    tagger.train()
+    if frozen_trunk:
+        tagger.trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
+    losses = []
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process, leave=False)
+    for batch in bar:
+        with accelerator.accumulate(tagger):
+            output = tagger(**batch)
+            loss = output.loss
+            if distill is not None:
+                loss = loss + distill(output.attribute_logits, batch["pixel_values"])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(tagger.parameters(), 5.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+    return {"train/loss": float(np.mean(losses)), "train/lr": scheduler.get_last_lr()[1]}
+
+
+def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, processor):
+    """Run the frozen trunk once: `cache_views` views per training image (the first clean), one per eval image."""
+    def loader(dataset, augment_strength, view):
+        examples = TaggingExamples(dataset, config, processor, args.augment, augment_strength, args.seed, view)
+        return torch.utils.data.DataLoader(examples, batch_size=256, num_workers=args.num_workers, collate_fn=collate)
+
+    total = args.cache_views * math.ceil(len(train_set) / 256) + math.ceil(len(eval_set) / 256)
+    bar = tqdm(total=total, desc="caching trunk features", disable=not accelerator.is_local_main_process)
+    views = []
+    for view in range(args.cache_views):
+        strength = 0.0 if view == 0 else args.augment_strength
+        features, labels, tag_ids = compute_trunk_features(tagger.trunk, loader(train_set, strength, view), accelerator.device, progress=bar)
+        views.append(features)
+    eval_cache = compute_trunk_features(tagger.trunk, loader(eval_set, 0.0, 0), accelerator.device, progress=bar)
+    bar.close()
+
+    train_loader = torch.utils.data.DataLoader(
+        CachedFeatures(views, labels, tag_ids, args.seed), batch_size=args.batch_size, shuffle=True, num_workers=0
+    )
+    eval_loader = torch.utils.data.DataLoader(
+        CachedFeatures([eval_cache[0]], eval_cache[1], eval_cache[2], args.seed), batch_size=256, num_workers=0
+    )
+    return train_loader, eval_loader
+
+
+def image_loaders(args, train_set, eval_set, config, processor, epoch):
+    train_examples = TaggingExamples(train_set, config, processor, args.augment, args.augment_strength, args.seed, 1000 + epoch)
+    train_loader = torch.utils.data.DataLoader(
+        train_examples, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate
+    )
+    eval_examples = TaggingExamples(eval_set, config, processor)
+    eval_loader = torch.utils.data.DataLoader(eval_examples, batch_size=256, num_workers=args.num_workers, collate_fn=collate)
+    return train_loader, eval_loader
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    keep_freed_memory()
+    started = time.time()
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        # The frozen trunk gets no gradients in the cached phase and gets them in the fine-tuning phase.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=args.frozen_stages != "0")],
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs"), automatic_checkpoint_naming=True, total_limit=2
+        ),
+    )
+    set_seed(args.seed)
+    if accelerator.device.type == "cpu":
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(local_processes))
+
+    train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
+    attributes = dataset_attributes(args, train_set)
+    if args.feedback:
+        train_set = add_feedback(train_set, data.load_feedback(args.feedback, attributes), attributes)
+    model = build_model(args, train_set, attributes)
+    config = model.config
+    train_set = data.apply_vocabulary(train_set, config.attributes, config.tags)
+    eval_set = data.apply_vocabulary(eval_set, config.attributes, config.tags)
+    processor = FashionTaggerImageProcessor.from_model_config(config)
+    accelerator.print(f"train {len(train_set)} / eval {len(eval_set)} images; heads {list(config.attributes)}; "
+                      f"{len(config.tags)} tags; encoder weights: {getattr(config, 'encoder_weights', 'random')}")
+
+    frozen_stages = args.frozen_stages if args.frozen_stages == "all" else int(args.frozen_stages)
+    cached = frozen_stages == "all" or frozen_stages > 0
+    tagger = TrainingTagger(model, frozen_stages if cached else 0)
+    if args.memory_format == "channels_last":
+        tagger.to(memory_format=torch.channels_last)  # convolutions then keep their activations channels-last too
+    total_epochs = args.epochs + (args.finetune_epochs if cached else 0)
+    steps_per_epoch = math.ceil(len(train_set) / args.batch_size / args.gradient_accumulation_steps)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args))
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, int(args.warmup_ratio * steps_per_epoch * total_epochs), steps_per_epoch * total_epochs
+    )
+    progress = Progress()  # kept as JSON beside each checkpoint: accelerate would pickle a registered object
+    tagger, optimizer, scheduler = accelerator.prepare(tagger, optimizer, scheduler)
+    accelerator.init_trackers("fashion-tagger", config={k: str(v) for k, v in vars(args).items()})
+
+    checkpoints = output_dir / "checkpoints"
+    if args.resume:
+        latest = max(checkpoints.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]), default=None)
+        if latest is None:
+            raise SystemExit(f"--resume: no checkpoint in {checkpoints}")
+        accelerator.load_state(str(latest))
+        progress.load_state_dict(json.loads((latest / PROGRESS_FILE).read_text()))
+        accelerator.project_configuration.iteration = int(latest.name.split("_")[-1]) + 1
+        accelerator.print(f"resumed from {latest} at epoch {progress.epoch}")
+    seconds_before = progress.seconds  # wall time of earlier sessions of this run, so the card reports the total
+
+    inner = accelerator.unwrap_model(tagger)
+    distill = None
+    if args.distill_from:
+        teachers = load_teachers(args.distill_from, config, accelerator.device)
+        accelerator.print(f"distilling from {len(teachers)} teacher(s): {', '.join(args.distill_from)}")
+        distill = partial(distillation_term, teachers, args.distill_weight, args.distill_temperature)
+    if cached and progress.epoch < args.epochs:
+        freeze(inner.trunk)
+        cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor)
+        cached_train, cached_eval = accelerator.prepare(cached_train, cached_eval)
+
+    for epoch in range(progress.epoch, total_epochs):
+        epoch_started = time.time()
+        frozen_phase = cached and epoch < args.epochs
+        if frozen_phase:
+            train_loader, eval_loader = cached_train, cached_eval
+        else:
+            freeze(inner.trunk, False)
+            train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch))
+        metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, distill)
+        metrics |= validate(tagger, eval_loader, accelerator, list(config.attributes))
+        metrics["epoch_seconds"] = time.time() - epoch_started
+        accelerator.log(metrics, step=epoch + 1)
+        accelerator.print(f"epoch {epoch + 1}/{total_epochs}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+        progress.epoch = epoch + 1
+        progress.seconds = seconds_before + time.time() - started
+        if metrics["val/mean_top1"] > progress.best_score:
+            progress.best_score, progress.best_epoch = metrics["val/mean_top1"], epoch + 1
+            accelerator.wait_for_everyone()
+            inner.model.save_pretrained(output_dir / "best", is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+        checkpoint = Path(accelerator.save_state())
+        if accelerator.is_main_process:
+            (checkpoint / PROGRESS_FILE).write_text(json.dumps(progress.state_dict()))
+
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        recipe = {
+            "command": "accelerate launch train/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "wall_time_seconds": round(seconds_before + time.time() - started, 1),
+            "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+            "best_epoch": progress.best_epoch,
+            "train_images": len(train_set),
+            "eval_images": len(eval_set),
+            "arguments": vars(args),
+            "previous_stages": previous_stages(args.init_from),
+        }
+        finish(args, output_dir, processor, eval_set, recipe, list(config.attributes))
+
+
+def previous_stages(model_folder: str | None) -> list[dict]:
+    """The runs that trained the model in `model_folder` (an `--init-from` start, an ensemble member), first first,
+    from its recipe.json; none without one."""
+    recipe_path = Path(model_folder) / "recipe.json" if model_folder else None
+    if recipe_path is None or not recipe_path.is_file():
+        return []
+    earlier = json.loads(recipe_path.read_text())
+    stage = {key: earlier[key] for key in ("command", "wall_time_seconds", "hardware", "wall_time_note") if key in earlier}
+    return [*earlier.get("previous_stages", []), stage]
+
+
+def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
+    """Write the Hub-ready folder from the best epoch's weights, measure it, write its card, push if asked."""
+    from .model_card import build_model_card
+    from .evaluate import write_evaluation
+
+    final_dir = output_dir / "model"
+    model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=attribute_order).eval()
+    save_tagger(model, processor, final_dir)
+    metrics = write_evaluation(
+        model, processor, eval_set, final_dir, logs_dir=output_dir / "logs", dataset_name=args.dataset, split=args.eval_split
+    )
+    (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+    dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else args.dataset
+    card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=f"timm/{args.encoder_name}", repo_id=args.push_to_hub)
+    card.save(final_dir / "README.md")
+    print(f"model folder: {final_dir}")
+    if args.push_to_hub:
+        print(push_to_hub(final_dir, args.push_to_hub, private=args.hub_private))
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False, api=None) -> str:
+    """Upload the finished folder as one commit; returns the commit URL. `api` is injectable for tests."""
+    from huggingface_hub import HfApi
+
+    api = api or HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, repo_type="model", folder_path=str(folder), commit_message="Upload fashion tagger trained with fashion-hf"
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+if __name__ == "__main__":
+    main()

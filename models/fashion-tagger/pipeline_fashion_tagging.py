@@ -1,0 +1,87 @@
+"""The `"fashion-tagging"` pipeline: images in, per-attribute labels and the generated tag sequence out."""
+
+import torch
+from transformers import Pipeline
+
+from .configuration_fashion_tagger import PAD_TAG_ID
+
+
+class FashionTaggingPipeline(Pipeline):
+    """Tag product photos.
+
+    ```python
+    >>> tagger = pipeline("fashion-tagging", model="models/fashion-tagger")
+    >>> tagger("photo.jpg", top_k=3)
+    {"attributes": {"articleType": [{"label": "Tshirts", "score": 0.93}, ...], ...},
+     "tags": [{"tag": "Tshirts", "group": "articleType", "score": 0.91}, ...]}
+    >>> tagger([image_1, image_2], batch_size=32)  # a list of such dicts
+    ```
+
+    Inputs are anything [`FashionTaggerImageProcessor`] reads: PIL images, numpy arrays, paths or encoded bytes.
+    `top_k` labels per attribute (default 5), scores descending; `num_beams` for the tag decoder (default 1, greedy);
+    `max_tags` caps the tag sequence (default the model's `max_tag_length`).
+    """
+
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_video_processor = False
+    _load_tokenizer = False
+
+    def _sanitize_parameters(self, top_k=None, num_beams=None, max_tags=None, **kwargs):
+        forward_params = {}
+        if num_beams is not None:
+            forward_params["num_beams"] = int(num_beams)
+        if max_tags is not None:
+            forward_params["max_length"] = int(max_tags)
+        postprocess_params = {"top_k": int(top_k)} if top_k is not None else {}
+        return {}, forward_params, postprocess_params
+
+    def preprocess(self, image):
+        # Per image only the decoding and resizing; normalisation runs once per batch in _forward, on the model's
+        # device. The key is "image" because the base class's collate concatenates that key as it is.
+        processor = self.image_processor
+        pixels = processor.to_model_size(processor.load_image(image))
+        return {"image": torch.from_numpy(pixels)[None]}
+
+    def _forward(self, model_inputs, num_beams=1, max_length=None):
+        pixel_values = self.image_processor.normalize_pixels(model_inputs["image"].to(self.model.device))
+        pixel_values = pixel_values.to(self.model.dtype)
+        image_embeds = self.model.encode_images(pixel_values)
+        outputs = self.model(image_embeds=image_embeds)
+        hypotheses = self.model.generate_tags(image_embeds=image_embeds, num_beams=num_beams, max_length=max_length)
+        # The base class splits batched outputs per image by indexing every value: keep them flat tensors.
+        best = [image_hypotheses[0] for image_hypotheses in hypotheses]
+        length = max((len(hypothesis["tag_ids"]) for hypothesis in best), default=0)
+        tag_ids = torch.full((len(best), length), PAD_TAG_ID, dtype=torch.long)
+        tag_scores = torch.zeros(len(best), length)
+        for row, hypothesis in enumerate(best):
+            tag_ids[row, : len(hypothesis["tag_ids"])] = torch.tensor(hypothesis["tag_ids"], dtype=torch.long)
+            tag_scores[row, : len(hypothesis["tags"])] = torch.tensor([tag["score"] for tag in hypothesis["tags"]])
+        probabilities = {f"probs:{name}": logits.float().softmax(-1).cpu() for name, logits in outputs.attribute_logits.items()}
+        return {**probabilities, "tag_ids": tag_ids, "tag_scores": tag_scores}
+
+    def postprocess(self, model_outputs, top_k=5):
+        config = self.model.config
+        attributes = {}
+        for name, labels in config.attributes.items():
+            probabilities = model_outputs[f"probs:{name}"][0]
+            scores, indices = probabilities.topk(min(top_k, len(labels)))
+            attributes[name] = [{"label": labels[i], "score": s} for s, i in zip(scores.tolist(), indices.tolist())]
+        tags = []
+        for tag_id, score in zip(model_outputs["tag_ids"][0].tolist(), model_outputs["tag_scores"][0].tolist()):
+            if tag_id == PAD_TAG_ID:
+                break
+            text, group = config.id_to_tag(tag_id)
+            tags.append({"tag": text, "group": group, "score": score})
+        return {"attributes": attributes, "tags": tags}
+
+
+def save_tagger(model, image_processor, folder, **save_kwargs) -> None:
+    """Write a Hub-ready model folder: weights, config, image processor and their code, and this pipeline's code
+    named in the config's `custom_pipelines`, so that `pipeline(model=folder, trust_remote_code=True)` tags where
+    fashion_hf is not installed. `save_kwargs` go to the model's `save_pretrained` (e.g. `state_dict`)."""
+    FashionTaggingPipeline(model=model, image_processor=image_processor).save_pretrained(folder, **save_kwargs)
+
+
+__all__ = ["FashionTaggingPipeline", "save_tagger"]
