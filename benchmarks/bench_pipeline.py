@@ -14,29 +14,33 @@ Overhead = pipeline time / encoder time - 1 (median of the per-round ratios), ag
 that it counts only what the pipeline adds; the ratio to timm's default layout is shown beside it. The stages outside
 the encoder are timed on their own in the same rounds, so the table says where the overhead goes.
 
+`--model` takes any saved folder, loaded with `AutoModel`: a single tagger, or an ensemble, whose "encoder" is then
+the bare timm encoder work it does: every member's encoder over each photo and (with mirroring) its mirror, the
+mirrored copies made beforehand; making them inside the model counts as overhead.
+
     python benchmarks/bench_pipeline.py --repeats 9
+    python benchmarks/bench_pipeline.py --repeats 5 --model models/fashion-tagger --sizes 160x120
 """
 
 import argparse
-import io
 import statistics
 import tempfile
 
 import numpy as np
 import torch
 from bench_utils import (
-    PRODUCT_IMAGES,
     image_size,
     interleaved,
     ratio_summary,
     real_size_vocabulary,
     runtime_line,
+    validation_photos,
     verdict,
 )
 from PIL import Image
-from transformers import pipeline
+from transformers import AutoConfig, AutoModel, pipeline
 
-from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
+from fashion_hf import FashionTaggerConfig, FashionTaggerEnsembleModel, FashionTaggerImageProcessor, FashionTaggerModel
 from fashion_hf.runtime import keep_freed_memory
 
 TARGET_OVERHEAD = 0.15
@@ -57,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="input sizes (default: 128x96, the config default, and 224x224)",
     )
     parser.add_argument("--max-tags", type=int, help="cap on generated tags (default: the model's max_tag_length)")
-    parser.add_argument("--model", help="a saved model folder to use (resized per --sizes) instead of an untrained one")
+    parser.add_argument("--model", help="a saved model or ensemble folder to use (resized per --sizes) instead of an "
+                        "untrained one")
     parser.add_argument(
         "--decoder-matmul-dtype",
         choices=["float32", "bfloat16"],
@@ -72,16 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def product_photos(count: int, synthetic: bool, seed: int) -> tuple[list[Image.Image], str]:
     """Decoded RGB photos: the first `count` of the validation split, or coloured garments on white."""
-    files = sorted((PRODUCT_IMAGES / "data").glob("validation-*.parquet"))
-    if files and not synthetic:
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(files[0], columns=["image"]).slice(0, count).column("image").to_pylist()
-        photos = [Image.open(io.BytesIO(row["bytes"])) for row in rows]
-        for photo in photos:
-            photo.load()
-        if len(photos) == count:
-            return photos, f"{count} validation photos of Fashion Product Images ({photos[0].width}x{photos[0].height})"
+    photos = [] if synthetic else validation_photos(count)
+    if photos:
+        return photos, f"{count} validation photos of Fashion Product Images ({photos[0].width}x{photos[0].height})"
     rng = np.random.default_rng(seed)
     photos = []
     for _ in range(count):
@@ -94,7 +92,7 @@ def product_photos(count: int, synthetic: bool, seed: int) -> tuple[list[Image.I
 
 def save_tagger(args, size: tuple[int, int], folder: str) -> None:
     if args.model:
-        model = FashionTaggerModel.from_pretrained(args.model)
+        model = AutoModel.from_pretrained(args.model)  # a single tagger or an ensemble, as its config says
         model.config.image_size = list(size)
     else:
         torch.manual_seed(args.seed)
@@ -111,21 +109,34 @@ def batches(items, size):
     return [items[start : start + size] for start in range(0, len(items), size)]
 
 
+def encoder_inputs(model, pixels: torch.Tensor) -> torch.Tensor:
+    """What the bare encoders read for a batch: the photos, and for a mirroring ensemble their mirrors after them."""
+    if isinstance(model, FashionTaggerEnsembleModel) and model.config.mirror_views:
+        return torch.cat([pixels, pixels.flip(-1)])
+    return pixels
+
+
+def bare_encoders(model) -> list[torch.nn.Module]:
+    return [member.encoder for member in model.members] if isinstance(model, FashionTaggerEnsembleModel) else [model.encoder]
+
+
 def measure_size(args, size, photos) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         save_tagger(args, size, folder)
         tagger = pipeline("fashion-tagging", model=folder)
     model, processor = tagger.model, tagger.image_processor
     pixel_values = processor(photos, return_tensors="pt")["pixel_values"]
-    pixel_batches = batches(pixel_values.contiguous(memory_format=torch.channels_last), args.batch_size)
-    nchw_batches = batches(pixel_values.contiguous(), args.batch_size)
+    encoder_batches = [encoder_inputs(model, pixels) for pixels in batches(pixel_values, args.batch_size)]
+    pixel_batches = [pixels.contiguous(memory_format=torch.channels_last) for pixels in encoder_batches]
+    nchw_batches = [pixels.contiguous() for pixels in encoder_batches]
     with torch.inference_mode():
-        embed_batches = [model.encoder(pixels) for pixels in pixel_batches]
+        embed_batches = [model.encode_images(pixels) for pixels in batches(pixel_values, args.batch_size)]
 
     def encoder(layout_batches=pixel_batches):
         with torch.inference_mode():
             for pixels in layout_batches:
-                model.encoder(pixels)
+                for bare in bare_encoders(model):
+                    bare(pixels)
 
     def preprocess():  # what the pipeline does before the encoder: decode and resize per image, normalise per batch
         for group in batches(photos, args.batch_size):
@@ -175,8 +186,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     photos, source = product_photos(args.num_images, args.synthetic, args.seed)
     print(runtime_line())
+    described = (f"model {args.model} ({AutoConfig.from_pretrained(args.model).encoder_description})" if args.model
+                 else "untrained tf_efficientnet_lite0, 309 tags, GRU 512")  # fmt: skip
     print(
-        f"tagger: {'model ' + args.model if args.model else 'untrained tf_efficientnet_lite0, 309 tags, GRU 512'}; "
+        f"tagger: {described}; "
         f"decoder matmuls {'as the model says' if args.model else args.decoder_matmul_dtype}; "
         f"max tags {args.max_tags or 'max_tag_length'}; {source}; batch {args.batch_size}; "
         f"{args.repeats} interleaved rounds (+{args.warmup} warm-up), medians"

@@ -4,13 +4,16 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import time by huggingface_hub and transformers
 
+import io
 import platform
 import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from transformers.utils import logging as transformers_logging
 
 transformers_logging.set_verbosity_error()  # no "Loading weights" bars or backend notices between the figures
@@ -33,6 +36,18 @@ REAL_HEAD_SIZES = {
     "usage": 8,
 }
 REAL_DETAIL_TAG_COUNT = 55
+
+
+def validation_photos(count: int, source: str | Path | None = None) -> list:
+    """The first `count` photos of the validation split (`data/validation-*.parquet` under `source`, default the
+    shared Fashion Product Images), decoded to RGB PIL images; an empty list when the split is absent or holds
+    fewer photos."""
+    files = sorted((Path(source or PRODUCT_IMAGES) / "data").glob("validation-*.parquet"))
+    if not files:
+        return []
+    rows = pq.read_table(files[0], columns=["image"]).slice(0, count).column("image").to_pylist()
+    photos = [Image.open(io.BytesIO(row["bytes"])).convert("RGB") for row in rows]
+    return photos if len(photos) == count else []
 
 
 def image_size(text: str) -> tuple[int, int]:

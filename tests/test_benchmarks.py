@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_model, write_product_parquet
+from transformers import AutoModel
 
 import fashion_hf
 from fashion_hf import data
@@ -14,12 +15,61 @@ import bench_pipeline
 import encoder_probe
 
 
+@pytest.fixture(scope="module")
+def tiny_ensemble_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny tagger twice, combined into a mirroring ensemble folder as train/ensemble.py writes one."""
+    single = fashion_hf.FashionTaggerModel.from_pretrained(tiny_model_dir)
+    config = fashion_hf.FashionTaggerEnsembleConfig.from_members([single.config, single.config])
+    ensemble = fashion_hf.FashionTaggerEnsembleModel(config)
+    for member in ensemble.members:
+        member.load_state_dict(single.state_dict())
+    folder = tmp_path_factory.mktemp("ensemble")
+    ensemble.save_pretrained(folder)
+    fashion_hf.FashionTaggerImageProcessor.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+def decoding_rows(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("| full length") or line.startswith("| natural")]
+
+
 def test_decoding_benchmark_checks_both_decoders_agree_and_prints_its_table(capsys):
-    assert bench_decoding.main(["--batch-size", "4", "--repeats", "1", "--warmup", "0", "--vocabulary", "default"]) == 0
+    argv = ["--batch-size", "4", "--repeats", "1", "--warmup", "0", "--vocabulary", "default", "--random-embeddings"]
+    assert bench_decoding.main(argv) == 0
     output = capsys.readouterr().out
-    assert "identical tag sequences" in output
-    rows = [line for line in output.splitlines() if line.startswith("| full length") or line.startswith("| natural")]
+    assert "identical tag sequences" in output and "decoding from: random embeddings" in output
+    rows = decoding_rows(output)
     assert len(rows) >= 2 and all("x (" in row and row.rstrip().endswith(("PASS |", "MISS |")) for row in rows)
+
+
+def test_decoding_benchmark_decodes_an_ensemble_folder_from_validation_photos_embeddings(capsys, tmp_path, tiny_ensemble_dir):
+    products = tmp_path / "products"
+    write_product_parquet(products, "validation", 6)
+    argv = ["--model", str(tiny_ensemble_dir), "--data-source", str(products), "--batch-size", "4", "--repeats", "1",
+            "--warmup", "0"]  # fmt: skip
+    assert bench_decoding.main(argv) == 0  # exits with an error if the loop and generate_tags disagree
+    output = capsys.readouterr().out
+    assert "ensemble of 2 decoders" in output and "each on the photo and its mirror" in output
+    assert f"decoding from: embeddings of the first 4 validation photos in {products}, 4 views per photo" in output
+    assert "identical tag sequences" in output and len(decoding_rows(output)) >= 2
+
+    model = AutoModel.from_pretrained(tiny_ensemble_dir).eval()
+    embeds, _ = bench_decoding.image_embeddings(model, bench_decoding.parse_args(argv))
+    photos = list(data.load_fashion_product_images(products, split="validation")["image"])[:4]
+    processor = fashion_hf.FashionTaggerImageProcessor.from_pretrained(tiny_ensemble_dir)
+    with torch.no_grad():
+        expected = model.encode_images(processor(photos, return_tensors="pt")["pixel_values"])
+    assert embeds.shape == (4, 4, expected.shape[-1]) and torch.allclose(embeds, expected)
+
+
+def test_decoding_benchmark_says_it_decodes_random_embeddings_where_the_photos_are_absent(capsys, tmp_path, tiny_ensemble_dir):
+    absent = tmp_path / "no-such-data"
+    argv = ["--model", str(tiny_ensemble_dir), "--data-source", str(absent), "--batch-size", "3", "--repeats", "1",
+            "--warmup", "0"]  # fmt: skip
+    assert bench_decoding.main(argv) == 0
+    output = capsys.readouterr().out
+    assert f"note: no 3 validation photos in {absent}; decoding random embeddings instead" in output
+    assert "decoding from: random embeddings" in output and len(decoding_rows(output)) >= 2
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -29,6 +79,18 @@ def test_pipeline_benchmark_prints_overhead_and_breakdown(capsys, dtype):
     output = capsys.readouterr().out
     assert f"decoder matmuls {dtype}" in output
     assert sum(line.startswith("| 64x48 |") for line in output.splitlines()) == 2  # overhead row and breakdown row
+
+
+def test_pipeline_benchmark_measures_an_ensemble_folder_against_all_its_encoder_passes(capsys, tiny_ensemble_dir):
+    argv = ["--synthetic", "--num-images", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--sizes", "64x48"]
+    assert bench_pipeline.main([*argv, "--model", str(tiny_ensemble_dir)]) == 0
+    output = capsys.readouterr().out
+    assert f"model {tiny_ensemble_dir} (test_efficientnet + test_efficientnet, with mirrored photos)" in output
+    assert sum(line.startswith("| 64x48 |") for line in output.splitlines()) == 2
+    model = AutoModel.from_pretrained(tiny_ensemble_dir)
+    pixels = torch.randn(2, 3, 64, 48)
+    assert len(bench_pipeline.bare_encoders(model)) == 2  # each member's encoder ...
+    assert torch.equal(bench_pipeline.encoder_inputs(model, pixels), torch.cat([pixels, pixels.flip(-1)]))  # ... on both views
 
 
 def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_changes_nothing(capsys, tmp_path):
@@ -60,20 +122,15 @@ def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_c
         assert float(plain[position]) == pytest.approx(expected, abs=5e-5)
 
 
-def test_model_cost_benchmark_times_each_folder_against_the_first(capsys, tmp_path, tiny_model_dir):
+def test_model_cost_benchmark_times_each_folder_against_the_first(capsys, tmp_path, tiny_model_dir, tiny_ensemble_dir):
     write_product_parquet(tmp_path / "products", "validation", 6)
-    single = fashion_hf.FashionTaggerModel.from_pretrained(tiny_model_dir)
-    ensemble = fashion_hf.FashionTaggerEnsembleModel(fashion_hf.FashionTaggerEnsembleConfig.from_members([single.config]))
-    ensemble.members[0].load_state_dict(single.state_dict())
-    ensemble.save_pretrained(tmp_path / "ensemble")
-    fashion_hf.FashionTaggerImageProcessor.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "ensemble")
-    folders = [str(tiny_model_dir), str(tmp_path / "ensemble")]
+    folders = [str(tiny_model_dir), str(tiny_ensemble_dir)]
 
     results = bench_models.main([*folders, "--data-source", str(tmp_path / "products"), "--single", "2", "--repeats", "2"])
     output = capsys.readouterr().out
     assert "2 photos one by one and 6 in batches of 32 per round, 2 rounds" in output
     rows = {line.split("|")[1].strip(): line for line in output.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in folders}
-    assert "| test_efficientnet |" in rows[folders[0]] and "| test_efficientnet, with mirrored photos |" in rows[folders[1]]
+    assert "| test_efficientnet |" in rows[folders[0]] and "| test_efficientnet + test_efficientnet, with mirrored photos |" in rows[folders[1]]
     assert rows[folders[0]].count("| 1.00x (1.00-1.00) |") == 2  # the first against itself
     assert all(results[folder]["ms_per_photo"] > 0 and results[folder]["photos_per_s"] > 0 for folder in folders)
     with pytest.raises(SystemExit):
