@@ -16,6 +16,7 @@ Named API endpoints (gradio_client):
 Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming the input and what would be valid.
 """
 
+import base64
 import html
 import logging
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 import gradio as gr
 
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
+from fashion_hf.explain import explained_attribute
 from fashion_hf.feedback import FeedbackStore
 from fashion_hf.runtime import keep_freed_memory, limit_malloc_arenas
 from fashion_hf.serving import (
@@ -41,10 +43,14 @@ from fashion_hf.serving import (
     load_tagger,
     oauth_enabled,
     payload_parts,
+    submitter,
     user_error,
 )
 
 logger = logging.getLogger("fashion_hf.app")
+
+CARD_IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+MAX_CARD_IMAGE_BYTES = 2 * 1024 * 1024  # each plot travels inside the page's config
 
 # Gradio's queue rebuilds a pandas summary of its last 10,000 events after every event (for its monitoring page);
 # under load that was most of the server's Python time and cut /tag throughput 6x while /feedback ran beside it.
@@ -59,6 +65,13 @@ CSS = """
 .chip .group { opacity: 0.65; font-size: 0.85em; margin-left: 4px; }
 .chip .score { font-weight: 600; margin-left: 4px; }
 .chip .head { font-style: italic; opacity: 0.75; margin-left: 6px; }
+/* Seven label panels share a row, each at least 160 px wide: the longest label ("Moisturisers 100%") must fit
+   whole, not be clipped by the panel ("Accessories 86%" showed "86"). */
+#labels .output-class { padding: var(--size-6) var(--size-1) var(--size-4); font-size: var(--text-lg);
+                        text-align: center; overflow-wrap: anywhere; }
+#labels .confidence-set { font-size: var(--text-sm); }
+#labels .confidence-set .line { padding: 0; min-width: var(--size-2); }
+#labels .confidence-set .text { min-width: 0; overflow-wrap: anywhere; }
 """
 
 
@@ -125,9 +138,11 @@ def model_card_markdown(service: TaggerService) -> str:
     config = service.config
     heads = ", ".join(f"{html.escape(name)} ({len(labels)})" for name, labels in config.attributes.items())
     card = read_model_card(service.settings)
+    local = Path(service.model_id).is_dir()  # a Hub id as it is; of a local folder, its name only, not where it is
+    model = f"{Path(service.model_id).resolve().name}` (a local folder)" if local else f"{service.model_id}`"
     return "\n".join(
         [
-            f"**Model:** `{html.escape(service.model_id)}`  ",
+            f"**Model:** `{html.escape(model)}  ",
             f"**Revision:** `{html.escape(service.revision)}`  ",
             f"**Encoder:** `{html.escape(config.encoder_description)}` at {config.image_size[0]}x{config.image_size[1]} px  ",
             f"**Heads:** {heads}  ",
@@ -139,21 +154,24 @@ def model_card_markdown(service: TaggerService) -> str:
 
 
 def read_model_card(settings: Settings) -> str | None:
-    """The model card's text, its relative image links (plots) pointed at where they are served."""
+    """The model card's text, its relative image links (plots) inlined (a local folder) or pointed at the Hub."""
     folder = Path(settings.model)
     try:
         if folder.is_dir():
             readme, base = folder / "README.md", folder.resolve()
             if not readme.is_file():
                 return None
-            served = []
 
             def image_url(target: str) -> str | None:
+                """The plot as a data URI: a served file's URL would show visitors where the model lies on disk."""
                 path = (base / target).resolve()
-                if not path.is_relative_to(base) or not path.is_file():
+                kind = CARD_IMAGE_TYPES.get(path.suffix.lower())
+                if kind is None or not path.is_relative_to(base) or not path.is_file():
                     return None
-                served.append(str(path))
-                return f"/gradio_api/file={path}"
+                if path.stat().st_size > MAX_CARD_IMAGE_BYTES:
+                    logger.warning("Model card image %s is over %d bytes: not shown.", target, MAX_CARD_IMAGE_BYTES)
+                    return None
+                return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
         else:
             from huggingface_hub import hf_hub_download
@@ -176,10 +194,7 @@ def read_model_card(settings: Settings) -> str | None:
 
     if text.startswith("---"):
         text = text.split("---", 2)[-1]  # the YAML front matter is for the Hub, not for readers
-    text = re.sub(r"(!\[[^\]]*\])\(([^)\s]+)\)", link, text)
-    if folder.is_dir() and served:
-        gr.set_static_paths(served)  # exactly the card's images, nothing else of the model folder
-    return text
+    return re.sub(r"(!\[[^\]]*\])\(([^)\s]+)\)", link, text)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -210,6 +225,8 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
     service = TaggerService(settings, tagger, store, Redactor([token]))
     attributes = list(service.config.attributes)
     form_size = len(attributes) + 5  # the feedback form: image, a dropdown per attribute, details, text, consent, note
+    panels = len(attributes) + 4  # the Tag tab: a label per attribute, tag chips, heatmap, timing, raw prediction
+    explained = explained_attribute(service.config)
     on_model = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
     on_store = {"concurrency_limit": settings.feedback_concurrency, "concurrency_id": "feedback"}
 
@@ -220,30 +237,53 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         uploads = [service.read_upload(payload) for payload in image]
         return (service.predict(uploads)[0],)
 
-    def tag_ui(images):
-        """The Tag tab, batched: per request the labels, tag chips, heatmap, timing and the raw prediction."""
-        outputs = [[None] * len(images) for _ in range(len(attributes) + 4)]
-        present = [index for index, payload in enumerate(images) if payload]
-        if not present:
-            return tuple(outputs)
-        uploads = [service.read_upload(images[index]) for index in present]
-        results, predict_seconds = service.predict(uploads)
-        overlays, attribute, cam_seconds = service.heatmaps(uploads, results)
-        timing = timing_text(predict_seconds, cam_seconds, len(uploads), attribute)
-        for index, result, overlay in zip(present, results, overlays):
-            values = [*label_values(result, attributes), tag_chips(result), overlay, timing, result]
-            for column, value in enumerate(values):
-                outputs[column][index] = value
-        return tuple(outputs)
+    def tag_results(images):
+        """The Tag tab, batched: per request the values of its panels (labels, tag chips, heatmap, timing, raw
+        prediction), or the reason its upload was refused. One bad upload fails neither the others in its batch nor
+        the panels: `show_tagged` shows the values, `refuse_tagged` the refusal."""
+        results = [{"values": [None] * panels} for _ in images]  # no image: empty panels
+        uploads = {}
+        for index, payload in enumerate(images):
+            if payload:
+                try:
+                    uploads[index] = service.read_upload(payload)
+                except gr.Error as error:
+                    results[index] = {"error": error.message}
+        if uploads:
+            predictions, predict_seconds = service.predict(list(uploads.values()))
+            overlays, attribute, cam_seconds = service.heatmaps(list(uploads.values()), predictions)
+            timing = timing_text(predict_seconds, cam_seconds, len(uploads), attribute)
+            for index, prediction, overlay in zip(uploads, predictions, overlays):
+                values = [*label_values(prediction, attributes), tag_chips(prediction), overlay, timing, prediction]
+                results[index] = {"values": values}
+        return (results,)
 
-    def tag_many(images):
-        """Several images: a table (an unreadable file gets an error in its row), as CSV and JSON files."""
+    def show_tagged(result):
+        return result["values"] if "values" in result else [None] * panels  # a refused upload: nothing stale
+
+    def refuse_tagged(result):
+        if "error" in result:
+            raise user_error(result["error"])
+
+    def tag_image_api(images):
+        """/tag_image (undocumented), batched: the panels' values, as the Tag tab shows them."""
+        results = tag_results(images)[0]
+        for result in results:
+            refuse_tagged(result)
+        return tuple(map(list, zip(*(result["values"] for result in results))))
+
+    def check_many(images):
         payloads = [payload for payload in images or [] if payload]
         if not payloads:
             raise user_error("No images: choose one or more image files first.")
         limit = settings.max_images_per_request
         if len(payloads) > limit:
             raise user_error(f"{len(payloads)} images is over the limit of {limit} per request.")
+        return payloads
+
+    def tag_many(images):
+        """Several images: a table (an unreadable file gets an error in its row), as CSV and JSON files."""
+        payloads = check_many(images)
         uploads, errors = {}, {}
         for index, payload in enumerate(payloads):
             try:
@@ -293,22 +333,30 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         queue = service.annotation_queue(recent, labelled)
         return gallery_value(queue), queue
 
-    def submit_ui(profile: gr.OAuthProfile | None, image, *values):
-        # Gradio injects `profile` by position, so it comes before the variable number of attribute dropdowns.
-        *labels, details, free_text, consent, labelled, recent = values
+    def submit_ui(profile: gr.OAuthProfile | None, request: gr.Request, image, *values):
+        """Store the form's correction: the record id and the image's hash, for `show_saved`."""
+        # Gradio injects `profile` and `request` by position: before the variable number of attribute dropdowns.
+        *labels, details, free_text, consent = values
         corrected = {name: label for name, label in zip(attributes, labels) if label}
         tags = service.parse_tags([*(details or []), *(free_text or "").split(",")])
-        record_id, upload = service.save_feedback(image, corrected, tags, consent, annotator_name(profile))
-        labelled = [*(labelled or []), upload.sha256]
-        queue = service.annotation_queue(recent, labelled)
-        note = f"### Thank you! Saved as record `{record_id}`\nKeep this id to withdraw your submission (below)."
-        return note, record_id, service.store_status(), labelled, gallery_value(queue), queue
+        annotator = annotator_name(profile)
+        record_id, upload = service.save_feedback(image, corrected, tags, consent, annotator, submitter(request))
+        return {"id": record_id, "sha256": upload.sha256}
 
-    def feedback_api(image, corrected_attributes, tags, consent, profile: gr.OAuthProfile | None = None):
+    def show_saved(saved, labelled, recent):
+        labelled = [*(labelled or []), saved["sha256"]]
+        queue = service.annotation_queue(recent, labelled)
+        note = f"### Thank you! Saved as record `{saved['id']}`\nKeep this id to withdraw your submission (below)."
+        return note, saved["id"], service.store_status(), labelled, gallery_value(queue), queue
+
+    def feedback_api(
+        image, corrected_attributes, tags, consent, profile: gr.OAuthProfile | None = None, request: gr.Request = None
+    ):
         """/feedback: store a correction (consent required); returns the record id."""
         corrected = service.parse_attributes(corrected_attributes)
         tags = service.parse_tags(tags)
-        record_id, _ = service.save_feedback(image, corrected, tags, consent, annotator_name(profile))
+        annotator = annotator_name(profile)
+        record_id, _ = service.save_feedback(image, corrected, tags, consent, annotator, submitter(request))
         return {"id": record_id, "status": "saved"}
 
     def delete_api(record_id):
@@ -346,7 +394,7 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
                         timing = gr.Markdown(elem_id="timing")
                     with gr.Column():
                         heatmap = gr.Image(
-                            label="Heatmap: what drove the top category",
+                            label=f"Heatmap: what drove the top {explained}",
                             type="pil",
                             format="png",
                             interactive=False,
@@ -391,7 +439,9 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
                     with gr.Column(scale=2):
                         with gr.Row():
                             dropdowns = [
-                                gr.Dropdown(choices=labels, label=name, interactive=True, elem_id=f"fix-{name}")
+                                gr.Dropdown(
+                                    choices=labels, value=None, label=name, interactive=True, elem_id=f"fix-{name}"
+                                )
                                 for name, labels in service.config.attributes.items()
                             ]
                         details = gr.Dropdown(
@@ -465,10 +515,23 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         )
         api_trigger.click(delete_api, api_record_id, api_result, api_name="delete_feedback", **on_store)
 
+        # A handler that raises marks every output of its event "Error" (a gallery so marked takes no clicks until it
+        # is refreshed). So a step that can refuse the user's input writes only to a State (or to nothing): its
+        # gr.Error shows once, as a toast, and the step that shows the result runs only after it succeeded.
+        def held(listener, fn, inputs, outputs, **options):
+            result = gr.State()
+            return listener(fn, inputs, result, **options).success(lambda values: values, result, outputs, **private)
+
         tag_outputs = [*labels_out, chips, heatmap, timing, prediction_out]
-        tagged = image_in.change(
-            tag_ui, image_in, tag_outputs, api_name="tag_image", api_visibility="undocumented", **batching
+        api_trigger.click(
+            tag_image_api, api_image, tag_outputs, api_name="tag_image", api_visibility="undocumented", **batching
         )
+        tagged_state = gr.State()
+        tagged = image_in.change(
+            tag_results, image_in, tagged_state, show_progress_on=[*labels_out, heatmap], **batching, **private
+        )
+        tagged = tagged.success(show_tagged, tagged_state, tag_outputs, **private)
+        tagged = tagged.success(refuse_tagged, tagged_state, None, **private)
         tagged.success(
             prefill_after_tagging,
             [image_in, recent_state, labelled_state],
@@ -477,19 +540,27 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
             **private,
         )
         many_outputs = [table_out, csv_out, json_file_out]
-        many_button.click(tag_many, many_in, many_outputs, api_name="tag_many", preprocess=False, **on_model)
-        feedback_image.input(prefill_upload, feedback_image, form, preprocess=False, **private, **on_model)
-        queue_gallery.select(pick_from_queue, queue_state, form, **private, **on_model)
+        many_button.click(check_many, many_in, None, preprocess=False, **private).success(
+            tag_many, many_in, many_outputs, api_name="tag_many", preprocess=False, **on_model
+        )
+        held(feedback_image.input, prefill_upload, feedback_image, form, preprocess=False, **private, **on_model)
+        held(queue_gallery.select, pick_from_queue, queue_state, form, **private, **on_model)
         refresh.click(refresh_queue, [recent_state, labelled_state], [queue_gallery, queue_state], **private)
+        saved_state = gr.State()
         submit.click(
             submit_ui,
-            [feedback_image, *dropdowns, details, free_text, consent, labelled_state, recent_state],
-            [confirmation, withdraw_id, store_status, labelled_state, queue_gallery, queue_state],
+            [feedback_image, *dropdowns, details, free_text, consent],
+            saved_state,
             preprocess=False,
             **private,
             **on_store,
+        ).success(
+            show_saved,
+            [saved_state, labelled_state, recent_state],
+            [confirmation, withdraw_id, store_status, labelled_state, queue_gallery, queue_state],
+            **private,
         )
-        withdraw.click(delete_ui, withdraw_id, [withdraw_result, store_status], **private, **on_store)
+        held(withdraw.click, delete_ui, withdraw_id, [withdraw_result, store_status], **private, **on_store)
         demo.load(on_load, None, [store_status, queue_gallery, queue_state], **private)
 
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)

@@ -662,23 +662,33 @@ def _load_feedback_records(source: str | Path) -> Dataset:
 def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -> Dataset:
     """Training examples from the corrections users sent through the app (the feedback store folder or Hub dataset).
 
-    Records without consent are skipped, and so are records that correct nothing. Corrected attributes become
-    labels (attributes a record does not correct stay None); corrected tags become detail tags. `attributes` fixes
-    the attribute columns (None: every corrected attribute, product attributes first in head order).
+    Records without consent are skipped, and so are records that correct nothing and exact duplicates (the same
+    image with the same corrections: the store keeps each person's submission, so that each can withdraw their own;
+    the model learns each correction once). Corrected attributes become labels (attributes a record does not correct
+    stay None); corrected tags become detail tags. `attributes` fixes the attribute columns (None: every corrected
+    attribute, product attributes first in head order).
     """
     records = _load_feedback_records(source)
     label_columns = ["consent", "corrected_attributes", "corrected_tags"]
     _require_columns(records, ["image", *label_columns], f"the feedback store {source}")
     kept = ["image", *(["id"] if "id" in records.column_names else [])]
-    columns = _read_columns(records, [*label_columns, *kept[1:]])
+    image_hash = ["image_sha256"] if "image_sha256" in records.column_names else []
+    columns = _read_columns(records, [*label_columns, *kept[1:], *image_hash])
     examples = {}  # row -> (corrected labels, detail tags)
+    stored = set()  # (image hash, labels, tags) of the examples kept
     for row, consent in enumerate(columns["consent"]):
         if consent is not True:
             continue
         record_id = columns["id"][row] if "id" in columns else row
         labels, tags = _feedback_labels(record_id, columns["corrected_attributes"][row], columns["corrected_tags"][row])
-        if labels or tags:
-            examples[row] = labels, tags
+        if not labels and not tags:
+            continue
+        if image_hash:
+            correction = (columns["image_sha256"][row], tuple(sorted(labels.items())), tuple(sorted(set(tags))))
+            if correction in stored:
+                continue
+            stored.add(correction)
+        examples[row] = labels, tags
     if attributes is None:
         seen = {attribute for labels, _ in examples.values() for attribute in labels}
         head_order = [*PRODUCT_ATTRIBUTES, BRAND]

@@ -14,6 +14,7 @@ On-disk layout (the folder, and the Hub repo it is pushed to)::
         lock                           `fcntl.flock` lock shared by every thread and process using the folder
         epoch                          bumped whenever a metadata file is rewritten (delete, repair)
         pending-deletes.jsonl          repo paths to remove from the Hub at the next push (withdrawals)
+        submissions.jsonl              hash of (submitter, image, corrections) -> record id: retries get their id
         hub-<key>.json                 what was pushed to a repo: path -> [size, mtime_ns]
         tmp/                           images being written (temp file + fsync + os.replace)
         quarantine/                    torn or corrupt lines taken out by repair
@@ -29,8 +30,10 @@ acknowledged (its id returned) only after that; a failed or short write is trunc
 unterminated last line; writers (and opening the store) repair it.
 
 `image_sha256` is the SHA-256 of the uploaded file's bytes for bytes and path inputs; for a PIL image or an array
-it is the SHA-256 of `b"RGB <w>x<h>\\n"` followed by the upright RGB pixel bytes. An identical resubmission (same
-`image_sha256`, same corrected attributes, same set of corrected tags) returns the id already stored.
+it is the SHA-256 of `b"RGB <w>x<h>\\n"` followed by the upright RGB pixel bytes. Every submission is its own record
+with its own id: a record id is a withdrawal key, so identical corrections from two people are never merged (the
+training loader drops exact duplicates). Only the same submitter's retry (`add(submitter=...)`) gets its earlier id
+back, through `.feedback/submissions.jsonl` (submission key -> id).
 """
 
 from __future__ import annotations
@@ -245,6 +248,18 @@ def _clean_text(value: Any, what: str, max_len: int, *, allow_empty: bool = Fals
     return value
 
 
+def _attribute_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's pairs as a dict, refusing a repeated key (`json` would silently keep the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FeedbackValidationError(
+                f"corrected_attributes names the attribute {_show(key)} twice; give each attribute once."
+            )
+        out[key] = value
+    return out
+
+
 def _parse_attributes(
     value: Any,
     *,
@@ -258,7 +273,9 @@ def _parse_attributes(
         if len(value) > max_attributes * (2 * max_len + 16) + 64:
             raise FeedbackValidationError("corrected_attributes is too long to be a JSON object of attributes.")
         try:
-            value = json.loads(value) if value.strip() else {}
+            value = json.loads(value, object_pairs_hook=_attribute_pairs) if value.strip() else {}
+        except FeedbackValidationError:
+            raise
         except ValueError as exc:
             raise FeedbackValidationError(
                 f'corrected_attributes must be a JSON object like {{"gender": "Men"}}; it could not be parsed ({exc}).'
@@ -356,8 +373,12 @@ def _parse_predicted(value: Any, max_chars: int) -> str:
     return text
 
 
-def _dedupe_key(image_sha256: str, attributes: Mapping[str, str], tags: Sequence[str]) -> str:
-    canonical = json.dumps([image_sha256, sorted(attributes.items()), sorted(tags)], ensure_ascii=False)
+def _submission_key(submitter: str, image_sha256: str, attributes: Mapping[str, str], tags: Sequence[str]) -> str:
+    """What makes a repeated `add` the same submission: the same submitter sending the same image and corrections.
+
+    Only the submitter's own retry maps to its record: two submitters sending identical corrections get two records
+    (and two ids), so that no one is ever handed, and can withdraw, another's record."""
+    canonical = json.dumps([submitter, image_sha256, sorted(attributes.items()), sorted(tags)], ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -646,9 +667,15 @@ class FeedbackStore:
         self._lock_path = self._state / "lock"
         self._epoch_path = self._state / "epoch"
         self._pending_deletes_path = self._state / "pending-deletes.jsonl"
+        self._submissions_path = self._state / "submissions.jsonl"
 
         self._lock = threading.RLock()
         self._reset_index()
+        # submission key -> record id, for retries (`add(submitter=...)`); every process reads it at start, and the
+        # same submitter (a Gradio session) always reaches the same process.
+        self._by_submission = {
+            str(item.get("key")): str(item.get("id")) for item in _read_json_lines(self._submissions_path)
+        }
         self._shard: str | None = None
         self._shard_pid: int | None = None
 
@@ -698,11 +725,20 @@ class FeedbackStore:
         model_id: str,
         model_revision: str,
         annotator: str | None = "anonymous",
+        *,
+        submitter: str | None = None,
     ) -> str:
-        """Store one submission and return its record id (an identical resubmission returns the existing id).
+        """Store one submission and return its record id, a new one for every submission.
 
-        Raises `FeedbackValidationError` (a `ValueError`) for missing consent or invalid input, and
-        `FeedbackStoreError` when the folder cannot be written; in both cases nothing is stored.
+        `submitter` makes retries safe: an opaque value only this submitter knows (the app passes its Gradio
+        session); the same submitter sending the same image and corrections again (a retry, a double click) gets
+        the id it was given before, also after a restart. Without it, every call stores a new record. Identical
+        corrections from different submitters are separate records; training drops the exact duplicates
+        (`fashion_hf.data.load_feedback`).
+
+        Raises `FeedbackValidationError` (a `ValueError`) for missing consent, a correction with neither an
+        attribute nor a tag, or invalid input, and `FeedbackStoreError` when the folder cannot be written; in
+        every case nothing is stored.
         """
         if consent is not True:
             raise FeedbackValidationError(
@@ -716,6 +752,10 @@ class FeedbackStore:
             corrected_attributes, max_len=limit, max_attributes=self.max_attributes, allowed=self.allowed_attributes
         )
         tags = _parse_tags(corrected_tags, max_len=limit, max_tags=self.max_tags)
+        if not attributes and not tags:
+            raise FeedbackValidationError(
+                "the correction is empty: give at least one corrected attribute or one tag; nothing was stored."
+            )
         predicted_json = _parse_predicted(predicted, self.max_predicted_chars)
         model_id = _clean_text(model_id, "model_id", limit)
         model_revision = _clean_text(model_revision, "model_revision", limit, allow_empty=True)
@@ -725,10 +765,10 @@ class FeedbackStore:
         rgb = _upright_rgb(decoded)
         if image_sha256 is None:
             image_sha256 = _pixel_sha256(rgb)
-        key = _dedupe_key(image_sha256, attributes, tags)
+        key = None if submitter is None else _submission_key(str(submitter), image_sha256, attributes, tags)
         with self._lock, self._flock(exclusive=False):
             self._refresh()
-            existing = self._by_key.get(key)
+            existing = self._submitted(key)
         if existing is not None:
             return existing
 
@@ -742,9 +782,13 @@ class FeedbackStore:
         try:
             with self._lock, self._scheduler_lock(), self._flock(exclusive=True):
                 self._refresh(repair=True)
-                existing = self._by_key.get(key)
+                existing = self._submitted(key)
                 if existing is not None:
                     return existing
+                if key is not None:  # first: a record is never stored without the key that finds it again
+                    line = json.dumps({"key": key, "id": record_id}).encode() + b"\n"
+                    _append_line(self._submissions_path, line)
+                    self._by_submission[key] = record_id
                 record = {
                     "file_name": record_id + IMAGE_SUFFIX,
                     "id": record_id,
@@ -973,7 +1017,6 @@ class FeedbackStore:
     def _reset_index(self) -> None:
         self._records: dict[str, dict] = {}
         self._where: dict[str, tuple[str, int]] = {}  # id -> (shard, byte offset of its line)
-        self._by_key: dict[str, str] = {}  # dedupe key -> id
         self._shard_counts: dict[str, int] = {}
         self._files: dict[str, tuple[int, int, int]] = {}  # shard -> (st_dev, st_ino, bytes consumed)
         self._epoch: int | None = None
@@ -1014,24 +1057,15 @@ class FeedbackStore:
 
     def _drop_shard(self, shard: str) -> None:
         for rid in [rid for rid, (s, _) in self._where.items() if s == shard]:
-            record = self._records.pop(rid)
+            del self._records[rid]
             del self._where[rid]
-            key = self._record_key(record)
-            if self._by_key.get(key) == rid:
-                del self._by_key[key]
         self._shard_counts.pop(shard, None)
         self._files.pop(shard, None)
 
-    @staticmethod
-    def _record_key(record: dict) -> str:
-        try:
-            attributes = json.loads(record.get("corrected_attributes") or "{}")
-        except ValueError:
-            attributes = {}
-        if not isinstance(attributes, dict):
-            attributes = {}
-        tags = record.get("corrected_tags") or []
-        return _dedupe_key(str(record.get("image_sha256")), attributes, [str(t) for t in tags])
+    def _submitted(self, key: str | None) -> str | None:
+        """The record this submission key was given, while that record exists (call under the lock, refreshed)."""
+        record_id = self._by_submission.get(key) if key is not None else None
+        return record_id if record_id in self._records else None
 
     def _index(self, shard: str, offset: int, record: dict) -> None:
         rid = record["id"]
@@ -1039,7 +1073,6 @@ class FeedbackStore:
             return
         self._records[rid] = record
         self._where[rid] = (shard, offset)
-        self._by_key.setdefault(self._record_key(record), rid)
         self._shard_counts[shard] = self._shard_counts.get(shard, 0) + 1
 
     def _refresh(self, repair: bool = False) -> None:

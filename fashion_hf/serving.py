@@ -165,6 +165,12 @@ def annotator_name(profile) -> str:
     return str(profile.get("preferred_username") or profile.get("name") or "anonymous")
 
 
+def submitter(request) -> str | None:
+    """Who submits, for retries only: the Gradio session (random, known to its own client alone), or None."""
+    session = getattr(request, "session_hash", None)
+    return f"session:{session}" if session else None
+
+
 def oauth_enabled() -> bool:
     """Space OAuth (README `hf_oauth: true`) sets these; elsewhere Gradio's mock login would need the network."""
     if not (os.environ.get("SPACE_ID") and os.environ.get("OAUTH_CLIENT_ID")):
@@ -363,7 +369,9 @@ class TaggerService:
             limit = MAX_ATTRIBUTES_JSON_CHARS
             raise user_error(f"corrected attributes: {len(text)} characters is over the limit of {limit}.")
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=unique_keys)
+        except DuplicateKeyError as error:
+            raise user_error(f"corrected attributes name {shown(error.key)} twice: give each attribute once.") from None
         except ValueError as error:
             raise user_error(f"{expected} ({shown(error)}).") from None
         if not isinstance(value, dict):
@@ -394,11 +402,20 @@ class TaggerService:
             raise user_error(f"{len(tags)} tags is over the limit of {MAX_TAGS}.")
         return tags
 
-    def save_feedback(self, payload, corrected: dict, tags: list[str], consent, annotator: str) -> tuple[str, Upload]:
-        """Store a correction with the prediction the user was shown; returns the record id and the decoded upload."""
+    def save_feedback(
+        self, payload, corrected: dict, tags: list[str], consent, annotator: str, submitter: str | None = None
+    ) -> tuple[str, Upload]:
+        """Store a correction with the prediction the user was shown; returns the record id and the decoded upload.
+
+        `submitter` (the Gradio session) lets a retry of the same submission get its own id back, never another's.
+        """
         if consent is not True:
             raise user_error("Tick the consent box first: without consent nothing is stored.")
         upload = self.read_upload(payload)
+        if not any(corrected.values()) and not tags:
+            raise user_error(
+                "Nothing to save: the correction is empty. Choose at least one label or add a tag, then submit."
+            )
         try:
             record_id = self.store.add(
                 upload.path or upload.image,
@@ -409,6 +426,7 @@ class TaggerService:
                 model_id=self.model_id,
                 model_revision=self.revision,
                 annotator=annotator,
+                submitter=submitter,
             )
         except FeedbackValidationError as error:
             raise user_error(shown(self.redact(str(error)), 600)) from None
@@ -435,7 +453,17 @@ class TaggerService:
         return {"id": record_id, "status": "deleted"}
 
     def store_status(self) -> str:
-        return shown(self.redact(self.store.status()), 1000)
+        """The page's status line, the same for every visitor: where corrections go, and whether that works.
+
+        No record count (it would tell a visitor when others submit) and no error text (the Hub's replies are the
+        server's business: the store logs each failure, redacted)."""
+        info = self.store.hub_status()
+        if not info["enabled"]:
+            return "Corrections are kept on this server."
+        if info["consecutive_failures"]:
+            return "Corrections are kept on this server; sending them to the dataset is delayed and will be retried."
+        every = f"{self.store.every_minutes:g}"
+        return f"Corrections are kept on this server and sent to the dataset every {every} minutes."
 
     # -- downloads ------------------------------------------------------------------------------------------------
 
@@ -452,6 +480,22 @@ class TaggerService:
             writer.writerows([[csv_cell(value) for value in row] for row in table])
         Path(f"{stem}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
         return f"{stem}.csv", f"{stem}.json"
+
+
+class DuplicateKeyError(ValueError):
+    def __init__(self, key: str):
+        super().__init__(f"duplicate key {key!r}")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple]) -> dict:
+    """`json.loads(..., object_pairs_hook=unique_keys)`: a repeated key is an error, not silently the last one."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise DuplicateKeyError(key)
+        out[key] = value
+    return out
 
 
 def csv_cell(value):

@@ -1,5 +1,6 @@
 """The Gradio app end to end through gradio_client: tagging, feedback, withdrawal and hostile input."""
 
+import base64
 import csv
 import hashlib
 import io
@@ -9,6 +10,7 @@ import shutil
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -297,6 +299,9 @@ ABSURD_FEEDBACK = {
     "10 MB of tags": ("{}", "y" * 10_000_000, True, "over the limit"),
     "script tag": ("{}", "<script>alert(1)</script>", True, "no markup"),
     "script label": ('{"articleType": "<script>alert(1)</script>"}', "", True, "not a known"),
+    "empty correction": ("{}", " , ", True, "Nothing to save: the correction is empty"),
+    "empty labels": ('{"articleType": "", "gender": null}', "", True, "Nothing to save"),
+    "duplicate attribute": ('{"articleType": "Tshirts", "articleType": "Shirts"}', "", True, "articleType.* twice"),
 }
 
 
@@ -311,6 +316,19 @@ def test_absurd_feedback_is_a_clear_error_and_stores_nothing(
     assert len(service.store) == before
 
 
+def test_identical_feedback_from_two_people_gets_two_ids_each_withdrawing_only_its_own(served, service, files):
+    image = files("same.png", encode(product_photo(colour=(5, 150, 5)), "PNG"))
+    alice, mallory = Client(served[1], verbose=False), Client(served[1], verbose=False)
+    def submit(client):
+        return client.predict(handle_file(image), '{"gender": "Men"}', "denim", True, api_name="/feedback")["id"]
+
+    first, second = submit(alice), submit(mallory)
+    assert first != second  # mallory is not handed alice's id
+    assert submit(alice) == first  # alice's retry gets her own id back, not a new record
+    mallory.predict(second, api_name="/delete_feedback")
+    assert service.store.get(first) is not None and service.store.get(second) is None
+
+
 def test_feedback_with_a_bad_image_is_a_clear_error(client, service, files):
     with pytest.raises(AppError, match="not a readable image"):
         client.predict(handle_file(files("page.jpg", b"<html></html>")), "{}", "", True, api_name="/feedback")
@@ -322,9 +340,18 @@ def test_feedback_with_a_bad_image_is_a_clear_error(client, service, files):
 def test_model_tab_shows_the_model_card_id_and_revision(served, service):
     config = httpx.get(served[1] + "config").text
     assert service.revision.startswith("local-") and service.revision in config
-    assert service.settings.model in config and "articleType accuracy" in config and "license:" not in config
-    plot = re.search(r"/gradio_api/file=[^)\\\s\"]+confusion\.png", config).group(0)
-    assert httpx.get(served[1] + plot.lstrip("/")).status_code == 200  # the card's plots are served
+    assert "articleType accuracy" in config and "license:" not in config
+    assert f"**Model:** `{Path(service.settings.model).name}` (a local folder)" in config
+    plot = re.search(r"!\[Confusion matrix\]\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", config).group(1)
+    assert base64.b64decode(plot) == (Path(service.settings.model) / "plots" / "confusion.png").read_bytes()
+
+
+def test_model_tab_reveals_no_server_path(served, service):
+    config = httpx.get(served[1] + "config").text
+    components = json.loads(config)["components"]
+    card = next(c["props"]["value"] for c in components if c["props"].get("elem_id") == "model-card")
+    folder = str(Path(service.settings.model).resolve())
+    assert "/gradio_api/file=" not in card and folder not in card and str(Path(folder).parent) not in card
 
 
 def test_page_never_shows_the_token(served, service):
@@ -341,8 +368,25 @@ def test_store_errors_never_show_the_token(app_module, service, tmp_path):
     store.push_now()
     other = app_module.TaggerService(service.settings, service.tagger, store, app_module.Redactor([FAKE_TOKEN]))
     status = other.store_status()
-    assert "401" in status and FAKE_TOKEN not in status
+    assert "delayed" in status and "401" not in status and FAKE_TOKEN not in status  # the Hub's reply is not shown
     store.close(push=False)
+
+
+def test_the_status_line_shows_no_record_count(client, service, files):
+    # A count that stays put when a visitor submits told them an identical submission existed; any count tells
+    # visitors when others submit.
+    before = service.store_status()
+    photo = handle_file(files("c.png", encode(product_photo(), "PNG")))
+    client.predict(photo, "{}", "check", True, api_name="/feedback")
+    assert service.store_status() == before and not re.search(r"\d", before)
+
+
+def test_heatmap_caption_and_timing_name_the_same_attribute(client, served, service, files):
+    attribute = explained_attribute(service.config)
+    heatmap = next(c for c in served[0].config["components"] if c["props"].get("elem_id") == "heatmap")
+    assert heatmap["props"]["label"] == f"Heatmap: what drove the top {attribute}"
+    outputs = client.predict(handle_file(files("t.jpg", encode(product_photo()))), api_name="/tag_image")
+    assert f"heatmap of the top {attribute}" in outputs[len(service.config.attributes) + 2]
 
 
 def test_settings_come_from_the_environment(app_module):

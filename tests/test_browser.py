@@ -1,4 +1,5 @@
-"""A real browser (Debian's Chromium driven by Playwright) tags a photo, corrects it and submits the feedback."""
+"""A real browser (Debian's Chromium driven by Playwright) tags a photo, corrects it and submits the feedback; refused
+input shows one error and leaves the page working; long labels fit their panels."""
 
 import json
 import os
@@ -23,6 +24,13 @@ SCREENSHOT = REPO / "docs" / "app-screenshot.png"
 # UPDATE_SCREENSHOT=1 python -m pytest tests/test_browser.py: serve the shipped model and retake the README's screenshot.
 UPDATE_SCREENSHOT = bool(os.environ.get("UPDATE_SCREENSHOT"))
 TIMEOUT_MS = 30_000
+SHIPPED_MODEL = REPO / "models" / "fashion-tagger"
+# Real labels ("Accessories 81%") where the shipped model is present; a tiny model's otherwise.
+HAS_SHIPPED_MODEL = (SHIPPED_MODEL / "config.json").is_file()
+# Every visible status tracker in an error state (Gradio marks each output of an event whose handler raised).
+ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-tracker]')]
+    .filter(e => !e.classList.contains('hide') && /error/i.test(e.className + ' ' + e.textContent))
+    .map(e => (e.closest('[id]') || {}).id)"""
 
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
@@ -35,7 +43,7 @@ def served(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("browser-app")
     examples = example_folder(folder / "examples")
     feedback = folder / "feedback"
-    model = REPO / "models" / "fashion-tagger" if UPDATE_SCREENSHOT else tiny_model_dir
+    model = SHIPPED_MODEL if UPDATE_SCREENSHOT or HAS_SHIPPED_MODEL else tiny_model_dir
     settings = app.Settings(model=str(model), feedback_dir=str(feedback), examples_dir=str(examples))
     demo = app.build_app(settings)
     with serving(demo, settings) as url:
@@ -93,3 +101,66 @@ def test_upload_see_labels_correct_consent_submit_and_confirm(served, page, tmp_
     if UPDATE_SCREENSHOT:  # opt in: a plain test run leaves the working tree as it found it
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copy(tmp_path / "tagged.png", SCREENSHOT)  # the README's screenshot: the Tag tab with a prediction
+
+
+def form_values(page, service) -> list[str]:
+    return [page.locator(f"#fix-{name} input").input_value() for name in service.config.attributes]
+
+
+def one_error(page, message: str) -> None:
+    """Exactly one error is shown, a toast saying `message`; no component is left in an error state."""
+    toast = page.locator("[data-testid=toast-body]")
+    toast.first.wait_for()
+    page.wait_for_timeout(500)  # let any other error (a badge, a second toast) appear
+    assert toast.count() == 1 and message in toast.inner_text()
+    assert page.evaluate(ERROR_BADGES) == []
+
+
+def test_the_help_tab_shows_empty_fields_before_a_prediction(served, page):
+    service, url = served
+    page.goto(url)
+    page.get_by_role("tab", name="Help us label").click()
+    page.locator("#queue button.thumbnail-item").first.wait_for()
+    assert form_values(page, service) == [""] * len(service.config.attributes)  # no made-up prediction
+    assert page.locator("#fix-details .token").count() == 0
+
+
+def test_a_refused_submission_shows_one_error_and_the_queue_still_works(served, page):
+    service, url = served
+    page.goto(url)
+    page.get_by_role("tab", name="Help us label").click()
+    thumbnails = page.locator("#queue button.thumbnail-item")
+    thumbnails.first.click()
+    page.wait_for_function("() => document.querySelector('#fix-articleType input').value !== ''")
+    before = len(service.store)
+    page.locator("#submit-feedback").click()  # consent is not ticked
+    one_error(page, "Tick the consent box first")
+    assert len(service.store) == before
+    second = service.annotation_queue([], [])[1]["path"]
+    expected = service.prediction_for(service.read_upload(second))["attributes"]["articleType"][0]["label"]
+    thumbnails.nth(1).click()  # the queue still takes clicks, and fills the form
+    page.wait_for_function(f"() => document.querySelector('#fix-articleType input').value === {expected!r}")
+
+
+def test_a_bad_upload_on_the_tag_tab_shows_one_error_and_clears_the_panels(served, page, tmp_path):
+    _, url = served
+    bad = tmp_path / "notes.jpg"
+    bad.write_bytes(b"I am text, not a photo")
+    page.goto(url)
+    page.locator("#tag-image input[type=file]").set_input_files(str(bad))
+    one_error(page, "notes.jpg")
+    assert page.locator("#heatmap img").count() == 0 and page.locator("#labels h2").count() == 0
+
+
+@pytest.mark.skipif(not HAS_SHIPPED_MODEL, reason="needs the shipped model, whose top masterCategory is Accessories")
+def test_long_labels_fit_their_panels(served, page):
+    _, url = served
+    page.goto(url)
+    page.locator("#tag-image input[type=file]").set_input_files(str(REPO / "examples" / "1525.jpg"))  # a backpack
+    page.locator("#label-masterCategory").get_by_text("Accessories").first.wait_for()
+    clipped = page.evaluate("""() => [...document.querySelectorAll('#labels [data-testid=label]')].flatMap(panel =>
+        [panel, ...panel.querySelectorAll('h2, dl, dt, dd')]
+            .filter(e => e.scrollWidth > e.clientWidth)
+            .map(e => panel.id + ': ' + e.textContent.trim()))""")
+    assert clipped == []
+    assert page.locator("#label-masterCategory dd").first.inner_text().endswith("%")

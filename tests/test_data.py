@@ -476,30 +476,33 @@ def test_catalogue_errors_name_what_is_missing(csv_catalogue, tmp_path):
 
 FEEDBACK = [  # corrected attributes, corrected tags
     ({"articleType": "Shirts", "baseColour": "Navy Blue"}, ["Checked", "boho chic"]),
-    ({}, []),  # corrects nothing: no label to learn
     ({"gender": "Women"}, []),
 ]
 
 
-def write_unconsented_record(folder):
-    """The store refuses submissions without consent; a record without it (written by hand) must still be skipped."""
+def write_refused_records(folder):
+    """Records the store refuses, written by hand (a store written by an older version may hold them): one without
+    consent, one that corrects nothing. Both must be skipped."""
     shard = folder / "data" / "handwritten-shard"
     shard.mkdir(parents=True)
-    (shard / "0.jpg").write_bytes(encode(product_photo()))
-    record = {
-        "file_name": "0.jpg",
-        "id": "0" * 32,
+    base = {
         "timestamp": "2025-01-01T00:00:00.000+00:00",
-        "image_sha256": "0" * 64,
         "model_id": "tiny",
         "model_revision": "0",
         "predicted": "{}",
-        "corrected_attributes": json.dumps({"articleType": "Jeans"}),
-        "corrected_tags": ["denim"],
         "annotator": "anonymous",
-        "consent": False,
     }
-    (shard / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    records = [
+        {"id": "0" * 32, "image_sha256": "0" * 64, "corrected_attributes": json.dumps({"articleType": "Jeans"}),
+         "corrected_tags": ["denim"], "consent": False},
+        {"id": "1" * 32, "image_sha256": "1" * 64, "corrected_attributes": "{}", "corrected_tags": [],
+         "consent": True},
+    ]  # fmt: skip
+    lines = []
+    for record in records:
+        (shard / f"{record['id']}.jpg").write_bytes(encode(product_photo()))
+        lines.append(json.dumps({"file_name": f"{record['id']}.jpg", **base, **record}))
+    (shard / "metadata.jsonl").write_text("\n".join(lines) + "\n")
 
 
 @pytest.fixture
@@ -517,7 +520,7 @@ def feedback_folder(tmp_path):
                 model_id="tiny",
                 model_revision="0",
             )
-    write_unconsented_record(folder)
+    write_refused_records(folder)
     return folder
 
 
@@ -536,6 +539,22 @@ def test_feedback_becomes_training_examples(feedback_folder):
         (None, "Shirts", "Navy Blue", ["articleType:Shirts", "baseColour:Navy Blue", "detail:check", SHOPPER_TAG]),
     ]
     assert examples[0]["image"].size == (60, 80)
+
+
+def test_exact_duplicate_feedback_is_learned_once(feedback_folder):
+    # The store keeps each submitter's identical correction as its own record (each withdraws their own).
+    photo = product_photo(colour=(0, 0, 200))
+    correction = dict(predicted={}, corrected_attributes={"gender": "Men"}, corrected_tags=["denim", "check"],
+                      consent=True, model_id="tiny", model_revision="0")  # fmt: skip
+    with FeedbackStore(feedback_folder) as store:
+        store.add(photo, **correction, annotator="alice")
+        store.add(photo, **{**correction, "corrected_tags": ["check", "denim"]}, annotator="bob")
+        store.add(photo, **{**correction, "corrected_tags": ["denim"]}, annotator="carol")  # a different correction
+        assert len(store) == 7
+    examples = load_feedback(feedback_folder)
+    men = sorted(sorted(tags) for tags in examples["tags"] if "gender:Men" in tags)
+    assert len(examples) == 4
+    assert men == [["detail:check", "detail:denim", "gender:Men"], ["detail:denim", "gender:Men"]]
 
 
 def test_feedback_read_again_sees_new_and_withdrawn_records(feedback_folder):

@@ -286,17 +286,36 @@ def test_images_over_the_pixel_limit_are_rejected_before_decoding(tmp_path):
         add(store)
 
 
-def test_identical_resubmission_returns_the_existing_id(tmp_path):
+def test_identical_submissions_get_their_own_ids(tmp_path):
+    # A record id withdraws its record: handing one submitter another's id let them delete it.
     folder = tmp_path / "feedback"
     store = FeedbackStore(folder)
-    rid = add(store, corrected_tags=["denim", "check"])
-    assert add(store, corrected_tags="check, denim", annotator="bob") == rid  # same image + same corrections
-    assert FeedbackStore(folder).add(  # another writer (own shard) sees it too
-        png_bytes(0), {}, '{"gender": "Women"}', ["denim", "check"], True, "other/model", "r2"
-    ) == rid
-    assert add(store, corrected_tags=["denim"]) != rid  # different corrections: a new record
-    assert add(store, seed=9, corrected_tags=["denim", "check"]) != rid  # different image
-    assert len(store) == 3 and len(all_lines(folder)) == 3
+    first = add(store, corrected_tags=["denim", "check"], submitter="alice")
+    second = add(store, corrected_tags="check, denim", submitter="bob")  # same image, same corrections
+    anonymous = add(store, corrected_tags=["denim", "check"])  # no submitter: never merged with anything
+    assert len({first, second, anonymous}) == 3 and len(store) == 3 and len(all_lines(folder)) == 3
+    assert store.delete(second) and store.get(first) is not None
+
+
+def test_a_submitters_retry_gets_its_own_id_back_also_after_a_restart(tmp_path):
+    folder = tmp_path / "feedback"
+    store = FeedbackStore(folder)
+    rid = add(store, corrected_tags=["denim", "check"], submitter="alice")
+    assert add(store, corrected_tags="check, denim", submitter="alice") == rid  # a retry, a double click
+    assert FeedbackStore(folder).add(  # the app restarted: the retry still finds its record
+        png_bytes(0), PREDICTED, {"gender": "Women"}, ["denim", "check"], True, "me/fashion-tagger", "r",
+        submitter="alice",
+    ) == rid  # fmt: skip
+    assert add(store, corrected_tags=["denim"], submitter="alice") != rid  # different corrections: a new record
+    assert store.delete(rid) and add(store, corrected_tags=["denim", "check"], submitter="alice") != rid
+    assert len(store) == 2 and len(all_lines(folder)) == 2
+
+
+@pytest.mark.parametrize("attributes, tags", [({}, []), ('{"gender": ""}', " , "), (None, None)])
+def test_an_empty_correction_is_refused_and_nothing_is_stored(store, attributes, tags):
+    with pytest.raises(FeedbackValidationError, match="correction is empty"):
+        add(store, corrected_attributes=attributes, corrected_tags=tags)
+    assert len(store) == 0 and images(store.folder) == []
 
 
 @pytest.mark.parametrize("consent", [False, None, "yes", 1])
@@ -311,6 +330,7 @@ def test_consent_is_required_and_nothing_is_stored(store, consent):
     [
         ({"corrected_attributes": ["gender", "Men"]}, "must be a dict of attribute -> label"),
         ({"corrected_attributes": "{not json"}, "must be a JSON object"),
+        ({"corrected_attributes": '{"gender": "Men", "gender": "Women"}'}, "names the attribute 'gender' twice"),
         ({"corrected_attributes": {"gender": 3}}, r"corrected_attributes\['gender'\] must be a string"),
         ({"corrected_attributes": {"gender": "x" * 201}}, "201 characters long; at most 200"),
         ({"corrected_tags": 42}, "list of strings or a comma-separated string"),
@@ -372,9 +392,9 @@ def test_eight_threads_store_every_record(store):
     assert len(store) == 200 and len(images(store.folder)) == 200
 
 
-def test_concurrent_identical_submissions_store_one_record(store):
+def test_concurrent_retries_of_one_submission_store_one_record(store):
     ids = []
-    threads = [threading.Thread(target=lambda: ids.append(add(store, seed=3))) for _ in range(8)]
+    threads = [threading.Thread(target=lambda: ids.append(add(store, seed=3, submitter="s"))) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:

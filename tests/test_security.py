@@ -219,9 +219,16 @@ def test_markup_is_rendered_escaped(served, tmp_path):
     with pytest.raises(AppError) as error:  # a label outside the vocabulary is echoed back, escaped
         client.predict(handle_file(str(photo)), '{"articleType": "<b>x</b>"}', "", True, api_name="/feedback")
     assert "&lt;b&gt;x" in str(error.value) and "<b>" not in str(error.value)
-    assert service.store.push_now() is False  # the Hub error (markup, token) reaches the status line escaped
+
+
+
+def test_visitors_see_a_generic_hub_status_and_the_log_the_redacted_detail(served, caplog):
+    _, service, _ = served
+    with caplog.at_level("WARNING"):
+        assert service.store.push_now() is False
     status = service.store_status()
-    assert "401" in status and "&lt;img" in status and "<img" not in status
+    assert status == "Corrections are kept on this server; sending them to the dataset is delayed and will be retried."
+    assert "401 Server Error" in caplog.text and FAKE_TOKEN not in caplog.text  # the detail is for the server's log
 
 
 def test_the_token_never_reaches_logs_errors_cards_or_pushed_files(served, hub, caplog, capfd, tmp_path):
