@@ -13,7 +13,11 @@ TASK = "fashion-tagging"
 for config_class, model_class in ((FashionTaggerConfig, FashionTaggerModel), (FashionTaggerEnsembleConfig, FashionTaggerEnsembleModel)):
     AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
     AutoModel.register(config_class, model_class, exist_ok=True)
-    AutoImageProcessor.register(config_class, slow_image_processor_class=FashionTaggerImageProcessor, exist_ok=True)
+    # One class answers either backend request: it decodes and resizes with PIL and normalises with torch, needing no
+    # torchvision. Registered only as "pil", transformers asks for "torchvision" whenever torchvision is installed and
+    # logs a fallback on every load.
+    image_processors = {backend: FashionTaggerImageProcessor for backend in ("torchvision", "pil")}
+    AutoImageProcessor.register(config_class, image_processor_classes=image_processors, exist_ok=True)
 PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=FashionTaggingPipeline, pt_model=AutoModel, type="image")
 
 # A saved or pushed folder then carries this code and loads with trust_remote_code=True where fashion_hf is absent.

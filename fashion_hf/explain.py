@@ -89,7 +89,7 @@ def _class_activation(model, pixel_values, attribute: str, label_ids) -> tuple[t
 
 
 def _padded_canvas(width: int, height: int, target_height: int, target_width: int) -> tuple[int, int, int, int]:
-    """`(canvas_width, canvas_height, left, top)` of the white padding the image processor adds (`pad_to_aspect`)."""
+    """`(canvas_width, canvas_height, left, top)` of the white padding the image processor adds (`fit_and_pad`)."""
     target = target_width / target_height
     if abs(width / height - target) < 1e-3:
         return width, height, 0, 0

@@ -61,6 +61,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from PIL import Image, ImageCms, ImageOps
 
 from fashion_hf.feedback_hub import FeedbackCommitScheduler, state_file_name
+from fashion_hf.image_decoding import InvalidImageError, check_image_size, decode_image
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,6 @@ RECORD_FIELDS = tuple(name for name, _ in FEATURE_SPEC if name != "image")
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain file name inside the shard folder
-_IMAGE_FORMATS = {"JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s'\")]+")
 _JPEG_QUALITY = 95
@@ -388,13 +388,11 @@ def _submission_key(submitter: str, image_sha256: str, attributes: Mapping[str, 
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
-    width, height = size
-    if width <= 0 or height <= 0:
-        raise FeedbackValidationError(f"image has an empty size {width}x{height}.")
-    if width * height > max_pixels:
-        raise FeedbackValidationError(
-            f"image is {width}x{height} = {width * height} pixels; at most {max_pixels} are allowed."
-        )
+    """The decoder's size check (pixel limit, aspect ratio), as the store's validation error."""
+    try:
+        check_image_size(*size, "image", max_pixels)
+    except InvalidImageError as exc:
+        raise FeedbackValidationError(f"{exc}.") from None
 
 
 def _read_image_input(image: Any, max_bytes: int, max_pixels: int) -> tuple[Image.Image, str | None]:
@@ -403,6 +401,9 @@ def _read_image_input(image: Any, max_bytes: int, max_pixels: int) -> tuple[Imag
         _check_pixels(image.size, max_pixels)
         return image, None
     if hasattr(image, "__array_interface__") and not isinstance(image, (bytes, bytearray, memoryview)):
+        shape = tuple(image.__array_interface__["shape"])
+        if len(shape) >= 2:
+            _check_pixels((shape[1], shape[0]), max_pixels)
         try:
             pil = Image.fromarray(image)
         except (TypeError, ValueError) as exc:
@@ -430,19 +431,13 @@ def _read_image_input(image: Any, max_bytes: int, max_pixels: int) -> tuple[Imag
         raise FeedbackValidationError("image is empty (0 bytes).")
     if len(data) > max_bytes:
         raise FeedbackValidationError(f"image is {len(data)} bytes; at most {max_bytes} are allowed.")
+    # The one safe decoder: accepted formats only, sizes checked before decoding. A path is named by its file name
+    # only: the app passes the server's copy of an upload, whose folders must not reach the user.
+    name = f"image {Path(image).name!r}" if isinstance(image, (str, os.PathLike)) else "image"
     try:
-        pil = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise FeedbackValidationError(f"image has too many pixels; at most {max_pixels} are allowed.") from None
-    except (OSError, SyntaxError, ValueError):
-        raise FeedbackValidationError(
-            f"image is not a readable image file; use one of {sorted(_IMAGE_FORMATS)}."
-        ) from None
-    if pil.format not in _IMAGE_FORMATS:
-        raise FeedbackValidationError(
-            f"image format {pil.format} is not accepted; use one of {sorted(_IMAGE_FORMATS)}."
-        )
-    _check_pixels(pil.size, max_pixels)
+        pil = decode_image(data, name, max_pixels)
+    except InvalidImageError as exc:
+        raise FeedbackValidationError(f"{exc}.") from None
     return pil, hashlib.sha256(data).hexdigest()
 
 

@@ -23,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+from hostile_images import HOSTILE, address_space_cap, write_hostile
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
@@ -40,6 +41,7 @@ def load(name, file_name):
     spec.loader.exec_module(module)
     return module
 load("fashion_hf.feedback_hub", "feedback_hub.py")
+load("fashion_hf.image_decoding", "image_decoding.py")
 feedback = load("feedback_child", "feedback.py")
 
 def png(seed):
@@ -282,7 +284,7 @@ def test_unreadable_images_are_rejected(store, bad_image, message):
 
 def test_images_over_the_pixel_limit_are_rejected_before_decoding(tmp_path):
     store = FeedbackStore(tmp_path / "fb", max_image_pixels=100)
-    with pytest.raises(FeedbackValidationError, match="16x16 = 256 pixels; at most 100"):
+    with pytest.raises(FeedbackValidationError, match="16x16 pixels is over the limit of 100 pixels"):
         add(store)
 
 
@@ -689,3 +691,31 @@ def test_withdrawn_records_are_removed_from_the_hub(tmp_path, hub_store):
     metadata = next(op for op in operations if op.path_in_repo == f"data/{shard}/metadata.jsonl")
     assert keep.encode() in metadata.path_or_fileobj and withdraw.encode() not in metadata.path_or_fileobj
     assert store.hub_status()["pending_deletions"] == 0
+
+
+# -- hostile images: the store reads through the one safe decoder (fashion_hf/image_decoding.py) -----------------------
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_images_are_refused_naming_the_file_and_nothing_is_stored(tmp_path, case):
+    store = FeedbackStore(tmp_path / "fb")
+    path = write_hostile(tmp_path / "files")[case]
+    name, _, message = HOSTILE[case]
+    with address_space_cap(), pytest.raises(FeedbackValidationError, match=message) as error:
+        add(store, image=str(path))
+    assert name in str(error.value) and str(tmp_path) not in str(error.value)  # the file's name, not its folders
+    assert len(store) == 0 and images(store.folder) == []
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_every_accepted_format_is_stored(tmp_path, image_format):
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 120, 200)).save(buffer, format=image_format)
+    store = FeedbackStore(tmp_path / "fb")
+    with Image.open(store.get(add(store, image=buffer.getvalue()))["image_path"]) as stored:
+        assert stored.format == "JPEG" and stored.size == (16, 16)
+
+
+def test_arrays_of_absurd_aspect_ratio_are_refused_before_conversion(tmp_path):
+    with pytest.raises(FeedbackValidationError, match="aspect ratio 1:1000 is over the limit of 1:20"):
+        add(FeedbackStore(tmp_path / "fb"), image=np.zeros((100_000, 100), np.uint8))

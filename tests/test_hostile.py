@@ -11,6 +11,9 @@ first pass of the corpus, the memory test a second one.
 import hashlib
 import io
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from conftest import encode
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import import_app
+from hostile_images import HOSTILE, memory_kib, reset_peak_memory
 from PIL import Image, ImageOps
 from test_app import ABSURD_FEEDBACK, BAD_UPLOADS, ODD_BUT_VALID, assert_contract, png_claiming
 
@@ -79,6 +83,9 @@ CORPUS = {
         "byte limit|maximum file size|upload limit",
     ),
     "EXIF-rotated phone photo with GPS": ("phone.jpg", phone_photo_with_gps, None),
+    "BMP": ("photo.bmp", lambda: encode(upright_photo(), "BMP"), None),
+    # Tiny files that cost gigabytes or a raw decoder error if handled naively (tests/hostile_images.py).
+    **HOSTILE,
 }
 
 
@@ -268,3 +275,32 @@ def test_whole_corpus_keeps_the_app_serving_with_bounded_memory(server, client, 
     assert peak < PEAK_BOUND, f"RSS peaked {peak / MiB:.0f} MiB above its start"
     assert server.process.poll() is None
     assert_contract(client.predict(handle_file(str(corpus["WebP"].path)), api_name="/tag"), tagger.model.config)
+
+
+def test_other_clients_are_served_while_hostile_files_are_refused(server, client, corpus, tagger):
+    """While one client sends every tiny hostile file (the 40000000x1 PNG once stalled the server for 25-108 s and
+    took 4-5 GB), another one's photos keep being tagged promptly, and the server's memory barely moves."""
+    pid, stop, latencies = server.process.pid, threading.Event(), []
+
+    def other_client():
+        other, photo = Client(server.url, verbose=False), handle_file(str(corpus["WebP"].path))
+        while not stop.is_set():
+            start = time.perf_counter()
+            assert_contract(other.predict(photo, api_name="/tag"), tagger.model.config)
+            latencies.append(time.perf_counter() - start)
+
+    reset_peak_memory(pid)
+    before = memory_kib(pid)
+    with ThreadPoolExecutor(1) as pool:
+        served = pool.submit(other_client)
+        try:
+            for case_id in HOSTILE:
+                check_answer(lambda: send(client, corpus[case_id], "/tag"), corpus[case_id])
+                check_answer(lambda: send(client, corpus[case_id], "/feedback"), corpus[case_id])
+        finally:
+            stop.set()
+        served.result(timeout=120)
+    peak_growth = (memory_kib(pid)["VmHWM"] - before["VmRSS"]) * 1024
+    print(f"other client: {len(latencies)} answers, slowest {max(latencies):.2f} s; peak RSS +{peak_growth / MiB:.0f} MiB")
+    assert latencies and max(latencies) < 10, f"the other client waited {max(latencies):.1f} s"
+    assert peak_growth < 200 * MiB, f"RSS peaked {peak_growth / MiB:.0f} MiB above its size before"

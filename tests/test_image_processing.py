@@ -1,14 +1,31 @@
 """FashionTaggerImageProcessor: every input kind and mode becomes upright RGB; non-images get a clear error."""
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
 
 import numpy as np
 import pytest
 import torch
-from conftest import encode, product_photo
+from conftest import REPO, encode, product_photo
+from hostile_images import (
+    HOSTILE,
+    UNLISTED_FORMAT,
+    UNLISTED_FORMATS,
+    address_space_cap,
+    grey_png,
+    memory_kib,
+    reset_peak_memory,
+    write_hostile,
+)
 from PIL import Image
 
 from fashion_hf import FashionTaggerImageProcessor, InvalidImageError
+from fashion_hf.image_decoding import ACCEPTED_FORMATS
 
 processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
 
@@ -126,3 +143,135 @@ def test_limits_round_trip_through_save_pretrained(tmp_path):
     FashionTaggerImageProcessor(max_image_pixels=1234, max_file_bytes=5678).save_pretrained(tmp_path)
     loaded = FashionTaggerImageProcessor.from_pretrained(tmp_path)
     assert (loaded.max_image_pixels, loaded.max_file_bytes) == (1234, 5678)
+
+
+# --- hostile files: refused before anything large is allocated, with a clear error -------------------------------
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_file_is_refused_with_a_clear_error_naming_it(tmp_path, case):
+    path = write_hostile(tmp_path)[case]
+    name, _, message = HOSTILE[case]
+    with address_space_cap(), pytest.raises(InvalidImageError, match=message) as error:
+        processor.load_image(str(path))
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize("size", [(40_000_000, 1), (1, 40_000_000)], ids=["wide", "tall"])
+def test_extreme_aspect_ratio_is_refused_in_a_blink_and_without_memory(size):
+    # Within the pixel limit, but padding it to the model's aspect ratio once meant a canvas sized from its long side.
+    data = grey_png(*size)
+    assert len(data) < 100_000
+    reset_peak_memory()
+    before, start = memory_kib(), time.perf_counter()
+    with address_space_cap(), pytest.raises(InvalidImageError, match="aspect ratio .* is over the limit"):
+        processor.load_image(data)
+    seconds, growth_mib = time.perf_counter() - start, (memory_kib()["VmHWM"] - before["VmRSS"]) / 1024
+    assert seconds < 1.0 and growth_mib < 50, f"{seconds:.2f} s, peak RSS +{growth_mib:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    "size", [(1080, 1920), (4032, 3024), (1000, 1000), (728, 90), (4000, 500), (20_000, 1000), (600, 12_000)]
+)
+def test_real_photo_and_banner_aspect_ratios_are_accepted(size):
+    # Phone portrait and landscape, square, a web banner (8:1), a panorama, and the 20:1 limit either way.
+    assert pixel_values(Image.new("L", size, 90)).shape == (1, 3, 64, 48)
+
+
+def test_arrays_and_pil_images_of_absurd_aspect_ratio_are_refused_too():
+    with pytest.raises(InvalidImageError, match="aspect ratio 1:100 is over the limit of 1:20"):
+        processor.load_image(np.zeros((10_000, 100), np.uint8))
+    with pytest.raises(InvalidImageError, match="aspect ratio 21:1 is over the limit of 20:1"):
+        processor.load_image(Image.new("RGB", (2100, 100)))
+
+
+def test_no_canvas_is_larger_than_the_input_or_the_output(monkeypatch):
+    """Padding happens at the model's size: a 20:1 strip never becomes a 2000x2667 canvas before resizing."""
+    sizes, real_new = [], Image.new
+
+    def recording_new(mode, size, *args, **kwargs):
+        sizes.append(size)
+        return real_new(mode, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "new", recording_new)
+    pixel_values(Image.new("RGBA", (2000, 100), (10, 10, 10, 128)))
+    assert sizes and max(width * height for width, height in sizes) <= 2000 * 100
+
+
+def test_sixteen_bit_images_are_converted_without_float64_copies():
+    # A 40-megapixel 16-bit PNG once took 2 x 320 MB of float64 arrays on the way to 8 bits.
+    image = Image.fromarray(np.full((1000, 1000), 40_000, dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        loaded = processor.load_image(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert loaded.getpixel((0, 0)) == (155, 155, 155)
+    # One float64 copy alone would be 8 bytes per pixel.
+    assert peak < 8 * image.width * image.height, f"{peak / 1e6:.1f} MB traced for a 1-megapixel image"
+
+
+# --- one explicit list of formats ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"])
+def test_every_accepted_format_is_read(image_format):
+    options = {"save_all": True, "append_images": [product_photo()]} if image_format == "MPO" else {}
+    assert processor.load_image(encode(product_photo(), image_format, **options)).size == product_photo().size
+
+
+@pytest.mark.parametrize("kind", list(UNLISTED_FORMATS))
+def test_formats_off_the_list_are_refused_without_being_parsed(kind, monkeypatch):
+    _, make = UNLISTED_FORMATS[kind]
+    parsed = []
+
+    def spying(plugin_format, factory):
+        def factory_called(*args):
+            parsed.append(plugin_format)
+            return factory(*args)
+
+        return factory_called
+
+    Image.init()  # every plugin registered, so that every one is spied on
+    for plugin_format, (factory, accept) in list(Image.OPEN.items()):
+        if plugin_format not in ACCEPTED_FORMATS:
+            monkeypatch.setitem(Image.OPEN, plugin_format, (spying(plugin_format, factory), accept))
+    with pytest.raises(InvalidImageError, match=UNLISTED_FORMAT):
+        processor.load_image(make())
+    assert parsed == []
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "GIF", "BMP", "TIFF", "WEBP", "JPEG"])
+def test_truncated_files_of_every_accepted_format_give_a_clear_error(image_format):
+    data = encode(Image.effect_noise((64, 48), 60).convert("RGB"), image_format)
+    for cut in range(1, len(data), max(1, len(data) // 50)):
+        try:
+            processor.load_image(data[:cut])
+        except InvalidImageError as error:
+            assert "bytes of image data" in str(error)
+
+
+# --- what the processor declares to transformers ----------------------------------------------------------------------
+
+
+def test_loading_the_processor_and_the_shipped_model_logs_no_backend_fallback(tmp_path):
+    # transformers warns "Requested torchvision backend is not available. Falling back to pil backend." when the
+    # registered backends do not cover the one it asks for; warning_once, so a fresh process sees it.
+    script = textwrap.dedent(f"""
+        import fashion_hf
+        from transformers import AutoImageProcessor, pipeline
+        AutoImageProcessor.from_pretrained({str(REPO / "models" / "fashion-tagger")!r})
+        pipeline("fashion-tagging", model={str(REPO / "models" / "fashion-tagger")!r})
+        print("loaded")
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "info"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "loaded" in result.stdout, result.stderr[-3000:]
+    assert "backend is not available" not in result.stderr and "Falling back" not in result.stderr
+
+
+def test_save_pretrained_ships_the_decoder_with_the_processor(tmp_path):
+    # The processor's remote code imports `.image_decoding`: without it a trust_remote_code load fails.
+    FashionTaggerImageProcessor().save_pretrained(tmp_path)
+    assert (tmp_path / "image_processing_fashion_tagger.py").is_file() and (tmp_path / "image_decoding.py").is_file()

@@ -299,6 +299,7 @@ def test_config_rejects_invalid_vocabularies():
         "configuration_fashion_tagger.py",
         "modeling_fashion_tagger.py",
         "image_processing_fashion_tagger.py",
+        "image_decoding.py",
         "pipeline_fashion_tagging.py",
     ],
 )

@@ -1,123 +1,36 @@
-"""Image processor of the fashion tagger: decode anything image-like safely, then pad, resize and normalise."""
+"""Image processor of the fashion tagger: decode anything image-like safely, then resize, pad and normalise.
 
-import io
-import os
-from pathlib import Path
+Decoding is `image_decoding`'s (the project's one safe decoder). The image is resized before it is padded, so the
+padded canvas is the model's input size, never one sized from the image's long side.
+"""
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel phone photo decodes; a decompression bomb does not
-DEFAULT_MAX_FILE_BYTES = 20 * 1024 * 1024
-WHITE = (255, 255, 255)  # studio product shots sit on white, so padding and transparency become white too
+from .image_decoding import (
+    DEFAULT_MAX_FILE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    WHITE,
+    InvalidImageError,
+    load_rgb_image,
+)
 
 
-class InvalidImageError(ValueError):
-    """The input is not an image the tagger can read; the message names the input and what would be valid."""
+def fit_and_pad(image: Image.Image, height: int, width: int) -> Image.Image:
+    """Resize to fit `width` x `height` keeping proportions, then pad with white: the whole item stays in frame.
 
-
-def describe_input(image) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return f"file {os.fspath(image)!r}"
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return f"{len(image)} bytes of image data"
-    if isinstance(image, np.ndarray):
-        return f"array of shape {image.shape} and dtype {image.dtype}"
-    if isinstance(image, Image.Image):
-        return f"PIL image ({image.mode}, {image.width}x{image.height})"
-    return f"object of type {type(image).__name__}"
-
-
-def read_image_bytes(image, max_file_bytes: int) -> bytes:
-    """The raw bytes of a path or bytes-like input, refusing oversized files before reading them."""
-    if isinstance(image, (str, os.PathLike)):
-        text = os.fspath(image)
-        if text.startswith(("http://", "https://")):
-            raise InvalidImageError(f"{describe_input(image)}: URLs are not fetched; pass a local path, bytes or a PIL image")
-        path = Path(text)
-        if not path.is_file():
-            raise InvalidImageError(f"{describe_input(image)}: no such file")
-        size = path.stat().st_size
-        if size > max_file_bytes:
-            raise InvalidImageError(f"{describe_input(image)}: {size} bytes is over the {max_file_bytes}-byte limit")
-        return path.read_bytes()
-    data = bytes(image)
-    if len(data) > max_file_bytes:
-        raise InvalidImageError(f"{describe_input(image)}: over the {max_file_bytes}-byte limit")
-    return data
-
-
-def decode_image(data: bytes, name: str, max_image_pixels: int) -> Image.Image:
-    if not data:
-        raise InvalidImageError(f"{name}: empty input, expected a JPEG, PNG, WebP, GIF, BMP or TIFF image")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as error:
-        raise InvalidImageError(f"{name}: the image is over the limit of {max_image_pixels} pixels ({error})") from error
-    except (UnidentifiedImageError, OSError) as error:
-        raise InvalidImageError(f"{name}: not a readable image (JPEG, PNG, WebP, GIF, BMP or TIFF expected)") from error
-    # Check the header's size before decoding a single pixel: a few-KB PNG can claim 30000x30000.
-    check_pixel_limit(image.width, image.height, name, max_image_pixels)
-    try:
-        image.seek(0)  # animated GIF/WebP: the first frame
-        image.load()
-    except (OSError, SyntaxError, ValueError) as error:
-        raise InvalidImageError(f"{name}: the image data is corrupt or truncated ({error})") from error
-    return image
-
-
-def check_pixel_limit(width: int, height: int, name: str, max_image_pixels: int) -> None:
-    if width * height > max_image_pixels:
-        raise InvalidImageError(f"{name}: {width}x{height} pixels is over the limit of {max_image_pixels} pixels")
-    if width < 1 or height < 1:
-        raise InvalidImageError(f"{name}: the image has no pixels")
-
-
-def array_to_image(array: np.ndarray, name: str) -> Image.Image:
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise InvalidImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array")
-    if array.dtype == np.uint16:
-        array = (array // 257).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
-        # Float images are taken as 0..1, the convention of skimage and torchvision.
-        array = (np.clip(np.nan_to_num(array), 0.0, 1.0) * 255).round().astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise InvalidImageError(f"{name}: expected uint8, uint16 or float pixel values")
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Upright RGB from any PIL mode: EXIF orientation applied, 16-bit scaled, transparency flattened onto white."""
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        pixels = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if pixels.max() > 255 else 1.0
-        image = Image.fromarray((pixels / scale).clip(0, 255).astype(np.uint8))
-    elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image).clip(0, 255).astype(np.uint8))
-    if image.mode == "P":
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, WHITE + (255,))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
-
-
-def pad_to_aspect(image: Image.Image, height: int, width: int) -> Image.Image:
-    """Pad with white to the target aspect ratio, so the whole item stays in frame and keeps its proportions."""
-    target = width / height
-    if abs(image.width / image.height - target) < 1e-3:
-        return image
-    if image.width / image.height > target:
-        canvas = Image.new("RGB", (image.width, round(image.width / target)), WHITE)
-    else:
-        canvas = Image.new("RGB", (round(image.height * target), image.height), WHITE)
-    canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
+    Resizing first keeps every canvas within the input and the output size (padding first made one as large as the
+    image's long side squared).
+    """
+    scale = min(width / image.width, height / image.height)
+    fitted = (max(1, min(width, round(image.width * scale))), max(1, min(height, round(image.height * scale))))
+    resized = image.resize(fitted, Image.Resampling.BICUBIC)
+    if fitted == (width, height):
+        return resized
+    canvas = Image.new("RGB", (width, height), WHITE)
+    canvas.paste(resized, ((width - fitted[0]) // 2, (height - fitted[1]) // 2))
     return canvas
 
 
@@ -126,9 +39,10 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
     Turns product photos into the tagger's `pixel_values`.
 
     Accepts PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8, uint16 or 0..1 floats), file paths and encoded bytes.
-    Every input becomes upright RGB: EXIF orientation is applied; L, LA, P, RGBA, CMYK and 16-bit images are converted,
-    transparency flattened onto white. The image is padded with white to the model's aspect ratio, resized and
-    normalised. Anything that is not an image raises [`InvalidImageError`] naming the input.
+    Encoded images must be JPEG, PNG, WebP, GIF, BMP or TIFF (`image_decoding.ACCEPTED_FORMATS`). Every input
+    becomes upright RGB: EXIF orientation is applied; L, LA, P, RGBA, CMYK and 16-bit images are converted,
+    transparency flattened onto white. The image is resized to fit the model's input, padded with white to its aspect ratio and normalised.
+    Anything that is not an image raises [`InvalidImageError`] naming the input.
 
     Args:
         size (`dict[str, int]`, *optional*, defaults to `{"height": 128, "width": 96}`):
@@ -138,7 +52,8 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         image_std (`list[float]`, *optional*, defaults to `[0.5, 0.5, 0.5]`):
             Normalisation standard deviation.
         max_image_pixels (`int`, *optional*, defaults to 40,000,000):
-            Largest width x height accepted, checked before decoding (decompression bombs).
+            Largest width x height accepted, checked before decoding (decompression bombs), as is the aspect ratio
+            (at most 20:1 either way, `image_decoding.MAX_ASPECT_RATIO`).
         max_file_bytes (`int`, *optional*, defaults to 20 MiB):
             Largest encoded file accepted.
     """
@@ -161,6 +76,14 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         self.max_image_pixels = max_image_pixels
         self.max_file_bytes = max_file_bytes
 
+    @property
+    def backend(self) -> str:
+        """`str`: what the image work runs on, as transformers' `PilBackend` says it: PIL decodes, resizes and pads.
+
+        (Only the final normalisation is torch, on the model's device; torchvision is not used.)
+        """
+        return "pil"
+
     @classmethod
     def from_model_config(cls, config, **kwargs) -> "FashionTaggerImageProcessor":
         height, width = config.image_size
@@ -168,18 +91,7 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
 
     def load_image(self, image) -> Image.Image:
         """Decode one input of any accepted kind into an upright RGB PIL image, or raise `InvalidImageError`."""
-        name = describe_input(image)
-        if isinstance(image, Image.Image):
-            check_pixel_limit(image.width, image.height, name, self.max_image_pixels)
-            return to_rgb(image)
-        if isinstance(image, np.ndarray):
-            height, width = image.shape[:2] if image.ndim >= 2 else (0, 0)
-            check_pixel_limit(width, height, name, self.max_image_pixels)
-            return to_rgb(array_to_image(image, name))
-        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-            data = read_image_bytes(image, self.max_file_bytes)
-            return to_rgb(decode_image(data, name, self.max_image_pixels))
-        raise InvalidImageError(f"{name}: expected a PIL image, a numpy array, a file path or encoded image bytes")
+        return load_rgb_image(image, self.max_image_pixels, self.max_file_bytes)
 
     def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
         """`images`: one image or a list of them, of any accepted kind. Returns `pixel_values` `(batch, 3, H, W)`."""
@@ -193,8 +105,7 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
 
     def to_model_size(self, image: Image.Image) -> np.ndarray:
         """An RGB PIL image -> `(H, W, 3)` uint8 at the model's size, padded with white to its aspect ratio."""
-        height, width = self.size["height"], self.size["width"]
-        image = pad_to_aspect(image, height, width).resize((width, height), Image.Resampling.BICUBIC)
+        image = fit_and_pad(image, self.size["height"], self.size["width"])
         return np.array(image)  # writable, so torch.from_numpy shares it without a warning
 
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
