@@ -75,11 +75,16 @@ class Submissions:
             self.failed_attempts.append(f"{type(error).__name__}: {str(error)[:200]}")
 
 
-def connect(url: str) -> Client:
+def connect(url: str, session_hash: str | None = None) -> Client:
+    """A client of the app; given the session of an earlier one, it continues that session, so that the app knows a
+    resubmission after a reconnect as a retry of that submitter's and gives back its id instead of a new record."""
     deadline = time.monotonic() + GIVE_UP_SECONDS
     while True:
         try:
-            return Client(url, verbose=False)
+            client = Client(url, verbose=False)
+            if session_hash:
+                client.session_hash = session_hash
+            return client
         except Exception:  # noqa: BLE001 - the server is restarting
             if time.monotonic() > deadline:
                 raise
@@ -107,7 +112,7 @@ def worker(url: str, photos: list[str], correction: str, work: Submissions) -> N
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(RETRY_SECONDS)
-                client = connect(url)
+                client = connect(url, client.session_hash)
 
 
 def check_folder(folder: Path, acknowledged: dict[int, str], cache_dir: Path) -> tuple[list[tuple[str, bool]], float]:
