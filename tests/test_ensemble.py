@@ -265,7 +265,7 @@ def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_i
     assert "train/ensemble.py" in card and "stored in float16" in card and "me/tagger-ensemble" in card
     assert f"{metrics['attributes']['articleType']['top1']:.4f}"[:4] in card
     assert sorted(path.name for path in output.glob("*.py")) == [
-        "configuration_fashion_tagger.py", "image_processing_fashion_tagger.py", "modeling_fashion_tagger.py",
-        "pipeline_fashion_tagging.py",
+        "configuration_fashion_tagger.py", "image_decoding.py", "image_processing_fashion_tagger.py",
+        "modeling_fashion_tagger.py", "pipeline_fashion_tagging.py",
     ]  # fmt: skip
     assert isinstance(FashionTaggerModel.from_pretrained(member), FashionTaggerModel)  # the members are untouched
