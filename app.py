@@ -233,9 +233,8 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
     # -- event handlers ----------------------------------------------------------------------------------------------
 
     def tag_api(image):
-        """/tag, batched: `image` holds one upload per request; each request gets the pipeline's JSON contract."""
-        uploads = [service.read_upload(payload) for payload in image]
-        return (service.predict(uploads)[0],)
+        """/tag: the pipeline's JSON contract for one upload, run in one model batch with concurrent requests'."""
+        return service.tag(service.read_upload(image))
 
     def tag_results(images):
         """The Tag tab, batched: per request the values of its panels (labels, tag chips, heatmap, timing, raw
@@ -504,7 +503,10 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         # Image inputs skip Gradio's preprocessing (preprocess=False): the handlers decode the raw upload themselves,
         # so that anything hostile becomes a clear gr.Error instead of a crash inside a component.
         batching = {"batch": True, "max_batch_size": settings.max_batch_size, "preprocess": False, **on_model}
-        api_trigger.click(tag_api, api_image, api_result, api_name="tag", **batching)
+        # /tag batches in the service (TaggerService.tag), not with Gradio's batch=True, so that a broken upload
+        # fails only its own request; enough requests run at once to fill a batch while the model slots are busy.
+        on_tag_api = {"concurrency_limit": settings.max_batch_size, "concurrency_id": "tag-api", "preprocess": False}
+        api_trigger.click(tag_api, api_image, api_result, api_name="tag", **on_tag_api)
         api_trigger.click(
             feedback_api,
             [api_image, api_attributes, api_tags, api_consent],

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -218,6 +219,45 @@ def served_revision(tagger, settings: Settings) -> str:
     return "local-" + digest.hexdigest()[:12]
 
 
+class RequestBatcher:
+    """Runs concurrent requests' items through one batched call, each caller waiting for its own result.
+
+    Inputs are checked by their own request before they join (a broken upload fails only its sender, which Gradio's
+    `batch=True` cannot do: one exception fails every request of the batch). `slots` bounds the batches running at
+    once; a caller that gets a slot takes every item waiting (up to `max_batch_size`), so items that arrive while a
+    batch runs are batched together.
+    """
+
+    def __init__(self, run_batch, max_batch_size: int, slots: threading.Semaphore):
+        self._run_batch, self._max_batch_size, self._slots = run_batch, max_batch_size, slots
+        self._waiting: list[tuple[object, Future]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, item):
+        future = Future()
+        with self._lock:
+            self._waiting.append((item, future))
+        while not future.done():
+            with self._slots:
+                if future.done():  # run by another caller while this one waited for a slot
+                    break
+                with self._lock:
+                    batch = self._waiting[: self._max_batch_size]
+                    del self._waiting[: self._max_batch_size]
+                self._run(batch)
+        return future.result()
+
+    def _run(self, batch: list[tuple[object, Future]]) -> None:
+        try:
+            results = self._run_batch([item for item, _ in batch])
+        except Exception as error:  # noqa: BLE001 - handed to every caller of the batch, raised in its own thread
+            for _, future in batch:
+                future.set_exception(error)
+        else:
+            for (_, future), result in zip(batch, results):
+                future.set_result(result)
+
+
 class PredictionCache:
     """Recent predictions by image SHA-256 (a thread-safe LRU): feedback records the prediction the user saw."""
 
@@ -253,6 +293,11 @@ class TaggerService:
         self.model_id = settings.model
         self.revision = served_revision(tagger, settings)
         self.predictions = PredictionCache()
+        # Model runs at once, whichever event asks (the page's batched tagging, /tag, /tag_many, heatmaps).
+        self.model_slots = threading.Semaphore(settings.concurrency)
+        self._tag_batcher = RequestBatcher(
+            lambda uploads: self._run_pipeline(uploads)[0], settings.max_batch_size, self.model_slots
+        )
         self.detail_tags = [text for text, group in self.config.tags if group == DETAIL_GROUP]
         self.examples = self._load_examples()
         self._export_dir = Path(tempfile.mkdtemp(prefix="fashion-hf-exports-"))
@@ -288,6 +333,14 @@ class TaggerService:
 
     def predict(self, uploads: list[Upload]) -> tuple[list[dict], float]:
         """Pipeline outputs for decoded uploads (one batch), remembered by image hash; and the seconds it took."""
+        with self.model_slots:
+            return self._run_pipeline(uploads)
+
+    def tag(self, upload: Upload) -> dict:
+        """The pipeline output for one request's upload, run in one batch with other requests' uploads."""
+        return self._tag_batcher(upload)
+
+    def _run_pipeline(self, uploads: list[Upload]) -> tuple[list[dict], float]:
         start = time.perf_counter()
         results = self.tagger([upload.image for upload in uploads], batch_size=len(uploads), top_k=TOP_K)
         elapsed = time.perf_counter() - start
@@ -310,7 +363,8 @@ class TaggerService:
         attribute = explained_attribute(self.config)
         labels = self.config.attributes[attribute]
         label_ids = [labels.index(prediction["attributes"][attribute][0]["label"]) for prediction in predictions]
-        cam = grad_cam(self.tagger.model, pixel_values, attribute, label_ids)
+        with self.model_slots:
+            cam = grad_cam(self.tagger.model, pixel_values, attribute, label_ids)
         size = (processor.size["height"], processor.size["width"])
         overlays = [overlay_heatmap(upload.image, heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
         return overlays, cam.attribute, time.perf_counter() - start

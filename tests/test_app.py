@@ -8,6 +8,8 @@ import json
 import re
 import shutil
 import struct
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -134,19 +136,49 @@ def test_gradio_queue_summarises_its_analytics_once_per_thousand_events(served):
     assert served[0]._queue.ANAYLTICS_CACHE_FREQUENCY == 1000
 
 
-def test_tag_is_batched_and_serves_concurrent_requests(client, served, files):
+def test_tag_is_batched_and_serves_concurrent_requests(client, served, files, monkeypatch):
     demo, _ = served
     tag = next(fn for fn in demo.fns.values() if fn.api_name == "tag")
-    assert tag.batch and tag.max_batch_size > 1 and tag.concurrency_limit >= 1
-    assert demo._queue.default_concurrency_limit >= 1
+    assert tag.concurrency_limit > 1 and demo._queue.default_concurrency_limit >= 1
+    batcher, batch_sizes = demo.service._tag_batcher, []
+    run_batch = batcher._run_batch
+
+    def slow_run_batch(uploads):  # the first batch runs long enough for the others to queue behind it
+        batch_sizes.append(len(uploads))
+        time.sleep(0.5 if len(batch_sizes) == 1 else 0)
+        return run_batch(uploads)
+
+    monkeypatch.setattr(batcher, "_run_batch", slow_run_batch)
     paths = [files(f"photo-{i}.png", encode(product_photo(colour=(i * 50, 90, 200)), "PNG")) for i in range(4)]
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda path: client.predict(handle_file(path), api_name="/tag"), paths * 2))
+    assert sum(batch_sizes) == 8 and max(batch_sizes) > 1, batch_sizes
     for first, again in zip(results[:4], results[4:]):  # the same answer whatever the image was batched with
         assert_contract(again, served[0].service.config)
         for name, predictions in first["attributes"].items():
             scores = [p["score"] for p in again["attributes"][name]]
             assert scores == pytest.approx([p["score"] for p in predictions], abs=1e-4)
+
+
+def test_a_bad_upload_fails_only_its_own_request_among_concurrent_ones(served, files):
+    # Concurrent /tag requests run as one model batch; one client's broken file must not fail the others batched
+    # with it, nor show them its file name.
+    good = files("good.png", encode(product_photo(), "PNG"))
+    bad = files("broken-by-someone-else.png", b"\x89PNG\r\n\x1a\n not really")
+
+    def tag(path):
+        try:
+            return Client(served[1], verbose=False).predict(handle_file(path), api_name="/tag")
+        except AppError as error:
+            return error
+
+    with ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(tag, [good, bad] * 6))
+    for result in results[0::2]:
+        assert not isinstance(result, AppError), f"a good upload failed: {result}"
+        assert_contract(result, served[0].service.config)
+    for result in results[1::2]:
+        assert isinstance(result, AppError) and "broken-by-someone-else.png" in str(result)
 
 
 def test_tag_image_event_gives_labels_chips_heatmap_and_timing(client, service, files):
@@ -410,8 +442,31 @@ def test_settings_come_from_the_environment(app_module):
 
 def test_feedback_and_tagging_run_under_their_own_concurrency_limits(served, settings):
     limits = {fn.api_name: (fn.concurrency_id, fn.concurrency_limit) for fn in served[0].fns.values()}
-    assert limits["tag"] == ("model", settings.concurrency)
+    assert limits["tag"] == ("tag-api", settings.max_batch_size)  # requests gather; the model slots bound the runs
     assert limits["feedback"] == limits["delete_feedback"] == ("feedback", settings.feedback_concurrency)
+
+
+def test_no_more_model_runs_at_once_than_tag_concurrency(served, settings, files, monkeypatch):
+    service, running, most = served[0].service, [0], [0]
+    lock, run_pipeline = threading.Lock(), service._run_pipeline
+
+    def counted(uploads):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            time.sleep(0.05)
+            return run_pipeline(uploads)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(service, "_run_pipeline", counted)
+    paths = [files(f"slot-{i}.png", encode(product_photo(colour=(i * 20, 90, 200)), "PNG")) for i in range(6)]
+    calls = [(path, "/tag") for path in paths] + [(path, "/tag_image") for path in paths]
+    with ThreadPoolExecutor(12) as pool:
+        list(pool.map(lambda call: Client(served[1], verbose=False).predict(handle_file(call[0]), api_name=call[1]), calls))
+    assert 1 <= most[0] <= settings.concurrency
 
 
 def test_tag_chips_escape_markup(app_module):
