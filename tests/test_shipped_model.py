@@ -1,0 +1,50 @@
+"""The shipped default model, models/fashion-tagger: it tags real validation photos as they are labelled, and its
+card shows exactly the figures its metrics.json holds."""
+
+import io
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from card_figures import card_mismatches
+from conftest import PRODUCT_IMAGES, REPO
+from PIL import Image
+from transformers import pipeline
+
+SHIPPED = REPO / "models" / "fashion-tagger"
+PHOTOS = 32  # the first 16 happen to be harder than most (11 of 16 right); 32 span 10 article types
+
+
+def validation_photos(count: int) -> tuple[list[Image.Image], list[dict]]:
+    """The first `count` validation photos of the shared Fashion Product Images and their labels."""
+    files = sorted((PRODUCT_IMAGES / "data").glob("validation-*.parquet"))
+    if not files:
+        pytest.skip(f"no validation split of Fashion Product Images in {PRODUCT_IMAGES}")
+    rows = pq.read_table(files[0]).slice(0, count).to_pylist()
+    return [Image.open(io.BytesIO(row.pop("image")["bytes"])).convert("RGB") for row in rows], rows
+
+
+def test_the_shipped_model_tags_validation_photos_as_they_are_labelled():
+    photos, labels = validation_photos(PHOTOS)
+    tagger = pipeline("fashion-tagging", model=str(SHIPPED))
+    results = tagger(photos, batch_size=8)
+
+    def top(attribute):
+        return [result["attributes"][attribute][0]["label"] for result in results]
+
+    def right(attribute):
+        return sum(predicted == row[attribute] for predicted, row in zip(top(attribute), labels))
+
+    # Validation top-1 (metrics.json): articleType 0.90, masterCategory 0.99 (here 27 and 31 of 32 right).
+    assert right("articleType") >= 3 * PHOTOS // 4, list(zip(top("articleType"), (row["articleType"] for row in labels)))
+    assert right("masterCategory") >= PHOTOS - 2, list(zip(top("masterCategory"), (row["masterCategory"] for row in labels)))
+    assert len(set(top("articleType"))) >= 6  # not one label for everything
+    # The decoder's generated tags name the labelled articleType for most photos too (here 25 of 32).
+    tagged = [{tag["tag"] for tag in result["tags"] if tag["group"] == "articleType"} for result in results]
+    assert sum(row["articleType"] in tags for tags, row in zip(tagged, labels)) >= 2 * PHOTOS // 3, tagged
+
+
+def test_the_shipped_cards_figures_equal_its_metrics_json():
+    card = (SHIPPED / "README.md").read_text()
+    metrics = json.loads((SHIPPED / "metrics.json").read_text())
+    assert card_mismatches(card, metrics) == []
