@@ -30,10 +30,10 @@ from fashion_hf import TASK, InvalidImageError
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
 from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap, uncertainty
 from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError
+from fashion_hf.image_decoding import accepted_suffixes
 
 logger = logging.getLogger("fashion_hf.app")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 TOP_K = 5
 # A free tag is a short phrase: letters, digits, spaces and a little punctuation ("slim fit", "t-shirt", "3/4 sleeve").
 TAG_PATTERN = re.compile(r"^[^\W_][\w \-'&/.+]*$")
@@ -377,7 +377,7 @@ class TaggerService:
         if folder is None or not folder.is_dir():
             return []
         uploads = []
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)[:MAX_EXAMPLES]:
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in accepted_suffixes())[:MAX_EXAMPLES]:
             try:
                 uploads.append(self.read_upload(str(path)))
             except gr.Error as error:

@@ -25,7 +25,7 @@ from hostile_images import (
 from PIL import Image
 
 from fashion_hf import FashionTaggerImageProcessor, InvalidImageError
-from fashion_hf.image_decoding import ACCEPTED_FORMATS
+from fashion_hf.image_decoding import ACCEPTED_FORMATS, accepted_suffixes
 
 processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
 
@@ -275,3 +275,9 @@ def test_save_pretrained_ships_the_decoder_with_the_processor(tmp_path):
     # The processor's remote code imports `.image_decoding`: without it a trust_remote_code load fails.
     FashionTaggerImageProcessor().save_pretrained(tmp_path)
     assert (tmp_path / "image_processing_fashion_tagger.py").is_file() and (tmp_path / "image_decoding.py").is_file()
+
+
+def test_the_example_catalogue_reads_the_suffixes_of_the_accepted_formats_only():
+    suffixes = accepted_suffixes()
+    assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} <= suffixes
+    assert not {".ico", ".psd", ".tga", ".pcx", ".icns"} & suffixes

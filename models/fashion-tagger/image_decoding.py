@@ -26,6 +26,13 @@ MAX_ASPECT_RATIO = 20
 # JPEG that phones write (its first picture is read).
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+
+
+def accepted_suffixes() -> set[str]:
+    """The file name suffixes of the accepted formats (`.jpg`, `.png`, ...), as Pillow registers them."""
+    Image.init()
+    return {suffix for suffix, format in Image.registered_extensions().items() if format in ACCEPTED_FORMATS}
+
 # What Pillow's decoders raise on malformed input besides OSError (truncated tables, bad offsets, short reads).
 DECODER_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, struct.error,
