@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--model", help="a saved model or ensemble folder to decode with instead of an untrained one")
     parser.add_argument("--data-source", default=str(PRODUCT_IMAGES),
-                        help="folder with data/validation-*.parquet whose photos give the embeddings (default: the shared "
-                             "Fashion Product Images)")  # fmt: skip
+                        help="folder with data/validation-*.parquet whose photos give the embeddings "
+                             "(default: the shared Fashion Product Images)")  # fmt: skip
     parser.add_argument("--random-embeddings", action="store_true", help="random stand-in embeddings, not photos'")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see benchmarks/README.md)")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,7 +112,9 @@ def image_embeddings(model, args) -> tuple[torch.Tensor, str]:
         print(f"note: no {args.batch_size} validation photos in {args.data_source}; decoding random embeddings instead")
     views, width = len(view_decoders(model)), members_of(model)[0].initial_state.in_features
     embeds = torch.rand(args.batch_size, views, width, generator=torch.Generator().manual_seed(args.seed)) * 2.0
-    return (embeds if isinstance(model, FashionTaggerEnsembleModel) else embeds[:, 0]), "random embeddings (uniform in [0, 2)), not photos'"
+    if not isinstance(model, FashionTaggerEnsembleModel):
+        embeds = embeds[:, 0]
+    return embeds, "random embeddings (uniform in [0, 2)), not photos'"
 
 
 @torch.no_grad()

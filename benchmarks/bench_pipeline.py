@@ -117,7 +117,8 @@ def encoder_inputs(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def bare_encoders(model) -> list[torch.nn.Module]:
-    return [member.encoder for member in model.members] if isinstance(model, FashionTaggerEnsembleModel) else [model.encoder]
+    members = model.members if isinstance(model, FashionTaggerEnsembleModel) else [model]
+    return [member.encoder for member in members]
 
 
 def measure_size(args, size, photos) -> dict:

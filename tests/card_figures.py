@@ -77,7 +77,8 @@ def card_mismatches(card: str, metrics: dict) -> list[str]:
     attributes = table_rows(card, "Attribute", "Top-1")
     for name, values in metrics["attributes"].items():
         for suffix, source in sources.items():
-            for column, key in (("Top-1", "top1"), ("Macro-F1", "macro_f1"), *([("Top-5", "top5")] if not suffix else [])):
+            columns = (("Top-1", "top1"), ("Macro-F1", "macro_f1")) + ((("Top-5", "top5"),) if not suffix else ())
+            for column, key in columns:
                 check(attributes, name, column + suffix, source["attributes"][name][key])
         check(attributes, name, "Labelled items", values["support"])
         check(attributes, name, "Labels outside the vocabulary", values.get("out_of_vocabulary", 0))

@@ -42,7 +42,9 @@ def test_decoding_benchmark_checks_both_decoders_agree_and_prints_its_table(caps
     assert len(rows) >= 2 and all("x (" in row and row.rstrip().endswith(("PASS |", "MISS |")) for row in rows)
 
 
-def test_decoding_benchmark_decodes_an_ensemble_folder_from_validation_photos_embeddings(capsys, tmp_path, tiny_ensemble_dir):
+def test_decoding_benchmark_decodes_an_ensemble_folder_from_validation_photos_embeddings(
+    capsys, tmp_path, tiny_ensemble_dir
+):
     products = tmp_path / "products"
     write_product_parquet(products, "validation", 6)
     argv = ["--model", str(tiny_ensemble_dir), "--data-source", str(products), "--batch-size", "4", "--repeats", "1",
@@ -62,7 +64,9 @@ def test_decoding_benchmark_decodes_an_ensemble_folder_from_validation_photos_em
     assert embeds.shape == (4, 4, expected.shape[-1]) and torch.allclose(embeds, expected)
 
 
-def test_decoding_benchmark_says_it_decodes_random_embeddings_where_the_photos_are_absent(capsys, tmp_path, tiny_ensemble_dir):
+def test_decoding_benchmark_says_it_decodes_random_embeddings_where_the_photos_are_absent(
+    capsys, tmp_path, tiny_ensemble_dir
+):
     absent = tmp_path / "no-such-data"
     argv = ["--model", str(tiny_ensemble_dir), "--data-source", str(absent), "--batch-size", "3", "--repeats", "1",
             "--warmup", "0"]  # fmt: skip
@@ -82,15 +86,16 @@ def test_pipeline_benchmark_prints_overhead_and_breakdown(capsys, dtype):
 
 
 def test_pipeline_benchmark_measures_an_ensemble_folder_against_all_its_encoder_passes(capsys, tiny_ensemble_dir):
-    argv = ["--synthetic", "--num-images", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "0", "--sizes", "64x48"]
-    assert bench_pipeline.main([*argv, "--model", str(tiny_ensemble_dir)]) == 0
+    argv = ["--synthetic", "--num-images", "4", "--batch-size", "2", "--repeats", "1", "--warmup", "0"]
+    assert bench_pipeline.main([*argv, "--sizes", "64x48", "--model", str(tiny_ensemble_dir)]) == 0
     output = capsys.readouterr().out
     assert f"model {tiny_ensemble_dir} (test_efficientnet + test_efficientnet, with mirrored photos)" in output
     assert sum(line.startswith("| 64x48 |") for line in output.splitlines()) == 2
     model = AutoModel.from_pretrained(tiny_ensemble_dir)
     pixels = torch.randn(2, 3, 64, 48)
     assert len(bench_pipeline.bare_encoders(model)) == 2  # each member's encoder ...
-    assert torch.equal(bench_pipeline.encoder_inputs(model, pixels), torch.cat([pixels, pixels.flip(-1)]))  # ... on both views
+    mirrored = torch.cat([pixels, pixels.flip(-1)])
+    assert torch.equal(bench_pipeline.encoder_inputs(model, pixels), mirrored)  # ... on both views
 
 
 def test_accuracy_levers_scores_each_variant_and_averaging_a_model_with_itself_changes_nothing(capsys, tmp_path):
