@@ -49,10 +49,19 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 _SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 _FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), _SHARED_DATA / "fashion-mnist")
 _FASHION_MNIST_PREFIXES = {"train": "train", "test": "t10k"}
+FASHION_MNIST_SPLITS = ("train", "validation", "train+validation", "test")
+FASHION_MNIST_HOLDOUT = "int(sha256(the 784 pixel bytes), 16) % 100 < 10"
 # Exports of the original styles.csv spell a missing label "NA" or "" (see the shared copy's README): both are missing.
 _MISSING_LABELS = frozenset({"", "NA"})
 # Deterministic split by product id (the local copy's README): buckets 0-14 test, 15-24 validation, 25-99 train.
 _SPLIT_BUCKETS = {"test": range(0, 15), "validation": range(15, 25), "train": range(25, 100)}
+# The held-out part of a catalogue without its own `split` column, and of Fashion-MNIST's training images: by the
+# SHA-256 of each image's bytes, so that it never changes between runs and byte-identical copies share a side.
+_HOLDOUT_BUCKETS = {"validation": range(0, 10), "train": range(10, 100)}
+HOLDOUT_DEFINITION = "validation = images whose int(sha256(image bytes), 16) % 100 < 10 (about 10%), train = the rest"
+SPLIT_COLUMN = "split"  # a catalogue's own split, when it has one
+ALL_ROWS = "all"  # the split name of a whole catalogue
+_RESERVED_COLUMNS = ("image", NAME_COLUMN, TAGS_COLUMN, SPLIT_COLUMN)  # never an attribute by default
 
 _STRING = Value("string")
 _TAG_LIST = List(Value("string"))
@@ -353,14 +362,16 @@ def build_vocabulary(
     min_tag_count: int = 20,
     min_label_count: int = 1,
     min_brand_count: int = 20,
+    keep_detail_tags: Iterable[str] = (),
 ) -> tuple[dict[str, list[str]], list[list[str]]]:
     """The heads and the tag vocabulary of a training set, in the shape `FashionTaggerConfig` takes.
 
     Returns `(attributes, tags)`: `attributes` maps each attribute (in the given head order) to its sorted labels
     seen at least `min_label_count` times; `tags` is every attribute label as `[label, attribute]`, then the detail
-    tags on at least `min_tag_count` items as `[tag, "detail"]`, in lexicon order. Brands are an open set (hundreds
-    of names, most seen a handful of times), so the brand head keeps only brands seen `min_brand_count` times;
-    `apply_vocabulary` then makes the rest missing rather than a fake class.
+    tags on at least `min_tag_count` items, and those of `keep_detail_tags` seen at least once (typed feedback tags
+    enough people agree on: `feedback_tag_contributors`), as `[tag, "detail"]`, lexicon order first. Brands are an
+    open set (hundreds of names, most seen a handful of times), so the brand head keeps only brands seen
+    `min_brand_count` times; `apply_vocabulary` then makes the rest missing rather than a fake class.
     """
     _require_columns(dataset, [*attributes, TAGS_COLUMN], "the dataset")
     columns = _read_columns(dataset, [*attributes, TAGS_COLUMN])
@@ -376,7 +387,9 @@ def build_vocabulary(
     detail_counts = Counter(
         key[len(prefix) :] for sequence in columns[TAGS_COLUMN] for key in sequence or () if key.startswith(prefix)
     )
-    details = sorted((tag for tag, count in detail_counts.items() if count >= min_tag_count), key=detail_tag_order)
+    kept = set(keep_detail_tags)
+    frequent = (tag for tag, count in detail_counts.items() if count >= min_tag_count or tag in kept)
+    details = sorted(frequent, key=detail_tag_order)
     tags = [[label, attribute] for attribute, labels in heads.items() for label in labels]
     return heads, tags + [[tag, DETAIL_GROUP] for tag in details]
 
@@ -454,6 +467,82 @@ def split_of(product_id) -> str:
     """The split a product id belongs to, by hash, identical to the split of the local copy of the data."""
     bucket = int(hashlib.sha1(str(product_id).encode()).hexdigest(), 16) % 100
     return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+
+
+def holdout_split_of(image_sha256: str) -> str:
+    """"validation" or "train": the side of the deterministic hold-out an image with this SHA-256 is on."""
+    bucket = int(image_sha256, 16) % 100
+    return next(split for split, buckets in _HOLDOUT_BUCKETS.items() if bucket in buckets)
+
+
+def _cell_bytes(cell) -> bytes:
+    """The encoded bytes of one `Image()` cell as Arrow stores it ({"bytes", "path"}) or of an image path."""
+    if isinstance(cell, dict):
+        if cell.get("bytes") is not None:
+            return cell["bytes"]
+        cell = cell.get("path")
+    if isinstance(cell, (str, os.PathLike)):
+        return Path(cell).read_bytes()
+    raise ValueError(f"cannot read the bytes of an image cell of type {type(cell).__name__}")
+
+
+def image_sha256s(dataset: Dataset, column: str = "image") -> list[str]:
+    """SHA-256 of each image's stored bytes (the encoded file, never decoded): equal only for byte-identical files."""
+    cells = dataset.select_columns([column]).with_format("arrow")[:].column(column).to_pylist()
+    return [hashlib.sha256(_cell_bytes(cell)).hexdigest() for cell in cells]
+
+
+def select_split(dataset: Dataset, split: str, what: str = "the catalogue") -> Dataset:
+    """One split of a catalogue: by its own `split` column when it has one, else the hash hold-out
+    (`HOLDOUT_DEFINITION`); "all" is every row."""
+    if split == ALL_ROWS:
+        return dataset
+    if SPLIT_COLUMN in dataset.column_names:
+        values = _read_columns(dataset, [SPLIT_COLUMN])[SPLIT_COLUMN]
+        rows = [row for row, value in enumerate(values) if _as_label(value) == split]
+        if not rows:
+            names = sorted({label for value in values if (label := _as_label(value)) is not None})
+            raise ValueError(f"{what} has no row of split {split!r} in its {SPLIT_COLUMN!r} column (it has {names})")
+        return dataset.select(rows)
+    if split not in _HOLDOUT_BUCKETS:
+        raise ValueError(
+            f"{what} has no {SPLIT_COLUMN!r} column: its splits are {list(_HOLDOUT_BUCKETS)} ({HOLDOUT_DEFINITION}) "
+            f"or {ALL_ROWS!r}, not {split!r}"
+        )
+    return dataset.select([row for row, digest in enumerate(image_sha256s(dataset)) if holdout_split_of(digest) == split])
+
+
+def catalogue_name(path: str | Path) -> str:
+    """A catalogue's name for cards and logs: its folder's or file's name, never its absolute path
+    (`shop/metadata.csv` and `shop/` are both "shop", `~/data/spring.csv` is "spring")."""
+    path = Path(path).expanduser().resolve()
+    if not path.suffix:
+        return path.name
+    return path.parent.name if path.stem.lower() in ("metadata", "catalogue", "catalog", "data", "index") else path.stem
+
+
+def describe_split(dataset_name: str, split: str, dataset: Dataset | None = None) -> str:
+    """What `split` of a data set holds, in words, for recipe.json, metrics.json and the model card.
+
+    `dataset_name` is "fashion-product-images", "fashion-mnist" or a catalogue's path; a catalogue's description
+    depends on whether it has its own `split` column, so pass it (any split of it) as `dataset`.
+    """
+    if dataset_name == "fashion-product-images" and split in _SPLIT_BUCKETS:
+        buckets = _SPLIT_BUCKETS[split]
+        rule = f"the product ids whose int(sha1(str(id)), 16) % 100 is in {buckets.start}-{buckets.stop - 1}"
+        return f"this project's {split} split of {PRODUCT_IMAGES_HUB_ID} (one Hub split, train): {rule}"
+    if dataset_name == "fashion-mnist":
+        return {
+            "validation": f"this project's validation split of Fashion-MNIST: the training images with {FASHION_MNIST_HOLDOUT}",
+            "train": f"this project's train split of Fashion-MNIST: the other training images (not {FASHION_MNIST_HOLDOUT})",
+            "train+validation": "all 60,000 Fashion-MNIST training images",
+            "test": "the 10,000 Fashion-MNIST test images (t10k)",
+        }.get(split, split)
+    if dataset is None or split == ALL_ROWS:
+        return f"every image of {catalogue_name(dataset_name)}" if split == ALL_ROWS else split
+    if SPLIT_COLUMN in dataset.column_names:
+        return f"the rows of {catalogue_name(dataset_name)} whose {SPLIT_COLUMN!r} column is {split!r}"
+    return f"{split} of {catalogue_name(dataset_name)} by image hash: {HOLDOUT_DEFINITION}"
 
 
 def _default_product_images_source() -> str | Path:
@@ -535,25 +624,39 @@ def _default_fashion_mnist_source() -> str | Path:
     return next((folder for folder in _FASHION_MNIST_DIRS if folder.is_dir()), FASHION_MNIST_HUB_ID)
 
 
+def _pixel_holdout(images) -> list[str]:
+    """The hold-out side ("train" or "validation") of each Fashion-MNIST image, by the SHA-256 of its pixels."""
+    return [holdout_split_of(hashlib.sha256(np.asarray(image, dtype=np.uint8).tobytes()).hexdigest()) for image in images]
+
+
 def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
     """Zalando's Fashion-MNIST (28x28 greyscale, 10 classes) as an `articleType` attribute.
 
     `source` is a folder with the IDX .gz files or a Hub id; None means /usr/share/datasets/fashion-mnist, else
-    `<repo>/../shared/data/fashion-mnist`, else `zalando-datasets/fashion_mnist`. Splits: "train" and "test".
+    `<repo>/../shared/data/fashion-mnist`, else `zalando-datasets/fashion_mnist`. Splits: "validation" (about 10% of the
+    60,000 training images, those with `FASHION_MNIST_HOLDOUT`: to choose epochs and settings on), "train" (the other
+    training images), "train+validation" (all 60,000) and "test" (the 10,000 test images: for final figures only).
     """
-    if split not in _FASHION_MNIST_PREFIXES:
-        raise ValueError(f"Fashion-MNIST has the splits {list(_FASHION_MNIST_PREFIXES)}, got {split!r}")
+    if split not in FASHION_MNIST_SPLITS:
+        raise ValueError(f"Fashion-MNIST has the splits {list(FASHION_MNIST_SPLITS)}, got {split!r}")
     source = _default_fashion_mnist_source() if source is None else source
     path = _local_path(source)
+    file_split = "test" if split == "test" else "train"
     if path is not None:
-        images, labels = _read_fashion_mnist(path, split)
+        images, labels = _read_fashion_mnist(path, file_split)
+        if split in _HOLDOUT_BUCKETS:
+            keep = np.flatnonzero(np.array(_pixel_holdout(images)) == split)
+            images, labels = images[keep], labels[keep]
         # datasets encodes the uint8 arrays as PNG (mode L): a few seconds for the 60,000 training images.
         features = Features(image=Image(), articleType=_STRING)
         names = [FASHION_MNIST_CLASSES[label] for label in labels.tolist()]
         dataset = Dataset.from_dict({"image": list(images), "articleType": names}, features=features)
     else:
         hint = "Pass source=<folder with the Fashion-MNIST .gz files>."
-        dataset = _load_from_hub(source, split, hint)
+        dataset = _load_from_hub(source, file_split, hint)
+        if split in _HOLDOUT_BUCKETS:
+            sides = _pixel_holdout(dataset.with_format("numpy")["image"])
+            dataset = dataset.select([row for row, side in enumerate(sides) if side == split])
         labels = _read_columns(dataset, ["label"])["label"]
         dataset = _replace_columns(
             dataset.remove_columns("label"),
@@ -609,14 +712,17 @@ def load_catalogue(
     attributes: Sequence[str] | None = None,
     image_column: str = "image",
     name_column: str | None = None,
+    split: str | None = None,
 ) -> Dataset:
-    """A user's own catalogue, to fine-tune on or to evaluate.
+    """A user's own catalogue, to fine-tune on or to evaluate (the layout: README, "Your own catalogue").
 
     `path` is either an image folder (`load_dataset("imagefolder")` layout: a metadata.csv/jsonl with a `file_name`
     column and label columns, or one sub-folder per class, which becomes the `articleType` attribute unless
     `attributes` names another) or a CSV/TSV/parquet/JSONL file whose `image_column` holds image paths relative to
-    the file. `attributes` are the label columns (None: every column but the image and the name). `name_column`
-    holds product names (renamed to `productDisplayName`, the text detail tags are mined from).
+    the file. `attributes` are the label columns (None: every column but the image, the name and `split`).
+    `name_column` holds product names (renamed to `productDisplayName`, the text detail tags are mined from).
+    `split`: None or "all" for every row; else one split (`select_split`): the rows of the catalogue's own `split`
+    column with that value, or without one "train" or "validation" of the hash hold-out (`HOLDOUT_DEFINITION`).
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -629,8 +735,10 @@ def load_catalogue(
         _require_columns(dataset, [name_column], f"catalogue {path}")
         dataset = dataset.rename_column(name_column, NAME_COLUMN)
     if attributes is None:
-        attributes = [column for column in dataset.column_names if column not in ("image", NAME_COLUMN, TAGS_COLUMN)]
+        attributes = [column for column in dataset.column_names if column not in _RESERVED_COLUMNS]
     _require_columns(dataset, attributes, f"catalogue {path}")
+    if split is not None:
+        dataset = select_split(dataset, split, f"catalogue {path}")
     names = [NAME_COLUMN] if NAME_COLUMN in dataset.column_names else []
     return add_tag_sequences(_set_string_columns(dataset, [*attributes, *names]), attributes)
 
@@ -700,3 +808,36 @@ def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -
     new_columns[TAGS_COLUMN] = (details, _TAG_LIST)
     dataset = records.select(list(examples)).select_columns(kept)
     return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)
+
+
+ANONYMOUS = "anonymous"  # the annotator of a record sent without signing in (`fashion_hf.serving.annotator_name`)
+
+
+def feedback_tag_contributors(source: str | Path) -> Counter:
+    """How many people typed each detail tag into the feedback tab: canonical tag -> distinct contributors.
+
+    Only records with consent count. A contributor is a signed-in annotator (their name: one person typing "tank"
+    on ten photos counts once). Anonymous records cannot be told apart by person, so each anonymous record counts
+    by its photo (`image_sha256`): the same photo tagged "tank" twice without signing in counts once, three
+    different photos count three. The training script adds a tag with at least `feedback_tag_min_contributors`
+    (FashionTaggerConfig, default 3) to the tag vocabulary, however rare it is among the catalogue's product names.
+    """
+    records = _load_feedback_records(source)
+    _require_columns(records, ["consent", "corrected_tags"], f"the feedback store {source}")
+    optional = [column for column in ("id", "annotator", "image_sha256") if column in records.column_names]
+    columns = _read_columns(records, ["consent", "corrected_tags", *optional])
+    people: dict[str, set] = {}
+    for row, consent in enumerate(columns["consent"]):
+        if consent is not True:
+            continue
+        record_id = columns["id"][row] if "id" in columns else row
+        _, tags = _feedback_labels(record_id, None, columns["corrected_tags"][row])
+        annotator = (columns["annotator"][row] if "annotator" in columns else None) or ANONYMOUS
+        if annotator != ANONYMOUS:
+            person = ("annotator", annotator)
+        else:
+            photo = columns["image_sha256"][row] if "image_sha256" in columns else None
+            person = ("anonymous photo", photo or f"record {record_id}")
+        for tag in tags:
+            people.setdefault(tag, set()).add(person)
+    return Counter({tag: len(contributors) for tag, contributors in people.items()})

@@ -1,6 +1,7 @@
 """fashion_hf.data: every loader returns image + attributes (None when missing) + tags; tag mining; the vocabulary."""
 
 import gzip
+import hashlib
 import json
 import struct
 
@@ -264,6 +265,15 @@ def test_rare_details_stay_out_of_the_vocabulary():
     assert [text for text, group in tags if group == "detail"] == ["check"]
 
 
+def test_detail_tags_it_is_told_to_keep_join_however_rare():
+    dataset = add_tag_sequences(labels_only(PRODUCTS, tags=["detail:tank"]), ["gender"])  # "tank" on every row
+    rare = add_tag_sequences(labels_only(PRODUCTS[:1], tags=["detail:tank"]), ["gender"])  # ... or on one
+    _, tags = build_vocabulary(rare, ["gender"], min_tag_count=20, keep_detail_tags=["tank", "never seen"])
+    assert [text for text, group in tags if group == "detail"] == ["tank"]  # kept only where it occurs
+    _, tags = build_vocabulary(dataset, ["gender"], min_tag_count=20)
+    assert [text for text, group in tags if group == "detail"] == []
+
+
 def test_brand_spellings_merge_and_rare_brands_become_missing():
     brands = ["ADIDAS", "ADIDAS", "Adidas", "Rarebrand", "Puma", "Puma"]
     products = [(i, "Men", "Shirts", "Red", "Casual", f"{brand} Men Red Shirt") for i, brand in enumerate(brands)]
@@ -357,7 +367,7 @@ def test_missing_local_folder_is_an_error(tmp_path):
 
 
 def test_fashion_mnist_from_idx_files(mnist_folder):
-    train = load_fashion_mnist(mnist_folder, split="train")
+    train = load_fashion_mnist(mnist_folder, split="train+validation")
     assert train["articleType"] == ["Ankle boot", "T-shirt/top", "Dress"]
     assert train["tags"][0] == ["articleType:Ankle boot"]
     image = train[0]["image"]
@@ -368,8 +378,30 @@ def test_fashion_mnist_from_idx_files(mnist_folder):
 
 
 def test_fashion_mnist_unknown_split(mnist_folder):
-    with pytest.raises(ValueError, match="'train', 'test'"):
-        load_fashion_mnist(mnist_folder, split="validation")
+    with pytest.raises(ValueError, match="'train', 'validation', 'train\\+validation', 'test'"):
+        load_fashion_mnist(mnist_folder, split="dev")
+
+
+def test_fashion_mnist_validation_is_a_fixed_tenth_of_the_training_images_by_pixels(tmp_path, rng):
+    # Model selection needs images neither trained on nor the test split: a part of the training images, the same on
+    # every run (the SHA-256 of the pixels), and identical images always on one side.
+    images = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8)
+    images[1] = images[0]
+    labels = np.arange(300) % 10
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+
+    def pixels(split):
+        return [np.asarray(image).tobytes() for image in load_fashion_mnist(tmp_path, split=split)["image"]]
+
+    train, validation, everything = pixels("train"), pixels("validation"), pixels("train+validation")
+    assert 15 <= len(validation) <= 50 and len(train) + len(validation) == 300
+    assert not set(train) & set(validation) and sorted(train + validation) == sorted(everything)
+    assert pixels("validation") == validation  # the same on a second load
+    expected = {i for i in range(300) if int(hashlib.sha256(images[i].tobytes()).hexdigest(), 16) % 100 < 10}
+    assert set(validation) == {images[i].tobytes() for i in expected}
+    assert len(pixels("test")) == 300  # the test images are never split
 
 
 def test_fashion_mnist_missing_file_is_named(mnist_folder):
@@ -468,6 +500,50 @@ def test_catalogue_errors_name_what_is_missing(csv_catalogue, tmp_path):
     (tmp_path / "photos" / "b.png").unlink()
     with pytest.raises(FileNotFoundError, match="b.png"):
         load_catalogue(csv_catalogue, image_column="photo")
+
+
+def write_catalogue(folder, count, extra_columns=None):
+    """A CSV catalogue of `count` distinct photos (and a copy of the first: a catalogue often lists one photo twice)."""
+    lines = ["image,articleType" + "".join(f",{name}" for name in extra_columns or {})]
+    for index in range(count):
+        save_photo(folder / "photos" / f"{index}.png", colour=(index % 256, (7 * index) % 256, 90))
+        extra = "".join(f",{values[index]}" for values in (extra_columns or {}).values())
+        lines.append(f"photos/{index}.png,{ARTICLE_TYPES[index % 2]}{extra}")
+    (folder / "photos" / "copy.png").write_bytes((folder / "photos" / "0.png").read_bytes())
+    lines.append("photos/copy.png,Shirts" + "".join(f",{values[0]}" for values in (extra_columns or {}).values()))
+    (folder / "catalogue.csv").write_text("\n".join(lines) + "\n")
+    return folder / "catalogue.csv"
+
+
+ARTICLE_TYPES = ("Shirts", "Jeans")
+
+
+def test_catalogue_validation_is_a_fixed_part_chosen_by_image_bytes(tmp_path):
+    table = write_catalogue(tmp_path, 60)
+    train, validation = load_catalogue(table, split="train"), load_catalogue(table, split="validation")
+    assert len(train) + len(validation) == 61 and 1 <= len(validation) <= 20
+    digests = {split: data.image_sha256s(part) for split, part in (("train", train), ("validation", validation))}
+    assert not set(digests["train"]) & set(digests["validation"])  # a photo and its byte-identical copy: one side
+    assert all(int(digest, 16) % 100 < 10 for digest in digests["validation"])
+    # The same rows on every load, whatever the row order of the table.
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join([lines[0], *reversed(lines[1:])]) + "\n")
+    assert sorted(data.image_sha256s(load_catalogue(table, split="validation"))) == sorted(digests["validation"])
+    assert len(load_catalogue(table, split="all")) == len(load_catalogue(table)) == 61
+    with pytest.raises(ValueError, match="splits are \['validation', 'train'\].*not 'test'"):
+        load_catalogue(table, split="test")
+
+
+def test_a_catalogues_own_split_column_sets_its_splits_and_is_no_attribute(tmp_path):
+    splits = ["validation" if index % 4 == 0 else "train" for index in range(8)]
+    table = write_catalogue(tmp_path, 8, {"split": splits})
+    validation = load_catalogue(table, split="validation")
+    assert validation.column_names == ["image", "articleType", "split", "tags"]  # no `split` head, no split: tag
+    assert len(validation) == 3 and validation["tags"][0] == ["articleType:Shirts"]  # photos 0, 4 and the copy of 0
+    assert len(load_catalogue(table, split="train")) == 6
+    with pytest.raises(ValueError, match="no row of split 'test'.*'train', 'validation'"):
+        load_catalogue(table, split="test")
+    assert data.describe_split(str(table), "validation", validation).endswith("whose 'split' column is 'validation'")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -574,6 +650,32 @@ def test_feedback_read_again_sees_new_and_withdrawn_records(feedback_folder):
 def test_feedback_with_fixed_attribute_columns(feedback_folder):
     examples = load_feedback(feedback_folder, attributes=list(PRODUCT_ATTRIBUTES))
     assert [column for column in examples.column_names if column in PRODUCT_ATTRIBUTES] == list(PRODUCT_ATTRIBUTES)
+
+
+def test_a_typed_tag_counts_the_people_who_typed_it(tmp_path):
+    folder = tmp_path / "feedback"
+    photos = [product_photo(colour=(30 * index, 100, 50)) for index in range(4)]
+
+    def add(store, photo, tags, annotator, consent=True):
+        store.add(photo, predicted={}, corrected_attributes={}, corrected_tags=tags, consent=consent,
+                  model_id="tiny", model_revision="0", annotator=annotator)  # fmt: skip
+
+    with FeedbackStore(folder) as store:
+        for person in ("ana", "ben", "cy"):  # three signed-in people type "tank" (one spells it "Tank")
+            add(store, photos[0], ["Tank" if person == "cy" else "tank"], person)
+        for photo in photos[:3]:  # one person types "lace-up" on three photos: still one person
+            add(store, photo, ["lace up"], "ana")
+        add(store, photos[3], ["boho"], "anonymous")  # anonymous: counted by photo, the same photo once
+        add(store, photos[3], ["boho", "lace-up"], "anonymous")
+        add(store, photos[2], ["boho"], "anonymous")
+    shard = folder / "data" / "handwritten"  # a record without consent (the store refuses one) counts for no one
+    shard.mkdir(parents=True)
+    (shard / "x.jpg").write_bytes(encode(photos[0]))
+    record = {"file_name": "x.jpg", "id": "f" * 32, "timestamp": "2025-01-01T00:00:00.000+00:00", "image_sha256": "f" * 64,
+              "model_id": "tiny", "model_revision": "0", "predicted": "{}", "corrected_attributes": "{}",
+              "corrected_tags": ["denim"], "annotator": "dee", "consent": False}  # fmt: skip
+    (shard / "metadata.jsonl").write_text(json.dumps(record) + "\n")
+    assert data.feedback_tag_contributors(folder) == {"tank": 3, "lace-up": 2, "boho": 2}
 
 
 def test_missing_feedback_folder(tmp_path):

@@ -291,6 +291,17 @@ def test_config_rejects_invalid_vocabularies():
         tiny_config(attributes={"gender": ["Men", "Men"]})
     with pytest.raises(ValueError, match="twice"):
         tiny_config(tags=[["check", "detail"], ["check", "detail"]])
+    with pytest.raises(ValueError, match="feedback_tag_min_contributors.*got 0"):
+        tiny_config(feedback_tag_min_contributors=0)
+
+
+def test_a_config_json_from_before_feedback_tag_min_contributors_loads_with_3(tmp_path):
+    tiny_config(feedback_tag_min_contributors=5).save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).feedback_tag_min_contributors == 5
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["feedback_tag_min_contributors"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert AutoConfig.from_pretrained(tmp_path).feedback_tag_min_contributors == 3
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ DEFAULT_ATTRIBUTES = {
     "usage": ["Casual", "Ethnic", "Formal", "Sports"],
 }
 DEFAULT_DETAIL_TAGS = ["check", "denim", "printed", "running", "slim fit", "solid", "striped"]
+DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS = 3
 
 
 def registered_locally(config_class: type) -> bool:
@@ -79,6 +80,12 @@ class FashionTaggerConfig(PreTrainedConfig):
             faster on hardware with native bf16 (CPUs with AVX512-BF16 or AMX, recent GPUs) and falls back to the
             model's dtype elsewhere; the tag classifier stays in the model's dtype, so scores and near-ties keep
             full precision. See `BENCHMARKS.md` for its effect on the shipped model's tags.
+        feedback_tag_min_contributors (`int`, *optional*, defaults to 3):
+            A detail tag typed into the app's feedback tab joins the tag vocabulary when training builds it
+            (`train.py --feedback`) once at least this many people typed it, however rare it is among product
+            names (`fashion_hf.data.feedback_tag_contributors` says who counts as a person). Rarer typed tags are
+            left out of the vocabulary and out of the training sequences; they stay in the feedback store and join
+            in a later run once enough people type them. Older config.json files without it load with 3.
         attribute_order (`list[str]`, *optional*):
             Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
@@ -111,6 +118,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         tag_loss_weight: float = 1.0,
         label_smoothing: float = 0.0,
         decoder_matmul_dtype: str = "float32",
+        feedback_tag_min_contributors: int = DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS,
         attribute_order: list[str] | None = None,
         **kwargs,
     ):
@@ -118,6 +126,9 @@ class FashionTaggerConfig(PreTrainedConfig):
             raise ValueError(f"decoder_type must be 'gru' or 'lstm', got {decoder_type!r}")
         if decoder_matmul_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"decoder_matmul_dtype must be 'float32' or 'bfloat16', got {decoder_matmul_dtype!r}")
+        if not isinstance(feedback_tag_min_contributors, int) or feedback_tag_min_contributors < 1:
+            minimum = feedback_tag_min_contributors
+            raise ValueError(f"feedback_tag_min_contributors must be a whole number >= 1, got {minimum!r}")
         attributes = {name: list(labels) for name, labels in (attributes or DEFAULT_ATTRIBUTES).items()}
         if attribute_order is not None:  # config.json is written with sorted keys; the head order travels here
             attributes = {name: attributes[name] for name in attribute_order}
@@ -149,6 +160,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.tag_loss_weight = tag_loss_weight
         self.label_smoothing = label_smoothing
         self.decoder_matmul_dtype = decoder_matmul_dtype
+        self.feedback_tag_min_contributors = feedback_tag_min_contributors
         if registered_locally(type(self)):
             # A saved folder names its pipeline in `custom_pipelines` for trust_remote_code users, and transformers
             # then refuses that task without trust_remote_code, even where this package registers it. Loaded by
