@@ -1,6 +1,7 @@
 """train/evaluate.py: scores in the promised schema, perfect predictions score 1.0 end to end, the CLI writes its
 files, and labels outside the model's vocabulary are counted, not scored."""
 
+import hashlib
 import json
 from types import SimpleNamespace
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import PRODUCT_IMAGES, product_photo, tiny_config
-from datasets import Dataset, Features, Image, List, Value
+from datasets import Dataset, Features, Image, List, Value, load_dataset
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModel
 
@@ -274,7 +275,72 @@ def test_cli_on_a_csv_catalogue_of_image_files(tiny_model_dir, tmp_path):
         lines.append(f"item-{index}.png,{row['gender']},{row['articleType']}")
     (tmp_path / "catalogue.csv").write_text("\n".join(lines) + "\n")
     catalogue, output = tmp_path / "catalogue.csv", tmp_path / "eval"
-    metrics = main([str(tiny_model_dir), "--dataset", str(catalogue), "--output", str(output), "--no-progress"])
+    metrics = main([str(tiny_model_dir), "--dataset", str(catalogue), "--split", "all", "--output", str(output),
+                    "--no-progress"])  # fmt: skip
     assert metrics["n_images"] == 3
     assert set(metrics["attributes"]) == {"gender", "articleType"}
     assert metrics["attributes"]["gender"]["support"] == 3
+
+
+def distinct_photos(count, offset=0):
+    return [product_photo(colour=((offset + index) % 256, (5 * index) % 256, 120)) for index in range(count)]
+
+
+def test_cli_scores_only_the_images_training_held_out_of_a_catalogue(tiny_model_dir, tmp_path):
+    # A catalogue trained on with train.py: --split validation is the part training held out (by image hash), not the
+    # whole catalogue the model learned from.
+    lines = ["image,gender,articleType"]
+    for index, photo in enumerate(distinct_photos(40)):
+        photo.save(tmp_path / f"item-{index}.png")
+        lines.append(f"item-{index}.png,Men,Shirts")
+    (tmp_path / "catalogue.csv").write_text("\n".join(lines) + "\n")
+    held_out = [
+        index for index in range(40)
+        if int(hashlib.sha256((tmp_path / f"item-{index}.png").read_bytes()).hexdigest(), 16) % 100 < 10
+    ]  # fmt: skip
+    assert held_out  # this fixture's images put some on each side
+    run = [str(tiny_model_dir), "--dataset", str(tmp_path / "catalogue.csv"), "--no-progress"]
+    metrics = main([*run, "--split", "validation", "--output", str(tmp_path / "validation")])
+    assert metrics["n_images"] == len(held_out) and metrics["split"] == "validation"
+    assert "sha256(image bytes)" in metrics["split_definition"] and str(tmp_path) not in metrics["split_definition"]
+    assert main([*run, "--split", "train", "--output", str(tmp_path / "train")])["n_images"] == 40 - len(held_out)
+
+
+def write_split(folder, split, images, articles):
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    features = Features({"image": Image(), "articleType": Value("string")})
+    Dataset.from_dict({"image": images, "articleType": articles}, features=features).to_parquet(
+        folder / "data" / f"{split}-00000-of-00001.parquet"
+    )
+
+
+def test_exclude_duplicates_of_train_also_scores_the_split_without_byte_identical_images(tiny_model_dir, tmp_path):
+    train_photos, other_photos = distinct_photos(6), distinct_photos(4, offset=100)
+    write_split(tmp_path, "train", train_photos, ["Shirts"] * 6)
+    # Validation: two photos that are also in train (saved from the same bytes), four of its own.
+    write_split(tmp_path, "validation", [train_photos[1], *other_photos[:2], train_photos[4], *other_photos[2:]],
+                ["Shirts", "Jeans", "Tops", "Shirts", "Jeans", "Tops"])  # fmt: skip
+    metrics = main([str(tiny_model_dir), "--dataset", str(tmp_path), "--split", "validation", "--exclude-duplicates-of",
+                    "train", "--output", str(tmp_path / "eval"), "--no-progress"])  # fmt: skip
+    assert metrics["n_images"] == 6 and metrics["attributes"]["articleType"]["support"] == 6
+    deduplicated = metrics["without_duplicates"]
+    assert (deduplicated["of_split"], deduplicated["n_excluded"], deduplicated["n_images"]) == ("train", 2, 4)
+    assert deduplicated["attributes"]["articleType"]["support"] == 4
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["without_duplicates"] == deduplicated
+    # The same figures as evaluating the four other photos on their own.
+    write_split(tmp_path / "own", "validation", other_photos, ["Jeans", "Tops", "Jeans", "Tops"])
+    alone = main([str(tiny_model_dir), "--dataset", str(tmp_path / "own"), "--split", "validation",
+                  "--output", str(tmp_path / "alone"), "--no-progress"])  # fmt: skip
+    for key in ("attributes", "mean_top1", "tags"):
+        assert deduplicated[key] == alone[key], key
+
+
+@pytest.mark.skipif(not PRODUCT_IMAGES.is_dir(), reason="shared fashion-product-images data not present")
+def test_shared_validation_holds_119_byte_identical_copies_of_training_photos():
+    from fashion_hf.training.evaluate import duplicate_rows
+
+    def split(name):
+        return load_dataset(str(PRODUCT_IMAGES), split=name).select_columns(["image"])
+
+    assert len(duplicate_rows(split("validation"), split("train"))) == 119  # the data README's count

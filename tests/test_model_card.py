@@ -92,8 +92,54 @@ def test_model_index_holds_the_measured_scores(model_folder, metrics, no_network
     assert values[("f1", "tags")] == 0.9091  # 5 of 5 generated tags right, 5 of 6 found: F1 10/11
     result = card.data.eval_results[0]
     assert (result.task_type, result.dataset_type, result.dataset_split) == (
-        "image-classification", DATASET_ID, "validation",
+        "image-classification", DATASET_ID, "fashion-hf-validation",
     )  # fmt: skip
+
+
+def test_the_projects_hash_split_is_not_called_the_hub_datasets_validation_split(model_folder, metrics, no_network):
+    # ashraq/fashion-product-images-small has one split, train: "validation" is this project's part of it, by id hash.
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL)
+    splits = {(result.dataset_split, result.dataset_args["definition"]) for result in card.data.eval_results}
+    assert splits == {("fashion-hf-validation", "this project's validation split of ashraq/fashion-product-images-"
+                       "small (one Hub split, train): the product ids whose int(sha1(str(id)), 16) % 100 is in 15-24")}
+    assert "split `validation` (`fashion-hf-validation` in the model-index)" in card.text
+    assert "int(sha1(str(id)), 16) % 100 is in 15-24" in card.text
+    mnist = {**metrics, "dataset": "fashion-mnist", "split": "test"}  # a split the Hub copy has keeps its name
+    card = build_model_card(model_folder, mnist, RECIPE, "zalando-datasets/fashion_mnist", BASE_MODEL)
+    assert {result.dataset_split for result in card.data.eval_results} == {"test"}
+
+
+def test_figures_without_duplicates_of_train_sit_beside_the_raw_ones(model_folder, metrics, no_network):
+    from card_figures import card_mismatches
+
+    deduplicated = json.loads(json.dumps(metrics))  # as evaluate.py --exclude-duplicates-of train writes it
+    deduplicated["attributes"]["gender"].update(top1=0.5, macro_f1=0.4)
+    deduplicated.update(of_split="train", n_excluded=1, n_images=3, mean_top1=0.7)
+    metrics = {**metrics, "without_duplicates": deduplicated}
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL)
+    assert "1 of these 4 images are byte-identical" in card.text and "--exclude-duplicates-of train" in card.text
+    assert "| gender | 0.750 | 0.500 |" in card.text and "| **mean** | **0.875** | **0.700** |" in card.text
+    splits = {result.dataset_split for result in card.data.eval_results}
+    assert splits == {"fashion-hf-validation", "fashion-hf-validation-without-train-duplicates"}
+    assert card_mismatches(str(card), metrics) == []
+
+
+def test_a_split_used_for_choices_is_called_optimistic(model_folder, metrics, no_network):
+    recipe = {**RECIPE, "selected_on": {"split": "validation", "choices": ["the epochs", "the ensemble members"]}}
+    text = build_model_card(model_folder, metrics, recipe, DATASET_ID, BASE_MODEL).text
+    assert "These figures are optimistic." in text and "to choose the epochs, the ensemble members" in text
+    recipe["selected_on"]["split"] = "fashion-hf-validation-part"  # chosen elsewhere: this split is clean
+    assert "optimistic" not in build_model_card(model_folder, metrics, recipe, DATASET_ID, BASE_MODEL).text
+
+
+def test_a_catalogues_card_names_the_catalogue_not_a_local_path(model_folder, metrics, no_network):
+    catalogue_metrics = {**metrics, "dataset": "spring-shop", "split_definition": "validation of spring-shop by hash"}
+    card = build_model_card(model_folder, catalogue_metrics, RECIPE, "spring-shop", BASE_MODEL,
+                            title="fashion-tagger-spring-shop")  # fmt: skip
+    assert card.text.startswith("\n# fashion-tagger-spring-shop\n") or "# fashion-tagger-spring-shop\n" in card.text
+    assert "the catalogue `spring-shop` (a local data set, not on the Hub)" in card.text
+    assert card.data.model_name == "fashion-tagger-spring-shop" and not card.data.datasets
+    assert {result.dataset_split for result in card.data.eval_results} == {"validation"}
 
 
 def test_card_metadata(model_folder, metrics, no_network):

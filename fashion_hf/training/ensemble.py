@@ -88,6 +88,8 @@ def main(argv=None) -> Path:
         "dataset_id": dataset_id,
         "base_model": base_models,
         "members": [{"folder": folder, "stages": previous_stages(folder)} for folder in args.members],
+        # Each member's best epoch was chosen on its evaluation split; which members to combine is judged here.
+        "selected_on": {"split": args.eval_split, "choices": ["each member's best epoch", "the ensemble's members"]},
         "arguments": vars(args),
     }
     (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))

@@ -1,11 +1,17 @@
 """Evaluate a saved fashion tagger on a labelled dataset: per-attribute scores, tag-set scores and plots.
 
     python train/evaluate.py models/fashion-tagger --dataset fashion-product-images --split validation \
-        --output outputs/eval [--batch-size 64] [--limit N] [--logs runs/my-run]
+        --output outputs/eval [--batch-size 64] [--limit N] [--logs runs/my-run] [--exclude-duplicates-of train]
 
 `--dataset` is `fashion-product-images`, `fashion-mnist`, or a local path: a folder of parquet files in the Hub
 layout, a parquet file with an image column (a `Dataset.to_parquet` export), or a catalogue that
 `fashion_hf.data.load_catalogue` reads (an image folder, or a CSV/TSV/JSONL/parquet file of image paths and labels).
+A catalogue's `--split` is the one training used: its own `split` column, else the hash hold-out (`validation`: the
+images training held out, `train`: the rest, `all`: every image).
+
+`--exclude-duplicates-of train` also scores the split without its images that are byte-identical (SHA-256 of the
+stored image bytes) to an image of the train split: metrics.json then holds those figures under
+`without_duplicates`, beside the figures of the whole split.
 
 Writes to `--output`: `metrics.json`, `confusion_matrix.png` (the head with the most labels), `attribute_accuracy.png`
 and, with `--logs`, `training_curves.png` from the TensorBoard event files of a training run.
@@ -30,6 +36,7 @@ from sklearn.metrics import confusion_matrix
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
+from .. import data
 from ..configuration_fashion_tagger import DETAIL_GROUP, tag_key
 from ..metrics import (
     IGNORE_INDEX,
@@ -374,37 +381,46 @@ def load_local_dataset(path: Path, split: str):
     """A parquet export or a Hub-layout folder of parquet files; anything else is a catalogue for `load_catalogue`."""
     from datasets import Image, load_dataset
 
-    from .. import data
-
     if path.is_file() and path.suffix.lower() == ".parquet":
         dataset = load_dataset("parquet", data_files=str(path), split="train")
         if "image" in dataset.column_names and not isinstance(dataset.features["image"], Image):
-            return data.load_catalogue(path)  # an image column of file paths
+            return data.load_catalogue(path, split=split)  # an image column of file paths
         return dataset
     if path.is_dir() and any(path.rglob("*.parquet")):
         return load_dataset(str(path), split=split)
-    return data.load_catalogue(path)
+    return data.load_catalogue(path, split=split)
 
 
-def load_eval_dataset(name: str, split: str, attributes: dict[str, list[str]]):
-    """The dataset `--dataset` names, through the loaders of `fashion_hf.data`."""
-    from .. import data
-
+def load_eval_dataset(name: str, split: str, attributes: dict[str, list[str]], source=None):
+    """The dataset `--dataset` names, through the loaders of `fashion_hf.data` (`source`: their local folder or Hub
+    id, for the built-in data sets)."""
     if name == "fashion-product-images":
-        return data.load_fashion_product_images(split=split, with_brand=data.BRAND in attributes)
+        return data.load_fashion_product_images(source, split=split, with_brand=data.BRAND in attributes)
     if name == "fashion-mnist":
-        return data.load_fashion_mnist(split=split)
+        return data.load_fashion_mnist(source, split=split)
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--dataset {name!r}: expected one of {', '.join(DATASETS)} or an existing path")
     return load_local_dataset(path, split)
 
 
+def duplicate_rows(dataset, others) -> list[int]:
+    """Rows of `dataset` whose image bytes equal those of an image in `others` (SHA-256 of the stored bytes)."""
+    seen = set(data.image_sha256s(others))
+    return [row for row, digest in enumerate(data.image_sha256s(dataset)) if digest in seen]
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="model folder (or Hub id) saved with save_pretrained, with its image processor")
     parser.add_argument("--dataset", default="fashion-product-images", help=f"{' | '.join(DATASETS)} | PATH")
-    parser.add_argument("--split", default="validation", help="split to evaluate (Fashion-MNIST: train or test)")
+    parser.add_argument("--split", default="validation",
+                        help="split to evaluate (Fashion-MNIST: train, validation or test; a catalogue: its own split "
+                        "column's values, else train or validation of the hash hold-out, or all)")  # fmt: skip
+    parser.add_argument("--data-source", default=None,
+                        help="local folder or Hub id of a built-in data set (default: the loader's, as train.py)")
+    parser.add_argument("--exclude-duplicates-of", default=None, metavar="SPLIT",
+                        help="also score the split without its images byte-identical to one of SPLIT (e.g. train)")
     parser.add_argument("--output", required=True, type=Path, help="folder for metrics.json and the plots")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items only")
@@ -435,15 +451,29 @@ def write_evaluation(
     model_id: str | None = None,
     progress: bool = True,
     extra: dict | None = None,
+    duplicates: tuple[str, list[int]] | None = None,
 ) -> dict:
     """Evaluate, then write `metrics.json` and the plots to `output_dir`; returns the metrics as written.
 
     `logs_dir`: a TensorBoard run folder to draw `training_curves.png` from. `model_id` defaults to the model's
-    `name_or_path`. `extra`: more run details to record in metrics.json.
+    `name_or_path`. `extra`: more run details to record in metrics.json. `duplicates`: `(split, rows)`, the rows of
+    `dataset` whose images are byte-identical to one of that split; metrics.json then also has `without_duplicates`,
+    the same figures over the other rows (the same predictions, no second model run).
     """
     output_dir = Path(output_dir)
     started = time.perf_counter()
     predictions = predict(model, processor, dataset, batch_size, num_beams, progress=progress)
+    deduplicated = None
+    if duplicates is not None:
+        of_split, rows = duplicates
+        excluded = set(rows)
+        kept = [row for row in range(len(dataset)) if row not in excluded]
+        deduplicated = {
+            "of_split": of_split,
+            "method": "SHA-256 of the stored image bytes (byte-identical files)",
+            "n_excluded": len(excluded),
+            **score(select_predictions(predictions, dataset, kept, model.config), model.config.attributes),
+        }
     metrics = {
         "model": model_id or str(getattr(model, "name_or_path", "") or "model"),
         "dataset": dataset_name,
@@ -455,6 +485,7 @@ def write_evaluation(
         "device": str(_model_device_and_dtype(model)[0]),
         "eval_seconds": round(time.perf_counter() - started, 2),
         **(extra or {}),
+        **({"without_duplicates": deduplicated} if deduplicated else {}),
     }
 
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -475,6 +506,23 @@ def write_evaluation(
     return metrics
 
 
+def select_predictions(predictions: Predictions, dataset, rows: list[int], config) -> Predictions:
+    """The predictions and references of some rows of `dataset` only (labels re-read, so that counts match)."""
+    subset = dataset.with_format(None).select(rows)
+    labels, out_of_vocabulary, attribute_keys = _read_labels(subset, config.attributes)
+    reference, dropped_tags = _reference_tags(subset, attribute_keys, set(config.tag_to_id()))
+    index = np.asarray(rows, dtype=np.int64)
+    return Predictions(
+        probs={name: probs[index] for name, probs in predictions.probs.items()},
+        labels=labels,
+        out_of_vocabulary=out_of_vocabulary,
+        generated=[predictions.generated[row] for row in rows],
+        reference=reference,
+        out_of_vocabulary_tags=dict(sorted(dropped_tags.items())),
+        tag_groups=predictions.tag_groups,  # the groups of the whole split: both sets of figures score the same ones
+    )
+
+
 def shift_like_phone_photos(dataset, processor):
     """Each image moved off the studio look the model was trained on; seeded by position, so runs repeat."""
     def shift(row, index):
@@ -488,16 +536,21 @@ def main(argv=None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = AutoModel.from_pretrained(args.model).to(device)
     processor = AutoImageProcessor.from_pretrained(args.model)
-    dataset = load_eval_dataset(args.dataset, args.split, model.config.attributes)
+    dataset = load_eval_dataset(args.dataset, args.split, model.config.attributes, args.data_source)
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
+    duplicates = None
+    if args.exclude_duplicates_of:  # hashed before any --shift: the stored bytes, as the two splits hold them
+        others = load_eval_dataset(args.dataset, args.exclude_duplicates_of, model.config.attributes, args.data_source)
+        duplicates = (args.exclude_duplicates_of, duplicate_rows(dataset, others))
+    definition = data.describe_split(args.dataset, args.split, dataset)
     if args.shift == "phone":
         dataset = shift_like_phone_photos(dataset, processor)
     metrics = write_evaluation(
         model, processor, dataset, args.output,
         logs_dir=args.logs, dataset_name=str(args.dataset), split=args.split, batch_size=args.batch_size,
         num_beams=args.num_beams, model_id=str(args.model), progress=not args.no_progress,
-        extra={"limit": args.limit, "shift": args.shift},
+        extra={"limit": args.limit, "shift": args.shift, "split_definition": definition}, duplicates=duplicates,
     )  # fmt: skip
     print(summary(metrics))
     print(f"wrote {', '.join(metrics['files'])} to {args.output}")

@@ -44,8 +44,12 @@ WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
 TRAIN_SIZE_KEYS = ("train_examples", "train_images")
 SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
 RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages", "members",
-               *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
+               "dataset_name", "splits", "selected_on", "test_note", *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
 DETAIL_GROUP = "detail"
+# Splits the Hub copy of a data set has itself; any other split is this project's own (a hash of ids or bytes).
+HUB_SPLITS = {"ashraq/fashion-product-images-small": {"train"}, "zalando-datasets/fashion_mnist": {"train", "test"}}
+HUB_SPLIT_NAMES = {("zalando-datasets/fashion_mnist", "train+validation"): "train"}  # our name -> the Hub's
+PROJECT_SPLIT_PREFIX = "fashion-hf-"
 
 
 def _score(value) -> str:
@@ -87,14 +91,48 @@ def _check_metrics(metrics: dict) -> None:
         raise ValueError(f"metrics lack {missing}: pass the metrics.json that train/evaluate.py writes")
 
 
+def split_definition(metrics: dict) -> str | None:
+    """What the evaluated split holds: metrics.json's `split_definition`, else derived for a built-in data set."""
+    from ..data import describe_split
+
+    if metrics.get("split_definition"):
+        return metrics["split_definition"]
+    if metrics.get("dataset") in HUB_DATASET_IDS and metrics.get("split"):
+        return describe_split(metrics["dataset"], metrics["split"])
+    return None
+
+
+def hub_split_name(dataset_id: str, split: str | None) -> str | None:
+    """The model-index name of a split: the Hub's own name where the Hub copy has that split, else the split marked
+    as this project's (`fashion-hf-validation`): the Hub copy of the product images has only `train`."""
+    if split is None or not _is_hub_id(dataset_id):
+        return split
+    split = HUB_SPLIT_NAMES.get((dataset_id, split), split)
+    return split if split in HUB_SPLITS.get(dataset_id, {split}) else f"{PROJECT_SPLIT_PREFIX}{split}"
+
+
 def eval_results(metrics: dict, dataset_id: str) -> list[EvalResult]:
-    """One result per attribute for top-1 accuracy and macro-F1, and one for the generated tags' micro-F1."""
+    """One result per attribute for top-1 accuracy and macro-F1, and one for the generated tags' micro-F1; the same
+    again for the split without its images byte-identical to training images when metrics.json has them."""
+    split = hub_split_name(dataset_id, metrics.get("split"))
+    definition = split_definition(metrics)
+    results = _eval_results(metrics, dataset_id, split, {"definition": definition} if definition else None)
+    deduplicated = metrics.get("without_duplicates")
+    if deduplicated:
+        args = {"definition": f"{definition or split}, without the {deduplicated['n_excluded']} images whose bytes "
+                              f"equal those of an image of {deduplicated['of_split']}"}  # fmt: skip
+        results += _eval_results(deduplicated, dataset_id, f"{split}-without-{deduplicated['of_split']}-duplicates", args)
+    return results
+
+
+def _eval_results(metrics: dict, dataset_id: str, split: str | None, dataset_args: dict | None) -> list[EvalResult]:
     common = dict(
         task_type=TASK_TYPE,
         task_name="Fashion attribute classification and tagging",
         dataset_type=dataset_id,
         dataset_name=DATASET_NAMES.get(dataset_id, dataset_id),
-        dataset_split=metrics.get("split"),
+        dataset_split=split,
+        dataset_args=dataset_args,
     )
     results = []
     for name, values in metrics["attributes"].items():
@@ -173,25 +211,31 @@ def _hyperparameters(recipe: dict) -> list[dict]:
     ]
 
 
-def _tag_rows(tags: dict) -> list[dict]:
-    def row(name, values):
+def _tag_rows(tags: dict, deduplicated: dict | None = None) -> list[dict]:
+    """Tag scores per group; `f1_deduplicated` beside F1 when the split was also scored without duplicates."""
+    def row(name, values, other):
         scores = {key: _score(values[key]) for key in ("precision", "recall", "f1")}
-        return {"name": name, **scores, "support": values["support"]}
+        extra = {"f1_deduplicated": _score(other["f1"]) if other else "–"} if deduplicated else {}
+        return {"name": name, **scores, **extra, "support": values["support"]}
 
-    rows = [row("**all**", tags["generated"]["overall"])]
-    rows += [row(group, values) for group, values in tags["generated"]["per_group"].items()]
+    other = deduplicated["generated"] if deduplicated else {"overall": None, "per_group": {}}
+    rows = [row("**all**", tags["generated"]["overall"], other["overall"])]
+    rows += [row(group, values, other["per_group"].get(group)) for group, values in tags["generated"]["per_group"].items()]
     return rows
 
 
-def _head_comparison(tags: dict) -> list[dict]:
+def _head_comparison(tags: dict, deduplicated: dict | None = None) -> list[dict]:
     comparison = tags.get("attribute_tags")
     if not comparison or not comparison.get("groups"):
         return []
-    sources = (("generated by the decoder", comparison["generated"]), ("top label of each head", comparison["heads"]))
-    return [
-        {"name": name, **{key: _score(values["overall"][key]) for key in ("precision", "recall", "f1")}}
-        for name, values in sources
-    ]
+    other = (deduplicated or {}).get("attribute_tags") or {}
+    rows = []
+    for name, source in (("generated by the decoder", "generated"), ("top label of each head", "heads")):
+        row = {"name": name, **{key: _score(comparison[source]["overall"][key]) for key in ("precision", "recall", "f1")}}
+        if deduplicated:
+            row["f1_deduplicated"] = _score(other[source]["overall"]["f1"]) if other.get(source) else "–"
+        rows.append(row)
+    return rows
 
 
 def _robustness_rows(metrics: dict, shifted: dict | None) -> list[dict]:
@@ -224,13 +268,16 @@ def build_model_card(
     shifted_metrics: dict | None = None,
     license: str = "other",
     template_path: str | Path = TEMPLATE,
+    title: str | None = None,
 ) -> ModelCard:
     """The model card of the model saved in `model_folder`, filled from `metrics` (evaluate.py's metrics.json) and
     `recipe` (the training command, wall time, hardware, hyperparameters), with a model-index of the measured scores.
 
     `shifted_metrics`: the same evaluation with `--shift` (e.g. phone-style photos), shown next to the clean scores.
     Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
-    `model_folder`. Nothing here touches the network; save the card with `card.save(path)`.
+    `model_folder`. `title`: the card's heading and model-index name (default: the repo's name, else the folder's).
+    `dataset_id` is a Hub id, or a local catalogue's name (never its absolute path). Nothing here touches the
+    network; save the card with `card.save(path)`.
     """
     model_folder = Path(model_folder)
     config = _read_config(model_folder)
@@ -238,7 +285,7 @@ def build_model_card(
     if not recipe.get("command"):
         raise ValueError("recipe needs 'command': the exact command line the model was trained with")
 
-    model_name = repo_id.split("/")[-1] if repo_id else model_folder.resolve().name
+    model_name = title or (repo_id.split("/")[-1] if repo_id else model_folder.resolve().name)
     dataset_name = DATASET_NAMES.get(dataset_id, dataset_id)
     card_data = ModelCardData(
         model_name=model_name,
@@ -262,11 +309,14 @@ def build_model_card(
     if confusion_head:
         titles["confusion_matrix.png"] = f"Confusion matrix of {confusion_head}"
     plots = [{"file": file, "title": titles[file]} for file, _ in PLOTS if (model_folder / file).is_file()]
-    dataset_link = (
-        f"[{dataset_name}](https://huggingface.co/datasets/{dataset_id}) (`{dataset_id}`)"
-        if _is_hub_id(dataset_id)
-        else f"{dataset_name} (`{dataset_id}`)"
-    )
+    if _is_hub_id(dataset_id):
+        dataset_link = f"[{dataset_name}](https://huggingface.co/datasets/{dataset_id}) (`{dataset_id}`)"
+    elif dataset_id in DATASET_NAMES:
+        dataset_link = f"{dataset_name} (`{dataset_id}`)"
+    else:
+        dataset_link = f"the catalogue `{dataset_id}` (a local data set, not on the Hub)"
+    deduplicated = metrics.get("without_duplicates")
+    selected_on = recipe.get("selected_on") or {}
     height, width = config.get("image_size", [None, None])
     num_beams = metrics.get("num_beams", 1)
     return ModelCard.from_template(
@@ -300,17 +350,27 @@ def build_model_card(
         n_images=metrics["n_images"],
         eval_dataset=metrics.get("dataset", dataset_id),
         eval_split=metrics.get("split", "?"),
+        eval_split_name=hub_split_name(dataset_id, metrics.get("split")),
+        eval_split_definition=split_definition(metrics),
+        selection_choices=selected_on.get("choices") if selected_on.get("split") == metrics.get("split") else None,
+        test_note=recipe.get("test_note"),
+        deduplicated=deduplicated,
         eval_date=metrics.get("date"),
         decoding="greedy decoding" if num_beams == 1 else f"beam search with {num_beams} beams",
         attribute_rows=[
             {"name": name, **{key: _score(values[key]) for key in ("top1", "top5", "macro_f1")},
-             "support": values["support"], "out_of_vocabulary": values.get("out_of_vocabulary", 0)}
+             "support": values["support"], "out_of_vocabulary": values.get("out_of_vocabulary", 0),
+             **({"top1_deduplicated": _score(deduplicated["attributes"][name]["top1"]),
+                 "macro_f1_deduplicated": _score(deduplicated["attributes"][name]["macro_f1"])}
+                if deduplicated else {})}
             for name, values in metrics["attributes"].items()
         ],  # fmt: skip
         mean_top1=_score(metrics["mean_top1"]) if metrics.get("mean_top1") is not None else None,
         mean_macro_f1=_score(metrics.get("mean_macro_f1")),
-        tag_rows=_tag_rows(metrics["tags"]),
-        head_comparison=_head_comparison(metrics["tags"]),
+        mean_top1_deduplicated=_score(deduplicated.get("mean_top1")) if deduplicated else None,
+        mean_macro_f1_deduplicated=_score(deduplicated.get("mean_macro_f1")) if deduplicated else None,
+        tag_rows=_tag_rows(metrics["tags"], deduplicated["tags"] if deduplicated else None),
+        head_comparison=_head_comparison(metrics["tags"], deduplicated["tags"] if deduplicated else None),
         plots=plots,
         shift=(shifted_metrics or {}).get("shift"),
         robustness_rows=_robustness_rows(metrics, shifted_metrics),

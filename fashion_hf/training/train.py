@@ -1,6 +1,6 @@
 """Train a fashion tagger: one CPU, one GPU or many, same script.
 
-    accelerate launch --config_file train/accelerate/one-process.yaml train/train.py \
+    accelerate launch --config_file train/accelerate/one-process.yaml train/train.py \\
         --config train/configs/fashion-product-images.yaml [--flag value ...]
 
 Flags override the YAML config; both use the names below. The run ends with a Hub-ready folder in --output-dir
@@ -9,6 +9,36 @@ Flags override the YAML config; both use the names below. The run ends with a Hu
 Fast CPU mode (--frozen-stages N or all): the encoder's stem and first N stages are frozen and run once per image
 and augmented view; only the rest of the network trains, on those cached features. --finetune-epochs then trains the
 whole network on augmented images.
+
+Splits: the best epoch is chosen on --eval-split, so its figures are optimistic; --test-split, when given, is
+evaluated once at the end, with the chosen weights, and is what metrics.json and the model card report.
+
+Your own catalogue (--dataset PATH), one of two layouts:
+
+  shop/                              image folder: load_dataset("imagefolder") with a metadata.csv
+    metadata.csv                     file_name (required), one column per attribute, optional:
+    img/0001.jpg ...                   productDisplayName (detail tags are mined from it) and split
+
+  catalogue.csv (or .tsv/.parquet)   a table: image (required, a path relative to the table), one column
+  photos/0001.jpg ...                per attribute, optional productDisplayName and split
+
+Every other column is an attribute head (or name them: --attributes articleType baseColour); an empty cell is a
+missing label, never a class. A catalogue's `split` column (train / validation / test) sets the splits; without
+one, validation is a fixed ~10% chosen by the SHA-256 of each image's bytes (the same on every run, recorded in
+recipe.json) and train is the rest. Worked example (README, "Your own catalogue"):
+
+  mkdir -p shop/img && cp ~/photos/*.jpg shop/img/
+  cat > shop/metadata.csv <<'CSV'
+  file_name,articleType,baseColour,productDisplayName
+  img/0001.jpg,Shirts,Navy Blue,Acme Men Checked Slim Fit Shirt
+  img/0002.jpg,Jeans,,Acme Women Skinny Denim Jeans
+  CSV
+  accelerate launch --config_file train/accelerate/one-process.yaml train/train.py --dataset shop \\
+      --output-dir outputs/shop --epochs 10
+  python train/evaluate.py outputs/shop/model --dataset shop --split validation --output outputs/shop/eval
+
+--min-tag-count defaults to 20 for the built-in data sets and, for a catalogue, scales with its training images
+(one per 1,000, at least 3, at most 20: a 200-image catalogue keeps detail tags seen on 3 items).
 """
 
 import argparse
@@ -34,6 +64,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
 from .. import data
+from ..configuration_fashion_tagger import DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS, DETAIL_GROUP
 from ..encoder_weights import load_pretrained_encoder
 from ..modeling_fashion_tagger import IGNORE_INDEX
 from ..pipeline_fashion_tagging import save_tagger
@@ -51,11 +82,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--dataset", default="fashion-product-images", help="fashion-product-images, fashion-mnist, or a catalogue path")
     add("--data-source", default=None, help="local folder or Hub id for the dataset (default: the loader's)")
     add("--train-split", default="train")
-    add("--eval-split", default="validation")
+    add("--eval-split", default="validation", help="split the best epoch is chosen on (its figures are optimistic)")
+    add("--test-split", default=None,
+        help="split evaluated once at the end, for metrics.json and the card (default: none; --eval-split is reported)")
     add("--attributes", nargs="+", default=None, help="heads to train (default: every attribute of the dataset)")
     add("--with-brand", action="store_true", help="add the brand head mined from product names")
-    add("--min-tag-count", type=int, default=20)
+    add("--min-tag-count", type=int, default=None,
+        help="fewest training items a mined detail tag needs to join the vocabulary (default: 20; a catalogue: "
+        "its training images / 1,000, between 3 and 20)")
     add("--feedback", default=None, help="feedback store folder or Hub dataset whose corrections join the training data")
+    add("--feedback-tag-min-contributors", type=int, default=None,
+        help="people who must type a feedback tag for it to join the vocabulary (default: the config's, 3)")
     add("--limit-train", type=int, default=None)
     add("--limit-eval", type=int, default=None)
     # Model
@@ -139,11 +176,19 @@ def load_split(args, split: str):
         dataset = data.load_fashion_product_images(args.data_source, split=split, with_brand=args.with_brand)
     elif args.dataset == "fashion-mnist":
         dataset = data.load_fashion_mnist(args.data_source, split=split)
-    else:
-        dataset = data.load_catalogue(args.dataset, attributes=args.attributes)
-        dataset = dataset.train_test_split(test_size=0.1, seed=args.seed)["train" if split == args.train_split else "test"]
+    else:  # a catalogue: its own split column, else the hash hold-out (data.HOLDOUT_DEFINITION)
+        dataset = data.load_catalogue(args.dataset, attributes=args.attributes, split=split)
     limit = args.limit_train if split == args.train_split else args.limit_eval
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+def default_min_tag_count(args, train_images: int) -> int:
+    """--min-tag-count, else 20 (the built-in data sets), or for a catalogue one per 1,000 training images, 3-20."""
+    if args.min_tag_count is not None:
+        return args.min_tag_count
+    if args.dataset in ("fashion-product-images", "fashion-mnist"):
+        return 20
+    return min(20, max(3, math.ceil(train_images / 1000)))
 
 
 def add_feedback(train_set, feedback, attributes):
@@ -214,7 +259,22 @@ class TrainingTagger(nn.Module):
         return self.model(image_embeds=self.top(trunk_features), attribute_labels=attribute_labels, tag_ids=tag_ids)
 
 
-def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
+def feedback_tags_to_keep(args, contributors=None) -> list[str]:
+    """Typed feedback tags with at least `--feedback-tag-min-contributors` contributors (the config's default: 3)."""
+    if not args.feedback:
+        return []
+    contributors = data.feedback_tag_contributors(args.feedback) if contributors is None else contributors
+    return sorted(tag for tag, people in contributors.items() if people >= feedback_tag_min_contributors(args))
+
+
+def feedback_tag_min_contributors(args) -> int:
+    if args.feedback_tag_min_contributors is not None:
+        return args.feedback_tag_min_contributors
+    return DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS
+
+
+def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> FashionTaggerModel:
+    """A new model with the vocabulary of `train_dataset` (plus `keep_detail_tags`), or `--init-from`'s model."""
     if args.init_from:
         model = FashionTaggerModel.from_pretrained(args.init_from)
         if args.image_size:  # the encoder is convolutional and globally pooled: it runs at any size
@@ -222,7 +282,9 @@ def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
         if args.decoder_matmul_dtype:
             model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
         return model
-    heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=args.min_tag_count)
+    min_tag_count = default_min_tag_count(args, len(train_dataset))
+    heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=min_tag_count,
+                                        keep_detail_tags=keep_detail_tags)  # fmt: skip
     size = {"image_size": list(args.image_size)} if args.image_size else {}  # else the configuration's default
     config = FashionTaggerConfig(
         encoder_name=args.encoder_name,
@@ -236,6 +298,7 @@ def build_model(args, train_dataset, attributes) -> FashionTaggerModel:
         classifier_dropout=args.classifier_dropout,
         label_smoothing=args.label_smoothing,
         decoder_matmul_dtype=args.decoder_matmul_dtype or "float32",
+        feedback_tag_min_contributors=feedback_tag_min_contributors(args),
     )
     model = FashionTaggerModel(config)
     if args.pretrained != "none":
@@ -380,16 +443,26 @@ def main(argv=None):
         torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(local_processes))
 
     train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
+    test_set = load_split(args, args.test_split) if args.test_split else None
+    used_splits = [args.train_split, args.eval_split, *([args.test_split] if args.test_split else [])]
+    splits = {split: data.describe_split(args.dataset, split, eval_set) for split in used_splits}
     attributes = dataset_attributes(args, train_set)
+    typed_tags = []
     if args.feedback:
         train_set = add_feedback(train_set, data.load_feedback(args.feedback, attributes), attributes)
-    model = build_model(args, train_set, attributes)
+        typed_tags = feedback_tags_to_keep(args)
+    model = build_model(args, train_set, attributes, typed_tags)
     config = model.config
     train_set = data.apply_vocabulary(train_set, config.attributes, config.tags)
     eval_set = data.apply_vocabulary(eval_set, config.attributes, config.tags)
     processor = FashionTaggerImageProcessor.from_model_config(config)
     accelerator.print(f"train {len(train_set)} / eval {len(eval_set)} images; heads {list(config.attributes)}; "
                       f"{len(config.tags)} tags; encoder weights: {getattr(config, 'encoder_weights', 'random')}")
+    if typed_tags:
+        details = {text for text, group in config.tags if group == DETAIL_GROUP}
+        joined, left_out = [tag for tag in typed_tags if tag in details], [tag for tag in typed_tags if tag not in details]
+        accelerator.print(f"typed feedback tags in the vocabulary: {joined}" + (
+            f"; not added (--init-from keeps its vocabulary): {left_out}" if left_out else ""))  # fmt: skip
 
     frozen_stages = args.frozen_stages if args.frozen_stages == "all" else int(args.frozen_stages)
     cached = frozen_stages == "all" or frozen_stages > 0
@@ -462,10 +535,18 @@ def main(argv=None):
             "best_epoch": progress.best_epoch,
             "train_images": len(train_set),
             "eval_images": len(eval_set),
+            **({"test_images": len(test_set)} if test_set is not None else {}),
+            "dataset_name": dataset_name(args.dataset),
+            "splits": splits,
+            "selected_on": {"split": args.eval_split, "choices": ["the best epoch (mean top-1 over the heads)"]},
+            "min_tag_count": default_min_tag_count(args, len(train_set)) if not args.init_from else None,
+            "feedback_tags": typed_tags or None,
             "arguments": vars(args),
             "previous_stages": previous_stages(args.init_from),
         }
-        finish(args, output_dir, processor, eval_set, recipe, list(config.attributes))
+        if test_set is not None:
+            test_set = data.apply_vocabulary(test_set, config.attributes, config.tags)
+        finish(args, output_dir, processor, eval_set if test_set is None else test_set, recipe, list(config.attributes))
 
 
 def previous_stages(model_folder: str | None) -> list[dict]:
@@ -479,20 +560,30 @@ def previous_stages(model_folder: str | None) -> list[dict]:
     return [*earlier.get("previous_stages", []), stage]
 
 
+def dataset_name(dataset: str) -> str:
+    """How metrics.json and the card name the data: a built-in data set's name, a catalogue's name (not its path)."""
+    return dataset if dataset in ("fashion-product-images", "fashion-mnist") else data.catalogue_name(dataset)
+
+
 def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
-    """Write the Hub-ready folder from the best epoch's weights, measure it, write its card, push if asked."""
+    """Write the Hub-ready folder from the best epoch's weights, measure it on `eval_set` (the test split when the
+    run has one, else the selection split), write its card, push if asked."""
     from .model_card import build_model_card
     from .evaluate import write_evaluation
 
     final_dir = output_dir / "model"
     model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=attribute_order).eval()
     save_tagger(model, processor, final_dir)
+    split = args.test_split or args.eval_split
     metrics = write_evaluation(
-        model, processor, eval_set, final_dir, logs_dir=output_dir / "logs", dataset_name=args.dataset, split=args.eval_split
-    )
+        model, processor, eval_set, final_dir, logs_dir=output_dir / "logs", dataset_name=recipe["dataset_name"],
+        split=split, extra={"split_definition": recipe["splits"][split]},
+    )  # fmt: skip
     (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
-    dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else args.dataset
-    card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=f"timm/{args.encoder_name}", repo_id=args.push_to_hub)
+    dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else recipe["dataset_name"]
+    title = args.push_to_hub.split("/")[-1] if args.push_to_hub else f"fashion-tagger-{recipe['dataset_name']}"
+    card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=f"timm/{args.encoder_name}",
+                            repo_id=args.push_to_hub, title=title)  # fmt: skip
     card.save(final_dir / "README.md")
     print(f"model folder: {final_dir}")
     if args.push_to_hub:
