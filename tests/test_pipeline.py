@@ -114,8 +114,11 @@ def test_trust_remote_code_pipeline_tags_where_fashion_hf_is_not_installed(folde
     remote = remote_code_predictions(folder, image_path, tmp_path)
     assert remote["module"].startswith("transformers_modules")
     expected = pipeline("fashion-tagging", model=str(folder))(str(image_path), top_k=2)
-    assert_same_prediction(remote["named"], expected)
-    assert_same_prediction(remote["inferred"], expected)
+    # The shipped decoder runs its matmuls in bfloat16 where the CPU has it: another process, with another split of
+    # the work over threads, rounds differently in the fourth decimal. Labels and tags must still be the same.
+    tolerance = 1e-5 if folder == tiny_model_dir else 1e-3
+    assert_same_prediction(remote["named"], expected, tolerance)
+    assert_same_prediction(remote["inferred"], expected, tolerance)
 
 
 def test_trust_remote_code_also_works_where_fashion_hf_is_installed(tiny_model_dir):
