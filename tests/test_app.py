@@ -143,9 +143,9 @@ def test_tag_is_batched_and_serves_concurrent_requests(client, served, files, mo
     batcher, batch_sizes = demo.service._tag_batcher, []
     run_batch = batcher._run_batch
 
-    def slow_run_batch(uploads):  # the first batch runs long enough for the others to queue behind it
+    def slow_run_batch(uploads):  # batches run long enough to keep every model slot busy while requests arrive
         batch_sizes.append(len(uploads))
-        time.sleep(0.5 if len(batch_sizes) == 1 else 0)
+        time.sleep(0.5)
         return run_batch(uploads)
 
     monkeypatch.setattr(batcher, "_run_batch", slow_run_batch)
