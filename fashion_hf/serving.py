@@ -237,14 +237,18 @@ class RequestBatcher:
         future = Future()
         with self._lock:
             self._waiting.append((item, future))
-        while not future.done():
+        # Until a batch takes this item (its future then runs): take a slot and run what waits, this item included
+        # unless more than a batch waits before it. Once taken, only wait: a caller that kept taking slots to find
+        # nothing waiting would spin.
+        while not (future.running() or future.done()):
             with self._slots:
-                if future.done():  # run by another caller while this one waited for a slot
-                    break
                 with self._lock:
                     batch = self._waiting[: self._max_batch_size]
                     del self._waiting[: self._max_batch_size]
-                self._run(batch)
+                    for _, taken in batch:
+                        taken.set_running_or_notify_cancel()
+                if batch:
+                    self._run(batch)
         return future.result()
 
     def _run(self, batch: list[tuple[object, Future]]) -> None:
