@@ -61,7 +61,9 @@ def model_index_figures(metrics: dict) -> dict[tuple[str, str], float]:
     return figures
 
 
-def card_mismatches(card: str, metrics: dict) -> list[str]:
+def card_mismatches(card: str, metrics: dict, shifted: dict | None = None) -> list[str]:
+    """Every figure of `card` that differs from `metrics` (and, in the robustness table, from `shifted`: the
+    metrics.json of `evaluate.py --shift`), or that metrics.json lacks."""
     problems = []
     sources = {"": metrics}
     if metrics.get("without_duplicates"):
@@ -107,13 +109,15 @@ def card_mismatches(card: str, metrics: dict) -> list[str]:
                     check(heads, row, column + suffix, None if overall is None else overall[score])
 
     robustness = table_rows(card, "Top-1", "Clean")  # present when the card was built with shifted metrics
+    columns = {"Clean": metrics, **({f"{shifted['shift']}-style": shifted} if shifted else {})}
     for row, cells in (robustness or {}).items():
-        if row in metrics["attributes"]:
-            check(robustness, row, "Clean", metrics["attributes"][row]["top1"])
-        elif row == "attribute-tag F1 (decoder)":
-            check(robustness, row, "Clean", metrics["tags"]["attribute_tags"]["generated"]["overall"]["f1"])
-        else:
-            problems.append(f"robustness table: row {row!r} is no metric of metrics.json")
+        for column, source in columns.items():
+            if row in source["attributes"]:
+                check(robustness, row, column, source["attributes"][row]["top1"])
+            elif row == "attribute-tag F1 (decoder)":
+                check(robustness, row, column, source["tags"]["attribute_tags"]["generated"]["overall"]["f1"])
+            else:
+                problems.append(f"robustness table: row {row!r} is no metric of metrics.json")
 
     result_sets = defaultdict(dict)
     for result in ModelCard(card).data.eval_results or []:
