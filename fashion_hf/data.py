@@ -34,9 +34,11 @@ from datasets import Dataset, Features, Image, List, Value, load_dataset
 from huggingface_hub import constants as hub_constants
 
 from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
+from .feedback import ANONYMOUS
 
 PRODUCT_IMAGES_HUB_ID = "ashraq/fashion-product-images-small"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+BUILT_IN_DATASETS = ("fashion-product-images", "fashion-mnist")  # `--dataset` names; anything else is a catalogue
 DATA_DIR_ENV = "FASHION_DATA_DIR"
 
 PRODUCT_ATTRIBUTES = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage")
@@ -463,16 +465,19 @@ def _load_from_hub(repo_id: str, split: str, hint: str) -> Dataset:
         ) from err
 
 
+def _split_of_digest(hex_digest: str, buckets: Mapping[str, range]) -> str:
+    bucket = int(hex_digest, 16) % 100
+    return next(split for split, split_buckets in buckets.items() if bucket in split_buckets)
+
+
 def split_of(product_id) -> str:
     """The split a product id belongs to, by hash, identical to the split of the local copy of the data."""
-    bucket = int(hashlib.sha1(str(product_id).encode()).hexdigest(), 16) % 100
-    return next(split for split, buckets in _SPLIT_BUCKETS.items() if bucket in buckets)
+    return _split_of_digest(hashlib.sha1(str(product_id).encode()).hexdigest(), _SPLIT_BUCKETS)
 
 
 def holdout_split_of(image_sha256: str) -> str:
     """"validation" or "train": the side of the deterministic hold-out an image with this SHA-256 is on."""
-    bucket = int(image_sha256, 16) % 100
-    return next(split for split, buckets in _HOLDOUT_BUCKETS.items() if bucket in buckets)
+    return _split_of_digest(image_sha256, _HOLDOUT_BUCKETS)
 
 
 def _cell_bytes(cell) -> bytes:
@@ -808,9 +813,6 @@ def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -
     new_columns[TAGS_COLUMN] = (details, _TAG_LIST)
     dataset = records.select(list(examples)).select_columns(kept)
     return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)
-
-
-ANONYMOUS = "anonymous"  # the annotator of a record sent without signing in (`fashion_hf.serving.annotator_name`)
 
 
 def feedback_tag_contributors(source: str | Path) -> Counter:

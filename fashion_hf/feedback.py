@@ -94,6 +94,7 @@ _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
 _BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s'\")]+")
 _JPEG_QUALITY = 95
 _STALE_TMP_SECONDS = 3600
+ANONYMOUS = "anonymous"  # the annotator of a record sent without signing in
 
 
 class FeedbackStoreError(RuntimeError):
@@ -248,14 +249,21 @@ def _clean_text(value: Any, what: str, max_len: int, *, allow_empty: bool = Fals
     return value
 
 
-def _attribute_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object's pairs as a dict, refusing a repeated key (`json` would silently keep the last one)."""
+class DuplicateAttributeError(FeedbackValidationError):
+    """A JSON object of corrected attributes names one attribute twice (`key`)."""
+
+    def __init__(self, key: str):
+        super().__init__(f"corrected_attributes names the attribute {_show(key)} twice; give each attribute once.")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads(..., object_pairs_hook=unique_keys)`: a repeated key raises `DuplicateAttributeError` instead of
+    silently keeping the last value."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise FeedbackValidationError(
-                f"corrected_attributes names the attribute {_show(key)} twice; give each attribute once."
-            )
+            raise DuplicateAttributeError(key)
         out[key] = value
     return out
 
@@ -273,7 +281,7 @@ def _parse_attributes(
         if len(value) > max_attributes * (2 * max_len + 16) + 64:
             raise FeedbackValidationError("corrected_attributes is too long to be a JSON object of attributes.")
         try:
-            value = json.loads(value, object_pairs_hook=_attribute_pairs) if value.strip() else {}
+            value = json.loads(value, object_pairs_hook=unique_keys) if value.strip() else {}
         except FeedbackValidationError:
             raise
         except ValueError as exc:
@@ -719,7 +727,7 @@ class FeedbackStore:
         consent: bool,
         model_id: str,
         model_revision: str,
-        annotator: str | None = "anonymous",
+        annotator: str | None = ANONYMOUS,
         *,
         submitter: str | None = None,
     ) -> str:
@@ -754,7 +762,7 @@ class FeedbackStore:
         predicted_json = _parse_predicted(predicted, self.max_predicted_chars)
         model_id = _clean_text(model_id, "model_id", limit)
         model_revision = _clean_text(model_revision, "model_revision", limit, allow_empty=True)
-        annotator = _clean_text(annotator or "anonymous", "annotator", limit, allow_empty=True) or "anonymous"
+        annotator = _clean_text(annotator or ANONYMOUS, "annotator", limit, allow_empty=True) or ANONYMOUS
 
         decoded, image_sha256 = _read_image_input(image, self.max_image_bytes, self.max_image_pixels)
         rgb = _upright_rgb(decoded)

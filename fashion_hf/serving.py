@@ -29,7 +29,14 @@ from transformers import pipeline
 from fashion_hf import TASK, InvalidImageError
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
 from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap, uncertainty
-from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError
+from fashion_hf.feedback import (
+    ANONYMOUS,
+    DuplicateAttributeError,
+    FeedbackStore,
+    FeedbackStoreError,
+    FeedbackValidationError,
+    unique_keys,
+)
 from fashion_hf.image_decoding import accepted_suffixes
 
 logger = logging.getLogger("fashion_hf.app")
@@ -162,8 +169,8 @@ def payload_parts(payload) -> tuple[str | None, str | None, str]:
 def annotator_name(profile) -> str:
     """The Space OAuth username, or "anonymous"."""
     if profile is None:
-        return "anonymous"
-    return str(profile.get("preferred_username") or profile.get("name") or "anonymous")
+        return ANONYMOUS
+    return str(profile.get("preferred_username") or profile.get("name") or ANONYMOUS)
 
 
 def submitter(request) -> str | None:
@@ -381,7 +388,8 @@ class TaggerService:
         if folder is None or not folder.is_dir():
             return []
         uploads = []
-        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in accepted_suffixes())[:MAX_EXAMPLES]:
+        suffixes = accepted_suffixes()
+        for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)[:MAX_EXAMPLES]:
             try:
                 uploads.append(self.read_upload(str(path)))
             except gr.Error as error:
@@ -428,7 +436,7 @@ class TaggerService:
             raise user_error(f"corrected attributes: {len(text)} characters is over the limit of {limit}.")
         try:
             value = json.loads(text, object_pairs_hook=unique_keys)
-        except DuplicateKeyError as error:
+        except DuplicateAttributeError as error:
             raise user_error(f"corrected attributes name {shown(error.key)} twice: give each attribute once.") from None
         except ValueError as error:
             raise user_error(f"{expected} ({shown(error)}).") from None
@@ -538,22 +546,6 @@ class TaggerService:
             writer.writerows([[csv_cell(value) for value in row] for row in table])
         Path(f"{stem}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
         return f"{stem}.csv", f"{stem}.json"
-
-
-class DuplicateKeyError(ValueError):
-    def __init__(self, key: str):
-        super().__init__(f"duplicate key {key!r}")
-        self.key = key
-
-
-def unique_keys(pairs: list[tuple]) -> dict:
-    """`json.loads(..., object_pairs_hook=unique_keys)`: a repeated key is an error, not silently the last one."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKeyError(key)
-        out[key] = value
-    return out
 
 
 def csv_cell(value):

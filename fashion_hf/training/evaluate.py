@@ -51,7 +51,6 @@ from .augment import phone_photo_shift
 matplotlib.use("Agg")  # plots are files: no display needed, and none on a training server
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-DATASETS = ("fashion-product-images", "fashion-mnist")
 NAME_COLUMN = "productDisplayName"
 TAGS_COLUMN = "tags"
 CONFUSION_MAX_CLASSES = 30
@@ -400,7 +399,7 @@ def load_eval_dataset(name: str, split: str, attributes: dict[str, list[str]], s
         return data.load_fashion_mnist(source, split=split)
     path = Path(name).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"--dataset {name!r}: expected one of {', '.join(DATASETS)} or an existing path")
+        raise FileNotFoundError(f"--dataset {name!r}: expected one of {', '.join(data.BUILT_IN_DATASETS)} or an existing path")
     return load_local_dataset(path, split)
 
 
@@ -413,7 +412,7 @@ def duplicate_rows(dataset, others) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="model folder (or Hub id) saved with save_pretrained, with its image processor")
-    parser.add_argument("--dataset", default="fashion-product-images", help=f"{' | '.join(DATASETS)} | PATH")
+    parser.add_argument("--dataset", default="fashion-product-images", help=f"{' | '.join(data.BUILT_IN_DATASETS)} | PATH")
     parser.add_argument("--split", default="validation",
                         help="split to evaluate (Fashion-MNIST: train, validation or test; a catalogue: its own split "
                         "column's values, else train or validation of the hash hold-out, or all)")  # fmt: skip

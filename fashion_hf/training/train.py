@@ -186,7 +186,7 @@ def default_min_tag_count(args, train_images: int) -> int:
     """--min-tag-count, else 20 (the built-in data sets), or for a catalogue one per 1,000 training images, 3-20."""
     if args.min_tag_count is not None:
         return args.min_tag_count
-    if args.dataset in ("fashion-product-images", "fashion-mnist"):
+    if args.dataset in data.BUILT_IN_DATASETS:
         return 20
     return min(20, max(3, math.ceil(train_images / 1000)))
 
@@ -562,7 +562,7 @@ def previous_stages(model_folder: str | None) -> list[dict]:
 
 def dataset_name(dataset: str) -> str:
     """How metrics.json and the card name the data: a built-in data set's name, a catalogue's name (not its path)."""
-    return dataset if dataset in ("fashion-product-images", "fashion-mnist") else data.catalogue_name(dataset)
+    return dataset if dataset in data.BUILT_IN_DATASETS else data.catalogue_name(dataset)
 
 
 def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
