@@ -36,6 +36,7 @@ import torch
 from bench_utils import (
     PRODUCT_IMAGES,
     interleaved,
+    members_of,
     ratio_summary,
     real_size_vocabulary,
     runtime_line,
@@ -85,16 +86,10 @@ def build_model(args) -> FashionTaggerModel | FashionTaggerEnsembleModel:
     return FashionTaggerModel(config).eval()
 
 
-def members_of(model) -> list[FashionTaggerModel]:
-    """The taggers whose weights decode: an ensemble's members, or the model itself."""
-    return list(model.members) if isinstance(model, FashionTaggerEnsembleModel) else [model]
-
-
 def view_decoders(model) -> list[FashionTaggerModel]:
-    """The tagger that decodes each view of an image's embeddings, in order (an ensemble's embeddings are
-    `(batch, views, width)`: member by member, the photo then its mirror)."""
-    views = model.views_per_member if isinstance(model, FashionTaggerEnsembleModel) else 1
-    return [member for member in members_of(model) for _ in range(views)]
+    """The tagger that decodes each view of an image's embeddings, in order: the model itself, or an ensemble's
+    member per view, as the ensemble's own decoding pairs them."""
+    return model.view_members() if isinstance(model, FashionTaggerEnsembleModel) else [model]
 
 
 def image_embeddings(model, args) -> tuple[torch.Tensor, str]:

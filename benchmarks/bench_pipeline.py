@@ -31,6 +31,7 @@ import torch
 from bench_utils import (
     image_size,
     interleaved,
+    members_of,
     ratio_summary,
     real_size_vocabulary,
     runtime_line,
@@ -117,8 +118,7 @@ def encoder_inputs(model, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def bare_encoders(model) -> list[torch.nn.Module]:
-    members = model.members if isinstance(model, FashionTaggerEnsembleModel) else [model]
-    return [member.encoder for member in members]
+    return [member.encoder for member in members_of(model)]
 
 
 def measure_size(args, size, photos) -> dict:

@@ -19,7 +19,8 @@ from transformers.utils import logging as transformers_logging
 transformers_logging.set_verbosity_error()  # no "Loading weights" bars or backend notices between the figures
 transformers_logging.disable_progress_bar()
 
-from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP  # noqa: E402  (after HF_HUB_OFFLINE is set)
+from fashion_hf import FashionTaggerEnsembleModel  # noqa: E402  (after HF_HUB_OFFLINE is set)
+from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRODUCT_IMAGES = REPO.parent / "shared" / "data" / "fashion-product-images"
@@ -98,3 +99,8 @@ def runtime_line() -> str:
         f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads, "
         f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
+
+
+def members_of(model) -> list:
+    """The taggers in `model`: an ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, FashionTaggerEnsembleModel) else [model]

@@ -432,8 +432,8 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
     def views_per_member(self) -> int:
         return 2 if self.config.mirror_views else 1
 
-    def _view_members(self) -> list[FashionTaggerModel]:
-        """The member that reads each view of `image_embeds`, in order."""
+    def view_members(self) -> list[FashionTaggerModel]:
+        """The member that reads each view of `image_embeds` (`(batch, views, width)`), in order."""
         return [member for member in self.members for _ in range(self.views_per_member)]
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -461,7 +461,7 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         per_view = [
             member(image_embeds=image_embeds[:, view]).attribute_logits
-            for view, member in enumerate(self._view_members())
+            for view, member in enumerate(self.view_members())
         ]
         attribute_logits = {
             name: mean_of_probabilities([logits[name].float().log_softmax(-1) for logits in per_view])
@@ -471,7 +471,7 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
 
     def _decoding_start(self, image_embeds: torch.Tensor):
         states, steps = [], []
-        for view, member in enumerate(self._view_members()):
+        for view, member in enumerate(self.view_members()):
             state, step = member._decoding_start(image_embeds[:, view])
             states.append(state)
             steps.append(step)
