@@ -12,6 +12,10 @@ Named API endpoints (gradio_client):
     client.predict([handle_file(...), ...], api_name="/tag_many")      -> (table, CSV file, JSON file)
     client.predict(handle_file("photo.jpg"), '{"articleType": "Tshirts"}', "check, slim fit", True,
                    api_name="/feedback")                               -> {"id": "<record id>", "status": "saved"}
+    client.predict(handle_file("photo.jpg"), '{"articleType": "Tshirts", "gender": "Men"}', "", True,
+                   '{"articleType": "changed", "gender": "untouched"}', api_name="/feedback")
+        the optional 5th input, attribute_status, says per attribute whether it was "changed", "confirmed" or left
+        "untouched" as prefilled (only changed and confirmed ones are trained on); left out, all are "confirmed".
     client.predict("<record id>", api_name="/delete_feedback")         -> {"id": "<record id>", "status": "deleted"}
 Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming the input and what would be valid.
 """
@@ -28,7 +32,7 @@ import gradio as gr
 
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
 from fashion_hf.explain import explained_attribute
-from fashion_hf.feedback import FeedbackStore
+from fashion_hf.feedback import CHANGED, CONFIRMED, UNTOUCHED, FeedbackStore
 from fashion_hf.runtime import keep_freed_memory, limit_malloc_arenas
 from fashion_hf.serving import (
     MAX_TAGS,
@@ -129,6 +133,15 @@ def table_row(name: str, prediction: dict | None, error: str | None, attributes)
     return [name, *top, ", ".join(tag["tag"] for tag in prediction["tags"]), ""]
 
 
+def attribute_statuses(labels: dict, shown: dict, confirmed) -> dict:
+    """What the user did with each labelled attribute of the prefilled form: a value other than the one shown is
+    "changed", one shown and ticked as right "confirmed", one left as shown "untouched" (the model's guess)."""
+    return {
+        name: CHANGED if label != shown.get(name) else CONFIRMED if name in confirmed else UNTOUCHED
+        for name, label in labels.items()
+    }
+
+
 def gallery_value(queue: list[dict]) -> list[tuple[str, str]]:
     return [(item["path"], item["caption"]) for item in queue]
 
@@ -202,6 +215,25 @@ def read_model_card(settings: Settings) -> str | None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class Blocks(gr.Blocks):
+    """`gr.Blocks` whose API events can gain trailing inputs without breaking the callers that predate them.
+
+    gradio_client fills a left-out input with its default, but Gradio refuses a plain HTTP call (`POST
+    /gradio_api/call/<api>`) that sends fewer values than the event has inputs. `optional_inputs[api_name]` is how many
+    trailing inputs a call may leave out; they get their component's value.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.optional_inputs: dict[str, int] = {}
+
+    def validate_inputs(self, block_fn, inputs):
+        missing = len(block_fn.inputs) - len(inputs)
+        if 0 < missing <= self.optional_inputs.get(block_fn.api_name, 0):
+            inputs.extend(block.value for block in block_fn.inputs[-missing:])
+        super().validate_inputs(block_fn, inputs)
+
+
 def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackStore | None = None, **overrides):
     """Build the app (a `gr.Blocks`, queue configured, not launched).
 
@@ -224,7 +256,8 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         )
     service = TaggerService(settings, tagger, store, Redactor([token]))
     attributes = list(service.config.attributes)
-    form_size = len(attributes) + 5  # the feedback form: image, a dropdown per attribute, details, text, consent, note
+    # The feedback form: image, a dropdown per attribute, details, text, confirmed, consent, note, what was shown.
+    form_size = len(attributes) + 7
     panels = len(attributes) + 4  # the Tag tab: a label per attribute, tag chips, heatmap, timing, raw prediction
     explained = explained_attribute(service.config)
     on_model = {"concurrency_limit": settings.concurrency, "concurrency_id": "model"}
@@ -300,10 +333,12 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         return {"headers": headers, "data": table}, csv_path, json_path
 
     def prefill(upload: Upload, prediction: dict) -> list:
-        """The feedback form for an image: its top label per attribute and its detail tags, consent unticked."""
+        """The feedback form for an image: its top label per attribute and its detail tags, nothing confirmed,
+        consent unticked; and the labels shown, which tell a changed label from one left as predicted."""
         top = [prediction["attributes"][name][0]["label"] for name in attributes]
         details = [tag["tag"] for tag in prediction["tags"] if tag["group"] == DETAIL_GROUP]
-        return [upload.path, *top, details, "", False, ""]
+        shown = {"sha256": upload.sha256, "labels": dict(zip(attributes, top)), "details": details}
+        return [upload.path, *top, details, "", [], False, "", shown]
 
     def prefill_after_tagging(image, recent, labelled):
         """The tagged photo goes to the feedback form and to the front of this session's queue."""
@@ -335,11 +370,17 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
     def submit_ui(profile: gr.OAuthProfile | None, request: gr.Request, image, *values):
         """Store the form's correction: the record id and the image's hash, for `show_saved`."""
         # Gradio injects `profile` and `request` by position: before the variable number of attribute dropdowns.
-        *labels, details, free_text, consent = values
+        *labels, details, free_text, confirmed, consent, shown = values
         corrected = {name: label for name, label in zip(attributes, labels) if label}
-        tags = service.parse_tags([*(details or []), *(free_text or "").split(",")])
+        upload = service.read_upload(image)
+        if not shown or shown["sha256"] != upload.sha256:  # the image's prediction has not reached the form yet
+            raise user_error("The form is not filled in for this image yet: wait for its labels, then submit.")
+        # Detail tags left exactly as predicted are the model's guess, like an untouched label: not sent.
+        reviewed = [] if set(details or []) == set(shown.get("details", [])) else list(details or [])
+        tags = service.parse_tags([*reviewed, *(free_text or "").split(",")])
+        status = attribute_statuses(corrected, shown["labels"], confirmed or [])
         annotator = annotator_name(profile)
-        record_id, upload = service.save_feedback(image, corrected, tags, consent, annotator, submitter(request))
+        record_id, _ = service.save_feedback(upload, corrected, tags, consent, annotator, submitter(request), status)
         return {"id": record_id, "sha256": upload.sha256}
 
     def show_saved(saved, labelled, recent):
@@ -349,13 +390,21 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         return note, saved["id"], service.store_status(), labelled, gallery_value(queue), queue
 
     def feedback_api(
-        image, corrected_attributes, tags, consent, profile: gr.OAuthProfile | None = None, request: gr.Request = None
+        image,
+        corrected_attributes,
+        tags,
+        consent,
+        attribute_status="",
+        profile: gr.OAuthProfile | None = None,
+        request: gr.Request = None,
     ):
-        """/feedback: store a correction (consent required); returns the record id."""
+        """/feedback: store a correction (consent required); returns the record id. `attribute_status` (optional,
+        JSON) says which attributes were changed, confirmed or left untouched; without it all are confirmed."""
         corrected = service.parse_attributes(corrected_attributes)
+        status = service.parse_attribute_status(attribute_status)
         tags = service.parse_tags(tags)
         annotator = annotator_name(profile)
-        record_id, _ = service.save_feedback(image, corrected, tags, consent, annotator, submitter(request))
+        record_id, _ = service.save_feedback(image, corrected, tags, consent, annotator, submitter(request), status)
         return {"id": record_id, "status": "saved"}
 
     def delete_api(record_id):
@@ -371,7 +420,7 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
 
     # -- layout ------------------------------------------------------------------------------------------------------
 
-    with gr.Blocks(title="fashion-hf: fashion product tagger", delete_cache=(3600, 3600)) as demo:
+    with Blocks(title="fashion-hf: fashion product tagger", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
             "# fashion-hf\nTag fashion product photos: category, colour, gender, season, usage and descriptive tags. "
             "Help us improve the model in the *Help us label* tab."
@@ -421,8 +470,9 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
 
             with gr.Tab("Help us label", id="feedback"):
                 gr.Markdown(
-                    "Correct what the model got wrong. Pick an image from the queue (the model is least sure about "
-                    "those first) or tag your own photo first. **Nothing is stored unless you tick the consent box.**"
+                    "Correct what the model got wrong, and tick the labels you checked and found right. Pick an image "
+                    "from the queue (the model is least sure about those first) or tag your own photo first. "
+                    "**Nothing is stored unless you tick the consent box.**"
                 )
                 if oauth_enabled():
                     gr.LoginButton()
@@ -443,6 +493,14 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
                                 )
                                 for name, labels in service.config.attributes.items()
                             ]
+                        confirmed = gr.CheckboxGroup(
+                            choices=attributes,
+                            value=[],
+                            label="Labels I checked and found right as shown",
+                            info="A label you change counts as your correction. Tick those you checked and kept; "
+                            "the others stay the model's guess, and the model does not learn from them.",
+                            elem_id="fix-confirmed",
+                        )
                         details = gr.Dropdown(
                             choices=service.detail_tags,
                             multiselect=True,
@@ -491,12 +549,14 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
             api_attributes = gr.Textbox(label="corrected_attributes")
             api_tags = gr.Textbox(label="tags")
             api_consent = gr.Checkbox(label="consent")
+            api_status = gr.Textbox(value="", label="attribute_status")  # optional: today's 4-input calls still work
             api_record_id = gr.Textbox(label="record_id")
             api_result = gr.JSON(label="result")
             api_trigger = gr.Button()
 
         recent_state, labelled_state, queue_state = gr.State([]), gr.State([]), gr.State([])
-        form = [feedback_image, *dropdowns, details, free_text, consent, confirmation]
+        shown_state = gr.State()  # the labels prefilled for the form's image: "changed" is relative to them
+        form = [feedback_image, *dropdowns, details, free_text, confirmed, consent, confirmation, shown_state]
         private = {"api_visibility": "private"}
 
         # -- events --------------------------------------------------------------------------------------------------
@@ -509,12 +569,13 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         api_trigger.click(tag_api, api_image, api_result, api_name="tag", **on_tag_api)
         api_trigger.click(
             feedback_api,
-            [api_image, api_attributes, api_tags, api_consent],
+            [api_image, api_attributes, api_tags, api_consent, api_status],
             api_result,
             api_name="feedback",
             preprocess=False,
             **on_store,
         )
+        demo.optional_inputs["feedback"] = 1  # attribute_status: plain HTTP calls with today's 4 values still work
         api_trigger.click(delete_api, api_record_id, api_result, api_name="delete_feedback", **on_store)
 
         # A handler that raises marks every output of its event "Error" (a gallery so marked takes no clicks until it
@@ -551,7 +612,7 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
         saved_state = gr.State()
         submit.click(
             submit_ui,
-            [feedback_image, *dropdowns, details, free_text, consent],
+            [feedback_image, *dropdowns, details, free_text, confirmed, consent, shown_state],
             saved_state,
             preprocess=False,
             **private,

@@ -34,17 +34,21 @@ from datasets import Dataset, Features, Image, List, Value, load_dataset
 from huggingface_hub import constants as hub_constants
 
 from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
-from .feedback import ANONYMOUS
+from .feedback import ANONYMOUS, ATTRIBUTE_STATUSES, CHANGED, CONFIRMED, METADATA_NAME, record_attribute_status
+from .feedback import DATA_DIR as FEEDBACK_DATA_DIR
 
 PRODUCT_IMAGES_HUB_ID = "ashraq/fashion-product-images-small"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
-BUILT_IN_DATASETS = ("fashion-product-images", "fashion-mnist")  # `--dataset` names; anything else is a catalogue
+CLOTHING_USER_PHOTOS = "clothing-user-photos"  # real phone photos (CC0): `load_clothing_user_photos`
+# `--dataset` names; anything else is a catalogue
+BUILT_IN_DATASETS = ("fashion-product-images", "fashion-mnist", CLOTHING_USER_PHOTOS)
 DATA_DIR_ENV = "FASHION_DATA_DIR"
 
 PRODUCT_ATTRIBUTES = ("gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage")
 BRAND = "brand"
 NAME_COLUMN = "productDisplayName"
 TAGS_COLUMN = "tags"
+TAGS_KNOWN_COLUMN = "tags_known"  # False: the row's tag sequence is unknown (only some attributes labelled)
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 
@@ -529,13 +533,18 @@ def catalogue_name(path: str | Path) -> str:
 def describe_split(dataset_name: str, split: str, dataset: Dataset | None = None) -> str:
     """What `split` of a data set holds, in words, for recipe.json, metrics.json and the model card.
 
-    `dataset_name` is "fashion-product-images", "fashion-mnist" or a catalogue's path; a catalogue's description
+    `dataset_name` is one of `BUILT_IN_DATASETS` or a catalogue's path; a catalogue's description
     depends on whether it has its own `split` column, so pass it (any split of it) as `dataset`.
     """
     if dataset_name == "fashion-product-images" and split in _SPLIT_BUCKETS:
         buckets = _SPLIT_BUCKETS[split]
         rule = f"the product ids whose int(sha1(str(id)), 16) % 100 is in {buckets.start}-{buckets.stop - 1}"
         return f"this project's {split} split of {PRODUCT_IMAGES_HUB_ID} (one Hub split, train): {rule}"
+    if dataset_name == CLOTHING_USER_PHOTOS:
+        return {
+            "validation": f"the photographer-disjoint validation split of {CLOTHING_USER_PHOTOS} (CC0 phone photos)",
+            "train": f"the train split of {CLOTHING_USER_PHOTOS} (CC0 phone photos; no photographer of validation)",
+        }.get(split, split)
     if dataset_name == "fashion-mnist":
         return {
             "validation": f"this project's validation split of Fashion-MNIST: the training images with {FASHION_MNIST_HOLDOUT}",
@@ -586,6 +595,61 @@ def load_fashion_product_images(source=None, split: str = "train", with_brand: b
         dataset = add_brand_column(dataset)
         attributes.append(BRAND)
     return add_tag_sequences(dataset, attributes)
+
+
+# The only attributes the phone photos are labelled with (their data README maps the photographers' own labels into the
+# product vocabulary); colour, gender, season and usage are unknown.
+CLOTHING_USER_PHOTOS_ATTRIBUTES = ("subCategory", "articleType")
+CLOTHING_USER_PHOTOS_SPLITS = ("train", "validation")
+
+
+def _default_clothing_user_photos_source() -> Path:
+    """Beside the product images: $FASHION_DATA_DIR names the product images' own folder (`data/<split>-*.parquet`),
+    so the phone photos are its sibling, as in the shared data folder; without it, the shared data folder."""
+    if os.environ.get(DATA_DIR_ENV):
+        return Path(os.environ[DATA_DIR_ENV]).expanduser().parent / CLOTHING_USER_PHOTOS
+    return _SHARED_DATA / CLOTHING_USER_PHOTOS
+
+
+def load_clothing_user_photos(source=None, split: str = "validation") -> Dataset:
+    """Real phone photos of clothes (CC0, `alexeygrigorev/clothing-dataset`), split by photographer: "train" (2,610
+    photos) and "validation" (464, photographers never seen in train).
+
+    `source` is a local folder in the Hub parquet layout (`data/<split>-*.parquet`) or a Hub id of a copy of it; None
+    means `clothing-user-photos` beside the folder in $FASHION_DATA_DIR, else
+    `<repo>/../shared/data/clothing-user-photos` (no public Hub copy holds this project's mapping of the labels, so
+    there is no Hub default).
+
+    Columns: `image`, `label` (the photographer's own, 16 kinds), `sender_id` (the photographer), every product
+    attribute with only `subCategory` and `articleType` known (the others all None, so that code expecting
+    `PRODUCT_ATTRIBUTES` reads them as unlabelled), `tags` (the known attribute tags) and `tags_known` False on every
+    row: the photos' full tag sequences (colour, gender, details, ...) are unknown, so no tag figure can be scored.
+    """
+    if split not in CLOTHING_USER_PHOTOS_SPLITS:
+        raise ValueError(f"{CLOTHING_USER_PHOTOS} has the splits {list(CLOTHING_USER_PHOTOS_SPLITS)}, got {split!r}")
+    if source is None:
+        source = _default_clothing_user_photos_source()
+        if not source.is_dir():
+            raise FileNotFoundError(
+                f"no local copy of {CLOTHING_USER_PHOTOS} at {source}: pass source=<folder with "
+                f"data/{split}-*.parquet> (train/evaluate.py: --data-source), or set {DATA_DIR_ENV} to the product "
+                f"images' folder that it sits beside"
+            )
+    path = _local_path(source)
+    if path is None:
+        dataset = _load_from_hub(str(source), split, "Pass source=<local folder with data/<split>-*.parquet>.")
+    elif not any(path.glob(f"data/{split}-*.parquet")):
+        raise FileNotFoundError(f"{CLOTHING_USER_PHOTOS} at {path} has no data/{split}-*.parquet")
+    else:
+        dataset = load_dataset(str(path), split=split)
+    known = ["label", *CLOTHING_USER_PHOTOS_ATTRIBUTES]
+    _require_columns(dataset, ["image", "sender_id", *known], f"{CLOTHING_USER_PHOTOS} at {source}")
+    dataset = _set_string_columns(dataset, known)
+    unknown = [attribute for attribute in PRODUCT_ATTRIBUTES if attribute not in CLOTHING_USER_PHOTOS_ATTRIBUTES]
+    dataset = _replace_columns(dataset, {attribute: ([None] * len(dataset), _STRING) for attribute in unknown})
+    dataset = add_tag_sequences(dataset.select_columns(["image", "label", "sender_id", *PRODUCT_ATTRIBUTES]),
+                                PRODUCT_ATTRIBUTES)  # fmt: skip
+    return _replace_columns(dataset, {TAGS_KNOWN_COLUMN: ([False] * len(dataset), Value("bool"))})
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -748,17 +812,32 @@ def load_catalogue(
     return add_tag_sequences(_set_string_columns(dataset, [*attributes, *names]), attributes)
 
 
-def _feedback_labels(record_id, attributes_json, typed_tags) -> tuple[dict[str, str], list[str]]:
-    """The corrected attributes and canonical detail tags of one feedback record."""
+def _feedback_labels(record_id, attributes_json, typed_tags, statuses=None) -> tuple[dict[str, str], list[str]]:
+    """The labels and canonical detail tags of one feedback record. With `statuses` (`_feedback_statuses`), only
+    the attributes the contributor changed or confirmed are labels: an untouched one is the model's prefilled guess."""
     try:
         corrected = json.loads(attributes_json) if attributes_json else {}
     except json.JSONDecodeError as err:
         raise ValueError(f"feedback record {record_id}: corrected_attributes is not JSON ({err})") from err
     if not isinstance(corrected, dict):
         raise ValueError(f"feedback record {record_id}: corrected_attributes must be a JSON object, got {corrected!r}")
-    labels = {attribute: label for attribute, value in corrected.items() if (label := _as_label(value)) is not None}
+    labels = {
+        attribute: label
+        for attribute, value in corrected.items()
+        if (statuses is None or statuses.get(attribute) in (CHANGED, CONFIRMED))
+        and (label := _as_label(value)) is not None
+    }
     tags = [canonical_detail_tag(tag) for tag in typed_tags or () if tag and tag.strip()]
     return labels, tags
+
+
+def _feedback_statuses(record_id, attributes_json, status_json) -> dict[str, str]:
+    """Attribute -> "changed" | "confirmed" | "untouched" of one record; all "confirmed" in records older than the
+    field (`feedback.record_attribute_status`)."""
+    try:
+        return record_attribute_status(attributes_json, status_json)
+    except ValueError as err:
+        raise ValueError(f"feedback record {record_id}: {err}") from err
 
 
 def _load_feedback_records(source: str | Path) -> Dataset:
@@ -777,42 +856,106 @@ def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -
 
     Records without consent are skipped, and so are records that correct nothing and exact duplicates (the same
     image with the same corrections: the store keeps each person's submission, so that each can withdraw their own;
-    the model learns each correction once). Corrected attributes become labels (attributes a record does not correct
-    stay None); corrected tags become detail tags. `attributes` fixes the attribute columns (None: every corrected
-    attribute, product attributes first in head order).
+    the model learns each correction once). Attributes the contributor changed or confirmed become labels; those left
+    untouched (the form's prefilled prediction: `attribute_status`) and those a record does not give stay None, which
+    the loss masks. A record left with no label and no tag is skipped. Corrected tags become detail tags.
+    `attributes` fixes the attribute columns (None: every labelled attribute, product attributes first in head order).
+
+    `tags_known` (bool) is True where the record labels every one of those attributes: only then is its tag sequence
+    whole; elsewhere the decoder must not learn the truncated sequence in `tags`.
     """
     records = _load_feedback_records(source)
+    examples = _feedback_examples(records, source)
+    if attributes is None:
+        attributes = _head_order({attribute for labels, _, _ in examples.values() for attribute in labels})
+    new_columns = {
+        attribute: ([labels.get(attribute) for labels, _, _ in examples.values()], _STRING) for attribute in attributes
+    }
+    details = [[tag_key(DETAIL_GROUP, tag) for tag in tags] for _, tags, _ in examples.values()]
+    new_columns[TAGS_COLUMN] = (details, _TAG_LIST)
+    known = [all(attribute in labels for attribute in attributes) for labels, _, _ in examples.values()]
+    new_columns[TAGS_KNOWN_COLUMN] = (known, Value("bool"))
+    kept = ["image", *(["id"] if "id" in records.column_names else [])]
+    dataset = records.select(list(examples)).select_columns(kept)
+    return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)
+
+
+def _head_order(attributes: Iterable[str]) -> list[str]:
+    """Product attributes in head order, then the brand, then any other attribute alphabetically."""
+    seen, head_order = set(attributes), [*PRODUCT_ATTRIBUTES, BRAND]
+    return [attribute for attribute in head_order if attribute in seen] + sorted(seen.difference(head_order))
+
+
+def _feedback_examples(records: Dataset, source) -> dict[int, tuple[dict[str, str], list[str], dict[str, str]]]:
+    """Row -> (labels, detail tags, attribute statuses) of each record training learns from (`load_feedback`)."""
     label_columns = ["consent", "corrected_attributes", "corrected_tags"]
     _require_columns(records, ["image", *label_columns], f"the feedback store {source}")
-    kept = ["image", *(["id"] if "id" in records.column_names else [])]
-    image_hash = ["image_sha256"] if "image_sha256" in records.column_names else []
-    columns = _read_columns(records, [*label_columns, *kept[1:], *image_hash])
-    examples = {}  # row -> (corrected labels, detail tags)
+    optional = [column for column in ("id", "image_sha256", "attribute_status") if column in records.column_names]
+    columns = _read_columns(records, [*label_columns, *optional])
+    examples = {}
     stored = set()  # (image hash, labels, tags) of the examples kept
     for row, consent in enumerate(columns["consent"]):
         if consent is not True:
             continue
         record_id = columns["id"][row] if "id" in columns else row
-        labels, tags = _feedback_labels(record_id, columns["corrected_attributes"][row], columns["corrected_tags"][row])
+        attributes_json = columns["corrected_attributes"][row]
+        status_json = columns["attribute_status"][row] if "attribute_status" in columns else None
+        statuses = _feedback_statuses(record_id, attributes_json, status_json)
+        labels, tags = _feedback_labels(record_id, attributes_json, columns["corrected_tags"][row], statuses)
         if not labels and not tags:
             continue
-        if image_hash:
+        if "image_sha256" in columns:
             correction = (columns["image_sha256"][row], tuple(sorted(labels.items())), tuple(sorted(set(tags))))
             if correction in stored:
                 continue
             stored.add(correction)
-        examples[row] = labels, tags
-    if attributes is None:
-        seen = {attribute for labels, _ in examples.values() for attribute in labels}
-        head_order = [*PRODUCT_ATTRIBUTES, BRAND]
-        attributes = [attribute for attribute in head_order if attribute in seen] + sorted(seen.difference(head_order))
-    new_columns = {
-        attribute: ([labels.get(attribute) for labels, _ in examples.values()], _STRING) for attribute in attributes
+        examples[row] = labels, tags, statuses
+    return examples
+
+
+def feedback_summary(source: str | Path) -> dict:
+    """What a feedback store gives training, for a run's report: the same records as `load_feedback`.
+
+    Returns `{"records": n, "attributes": {attribute: {"changed": n, "confirmed": n, "untouched": n}},
+    "revision": r}`: `records` counts the records used (consent, something labelled or tagged, exact duplicates
+    once), `attributes` what their contributors did with each attribute (untouched ones are not trained on), and
+    `revision` names the store state read: for a local folder the first 12 hex digits of a SHA-256 over its metadata
+    files (sorted by path), equal for two runs on the same records; for a Hub dataset the commit it was loaded at
+    (from the `datasets` cache, without asking the Hub), or None when that is unknown.
+    """
+    path = _local_path(source)
+    revision = _feedback_folder_revision(path) if path is not None and path.is_dir() else None
+    records = _load_feedback_records(source)
+    if path is None:
+        revision = _hub_commit(records)
+    examples = _feedback_examples(records, source)
+    counts = {
+        attribute: dict.fromkeys(ATTRIBUTE_STATUSES, 0)
+        for attribute in _head_order(attribute for _, _, statuses in examples.values() for attribute in statuses)
     }
-    details = [[tag_key(DETAIL_GROUP, tag) for tag in tags] for _, tags in examples.values()]
-    new_columns[TAGS_COLUMN] = (details, _TAG_LIST)
-    dataset = records.select(list(examples)).select_columns(kept)
-    return add_tag_sequences(_replace_columns(dataset, new_columns), attributes)
+    for _, _, statuses in examples.values():
+        for attribute, status in statuses.items():
+            if status in ATTRIBUTE_STATUSES:
+                counts[attribute][status] += 1
+    return {"records": len(examples), "attributes": counts, "revision": revision}
+
+
+def _feedback_folder_revision(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for meta in sorted(folder.glob(f"{FEEDBACK_DATA_DIR}/*/{METADATA_NAME}")):
+        content = meta.read_bytes()
+        digest.update(f"{meta.relative_to(folder).as_posix()}\0{len(content)}\0".encode())
+        digest.update(content)
+    return digest.hexdigest()[:12]
+
+
+def _hub_commit(dataset: Dataset) -> str | None:
+    """The Hub commit a dataset was loaded at: `datasets` caches a Hub dataset in a folder named after it."""
+    for cache in dataset.cache_files:
+        commit = Path(cache["filename"]).parent.name
+        if re.fullmatch(r"[0-9a-f]{40}", commit):
+            return commit
+    return None
 
 
 def feedback_tag_contributors(source: str | Path) -> Counter:

@@ -82,11 +82,16 @@ FEATURE_SPEC: tuple[tuple[str, str], ...] = (
     ("model_revision", "string"),
     ("predicted", "string"),
     ("corrected_attributes", "string"),
+    ("attribute_status", "string"),
     ("corrected_tags", "list[string]"),
     ("annotator", "string"),
     ("consent", "bool"),
 )
 RECORD_FIELDS = tuple(name for name, _ in FEATURE_SPEC if name != "image")
+# What the contributor did with each attribute of the form, which came prefilled with the prediction: only "changed"
+# and "confirmed" values are labels; "untouched" ones are the model's own guesses, kept for the record only.
+CHANGED, CONFIRMED, UNTOUCHED = "changed", "confirmed", "untouched"
+ATTRIBUTE_STATUSES = (CHANGED, CONFIRMED, UNTOUCHED)
 
 _ID_RE = re.compile(r"^[0-9a-f]{32}$")
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*$")  # a plain file name inside the shard folder
@@ -268,6 +273,30 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _attribute_object(value: Any, what: str, kind: str, example: str, max_chars: int) -> Mapping:
+    """`value` as a mapping of attribute -> `kind`: a Mapping as it is, JSON text parsed (None and "" are empty)."""
+    if value is None:
+        value = {}
+    elif isinstance(value, str):
+        if len(value) > max_chars:
+            raise FeedbackValidationError(f"{what} is too long to be a JSON object of attributes.")
+        try:
+            value = json.loads(value, object_pairs_hook=unique_keys) if value.strip() else {}
+        except DuplicateAttributeError as exc:
+            raise FeedbackValidationError(
+                f"{what} names the attribute {_show(exc.key)} twice; give each attribute once."
+            ) from None
+        except ValueError as exc:
+            raise FeedbackValidationError(
+                f"{what} must be a JSON object like {example}; it could not be parsed ({exc})."
+            ) from None
+    if not isinstance(value, Mapping):
+        raise FeedbackValidationError(
+            f"{what} must be a dict of attribute -> {kind} (or a JSON object), got {type(value).__name__}."
+        )
+    return value
+
+
 def _parse_attributes(
     value: Any,
     *,
@@ -275,23 +304,8 @@ def _parse_attributes(
     max_attributes: int,
     allowed: Mapping[str, Sequence[str]] | None,
 ) -> dict[str, str]:
-    if value is None:
-        value = {}
-    elif isinstance(value, str):
-        if len(value) > max_attributes * (2 * max_len + 16) + 64:
-            raise FeedbackValidationError("corrected_attributes is too long to be a JSON object of attributes.")
-        try:
-            value = json.loads(value, object_pairs_hook=unique_keys) if value.strip() else {}
-        except FeedbackValidationError:
-            raise
-        except ValueError as exc:
-            raise FeedbackValidationError(
-                f'corrected_attributes must be a JSON object like {{"gender": "Men"}}; it could not be parsed ({exc}).'
-            ) from None
-    if not isinstance(value, Mapping):
-        raise FeedbackValidationError(
-            f"corrected_attributes must be a dict of attribute -> label (or a JSON object), got {type(value).__name__}."
-        )
+    max_chars = max_attributes * (2 * max_len + 16) + 64
+    value = _attribute_object(value, "corrected_attributes", "label", '{"gender": "Men"}', max_chars)
     out: dict[str, str] = {}
     for raw_key, raw_label in value.items():
         key = _clean_text(raw_key, "corrected_attributes key", max_len)
@@ -316,6 +330,53 @@ def _parse_attributes(
                     f"corrected_attributes[{key!r}] = {_show(label)} is not a known {key} label; valid labels: {shown}."
                 )
     return out
+
+
+def _parse_attribute_status(value: Any, attributes: Mapping[str, str], *, max_len: int) -> dict[str, str]:
+    """One status per corrected attribute, in their order; None or "" means every attribute is "confirmed" (what
+    callers that predate the field send: the labels they give are theirs)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {key: CONFIRMED for key in attributes}
+    max_chars = len(attributes) * (max_len + 16) + 64
+    value = _attribute_object(value, "attribute_status", "status", '{"gender": "changed"}', max_chars)
+    out: dict[str, str] = {}
+    for raw_key, status in value.items():
+        key = _clean_text(raw_key, "attribute_status key", max_len)
+        if key not in attributes:
+            raise FeedbackValidationError(
+                f"attribute_status names {_show(key)}, which corrected_attributes does not label; "
+                f"give a status for each of {list(attributes)} only."
+            )
+        if status not in ATTRIBUTE_STATUSES:
+            shown = _show(status) if isinstance(status, str) else type(status).__name__
+            raise FeedbackValidationError(
+                f"attribute_status[{key!r}] = {shown} is not a status; valid statuses: {list(ATTRIBUTE_STATUSES)}."
+            )
+        out[key] = status
+    missing = [key for key in attributes if key not in out]
+    if missing:
+        raise FeedbackValidationError(
+            f"attribute_status gives no status for {missing}; give one of {list(ATTRIBUTE_STATUSES)} for every "
+            "attribute in corrected_attributes."
+        )
+    return {key: out[key] for key in attributes}
+
+
+def record_attribute_status(corrected_attributes: str | None, attribute_status: str | None) -> dict[str, str]:
+    """The status of each attribute of a stored record (both fields as stored: JSON text). A record written before
+    the field existed has none: its attributes were all the contributor's own labels, so they are "confirmed".
+
+    Raises ValueError naming the field that is not a JSON object."""
+    legacy = attribute_status is None
+    name = "corrected_attributes" if legacy else "attribute_status"
+    text = (corrected_attributes or "{}") if legacy else attribute_status
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r}")
+    return dict.fromkeys(value, CONFIRMED) if legacy else value
 
 
 def _parse_tags(value: Any, *, max_len: int, max_tags: int) -> list[str]:
@@ -381,12 +442,20 @@ def _parse_predicted(value: Any, max_chars: int) -> str:
     return text
 
 
-def _submission_key(submitter: str, image_sha256: str, attributes: Mapping[str, str], tags: Sequence[str]) -> str:
-    """What makes a repeated `add` the same submission: the same submitter sending the same image and corrections.
+def _submission_key(
+    submitter: str,
+    image_sha256: str,
+    attributes: Mapping[str, str],
+    tags: Sequence[str],
+    statuses: Mapping[str, str],
+) -> str:
+    """What makes a repeated `add` the same submission: the same submitter sending the same image and corrections
+    (labels, their statuses and tags).
 
     Only the submitter's own retry maps to its record: two submitters sending identical corrections get two records
     (and two ids), so that no one is ever handed, and can withdraw, another's record."""
-    canonical = json.dumps([submitter, image_sha256, sorted(attributes.items()), sorted(tags)], ensure_ascii=False)
+    corrections = [sorted(attributes.items()), sorted(tags), sorted(statuses.items())]
+    canonical = json.dumps([submitter, image_sha256, *corrections], ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
@@ -527,8 +596,16 @@ tags:
 
 Corrections of predicted fashion product tags, made by users of the fashion-hf app who consented to share them.
 One row per submission: the image (re-encoded JPEG, EXIF and GPS removed), the prediction shown (`predicted`, JSON),
-the corrected attributes (`corrected_attributes`, JSON object attribute -> label), the free tags typed by the user
-(`corrected_tags`), the model id and revision, the annotator and the consent flag.
+the attributes of the form (`corrected_attributes`, JSON object attribute -> label), what the contributor did with
+each of them (`attribute_status`, see below), the free tags typed by the user (`corrected_tags`), the model id and
+revision, the annotator and the consent flag.
+
+`attribute_status` is a JSON object with one entry per attribute of `corrected_attributes`: `"changed"` (the
+contributor picked another label than the prediction), `"confirmed"` (the contributor checked the predicted label and
+marked it right) or `"untouched"` (the form came prefilled with the prediction and the contributor left it as it was:
+the label is the model's own guess, not a human label). Train only on changed and confirmed labels. Records sent
+through the API without statuses count as confirmed; records stored before the field existed have none (null) and
+count as confirmed too.
 
 Files: `{DATA_DIR}/<shard>/{METADATA_NAME}` (one JSON record per line, `file_name` -> the image in the same folder).
 Load with `datasets.load_dataset("<this repo or folder>", split="train")`. Withdrawn submissions are removed from
@@ -707,7 +784,8 @@ class FeedbackStore:
         try:
             with self._lock, self._flock(exclusive=True):
                 readme = self.folder / "README.md"
-                if not readme.exists():
+                # A card without today's features (an older store) would make `load_dataset` drop new columns.
+                if not readme.exists() or _features_yaml() not in readme.read_text(encoding="utf-8", errors="replace"):
                     _atomic_write(readme, dataset_card().encode("utf-8"), self._tmp)
                 self._refresh(repair=True)
                 self._sweep_orphans()
@@ -730,8 +808,14 @@ class FeedbackStore:
         annotator: str | None = ANONYMOUS,
         *,
         submitter: str | None = None,
+        attribute_status: Mapping[str, str] | str | None = None,
     ) -> str:
         """Store one submission and return its record id, a new one for every submission.
+
+        `attribute_status` says, for every attribute in `corrected_attributes`, what the contributor did with it on a
+        form prefilled with the prediction: "changed" it, "confirmed" it as right, or left it "untouched" (then the
+        value is the model's guess, which training does not learn from). A dict or its JSON text; None means every
+        given attribute is "confirmed".
 
         `submitter` makes retries safe: an opaque value only this submitter knows (the app passes its Gradio
         session); the same submitter sending the same image and corrections again (a retry, a double click) gets
@@ -739,9 +823,9 @@ class FeedbackStore:
         corrections from different submitters are separate records; training drops the exact duplicates
         (`fashion_hf.data.load_feedback`).
 
-        Raises `FeedbackValidationError` (a `ValueError`) for missing consent, a correction with neither an
-        attribute nor a tag, or invalid input, and `FeedbackStoreError` when the folder cannot be written; in
-        every case nothing is stored.
+        Raises `FeedbackValidationError` (a `ValueError`) for missing consent, a correction with neither a changed
+        or confirmed attribute nor a tag, or invalid input, and `FeedbackStoreError` when the folder cannot be
+        written; in every case nothing is stored.
         """
         if consent is not True:
             raise FeedbackValidationError(
@@ -755,9 +839,12 @@ class FeedbackStore:
             corrected_attributes, max_len=limit, max_attributes=self.max_attributes, allowed=self.allowed_attributes
         )
         tags = _parse_tags(corrected_tags, max_len=limit, max_tags=self.max_tags)
-        if not attributes and not tags:
+        statuses = _parse_attribute_status(attribute_status, attributes, max_len=limit)
+        if not tags and all(status == UNTOUCHED for status in statuses.values()):
+            untouched = " (every attribute given is untouched: the prediction as shown)" if attributes else ""
             raise FeedbackValidationError(
-                "the correction is empty: give at least one corrected attribute or one tag; nothing was stored."
+                f"the correction is empty{untouched}: give at least one changed or confirmed attribute or one tag; "
+                "nothing was stored."
             )
         predicted_json = _parse_predicted(predicted, self.max_predicted_chars)
         model_id = _clean_text(model_id, "model_id", limit)
@@ -768,7 +855,7 @@ class FeedbackStore:
         rgb = _upright_rgb(decoded)
         if image_sha256 is None:
             image_sha256 = _pixel_sha256(rgb)
-        key = None if submitter is None else _submission_key(str(submitter), image_sha256, attributes, tags)
+        key = None if submitter is None else _submission_key(str(submitter), image_sha256, attributes, tags, statuses)
         with self._lock, self._flock(exclusive=False):
             self._refresh()
             existing = self._submitted(key)
@@ -801,6 +888,7 @@ class FeedbackStore:
                     "model_revision": model_revision,
                     "predicted": predicted_json,
                     "corrected_attributes": json.dumps(attributes, ensure_ascii=False, separators=(",", ":")),
+                    "attribute_status": json.dumps(statuses, separators=(",", ":")),
                     "corrected_tags": tags,
                     "annotator": annotator,
                     "consent": True,
@@ -1397,6 +1485,10 @@ class FeedbackStore:
     def _public(self, record: dict, shard: str) -> dict:
         out = {name: record.get(name) for name in RECORD_FIELDS}
         out["corrected_tags"] = list(out["corrected_tags"] or [])
+        if out["attribute_status"] is None:  # a record from before the field
+            with contextlib.suppress(ValueError):
+                statuses = record_attribute_status(out["corrected_attributes"], None)
+                out["attribute_status"] = json.dumps(statuses, separators=(",", ":"))
         out["file_name"] = record["file_name"]
         out["image_path"] = str(self._data / shard / record["file_name"])
         return out

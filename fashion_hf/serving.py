@@ -35,6 +35,7 @@ from fashion_hf.feedback import (
     FeedbackStore,
     FeedbackStoreError,
     FeedbackValidationError,
+    UNTOUCHED,
     unique_keys,
 )
 from fashion_hf.image_decoding import accepted_suffixes
@@ -52,6 +53,7 @@ MAX_EXAMPLES = 64
 QUEUE_SIZE = 24
 RECENT_UPLOADS = 12
 JSON_EXAMPLE = '{"articleType": "Tshirts"}'
+STATUS_EXAMPLE = '{"articleType": "changed"}'
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -426,23 +428,11 @@ class TaggerService:
 
     def parse_attributes(self, text) -> dict:
         """The /feedback endpoint's corrected attributes: a JSON object as text (the store checks the vocabulary)."""
-        if text is None or (isinstance(text, str) and not text.strip()):
-            return {}
-        if not isinstance(text, str):
-            raise user_error(f"corrected attributes must be a JSON object as text, like {JSON_EXAMPLE}.")
-        expected = f"corrected attributes must be a JSON object like {JSON_EXAMPLE}"
-        if len(text) > MAX_ATTRIBUTES_JSON_CHARS:
-            limit = MAX_ATTRIBUTES_JSON_CHARS
-            raise user_error(f"corrected attributes: {len(text)} characters is over the limit of {limit}.")
-        try:
-            value = json.loads(text, object_pairs_hook=unique_keys)
-        except DuplicateAttributeError as error:
-            raise user_error(f"corrected attributes name {shown(error.key)} twice: give each attribute once.") from None
-        except ValueError as error:
-            raise user_error(f"{expected} ({shown(error)}).") from None
-        if not isinstance(value, dict):
-            raise user_error(f"{expected}, not {type(value).__name__}.")
-        return value
+        return json_object(text, "corrected attributes", JSON_EXAMPLE) or {}
+
+    def parse_attribute_status(self, text) -> dict | None:
+        """The /feedback endpoint's attribute statuses: a JSON object as text, or None when empty (all confirmed)."""
+        return json_object(text, "attribute status", STATUS_EXAMPLE)
 
     def parse_tags(self, values) -> list[str]:
         """Free and detail tags from a comma-separated string or a list: short phrases, no markup."""
@@ -469,19 +459,32 @@ class TaggerService:
         return tags
 
     def save_feedback(
-        self, payload, corrected: dict, tags: list[str], consent, annotator: str, submitter: str | None = None
+        self,
+        payload,
+        corrected: dict,
+        tags: list[str],
+        consent,
+        annotator: str,
+        submitter: str | None = None,
+        status: dict | None = None,
     ) -> tuple[str, Upload]:
         """Store a correction with the prediction the user was shown; returns the record id and the decoded upload.
 
-        `submitter` (the Gradio session) lets a retry of the same submission get its own id back, never another's.
+        `payload` is an upload (or one already read). `status` is attribute -> "changed" | "confirmed" |
+        "untouched" (None: all confirmed). `submitter` (the Gradio session) lets a retry of the same submission get
+        its own id back, never another's.
         """
         if consent is not True:
             raise user_error("Tick the consent box first: without consent nothing is stored.")
-        upload = self.read_upload(payload)
-        if not any(corrected.values()) and not tags:
-            raise user_error(
-                "Nothing to save: the correction is empty. Choose at least one label or add a tag, then submit."
+        upload = payload if isinstance(payload, Upload) else self.read_upload(payload)
+        labelled = [name for name, label in corrected.items() if label and (status or {}).get(name) != UNTOUCHED]
+        if not labelled and not tags:
+            hint = (
+                "Every label is still the model's prediction and none is confirmed: change or confirm at least one"
+                if any(corrected.values())
+                else "Choose at least one label"
             )
+            raise user_error(f"Nothing to save: the correction is empty. {hint}, or add a tag, then submit.")
         try:
             record_id = self.store.add(
                 upload.path or upload.image,
@@ -493,6 +496,7 @@ class TaggerService:
                 model_revision=self.revision,
                 annotator=annotator,
                 submitter=submitter,
+                attribute_status=status,
             )
         except FeedbackValidationError as error:
             raise user_error(shown(self.redact(str(error)), 600)) from None
@@ -546,6 +550,26 @@ class TaggerService:
             writer.writerows([[csv_cell(value) for value in row] for row in table])
         Path(f"{stem}.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
         return f"{stem}.csv", f"{stem}.json"
+
+
+def json_object(text, what: str, example: str) -> dict | None:
+    """A JSON object sent as text to an endpoint, or None for empty text; anything else is a clear user error."""
+    if text is None or (isinstance(text, str) and not text.strip()):
+        return None
+    expected = f"{what} must be a JSON object like {example}"
+    if not isinstance(text, str):
+        raise user_error(f"{expected}, sent as text.")
+    if len(text) > MAX_ATTRIBUTES_JSON_CHARS:
+        raise user_error(f"{what}: {len(text)} characters is over the limit of {MAX_ATTRIBUTES_JSON_CHARS}.")
+    try:
+        value = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateAttributeError as error:
+        raise user_error(f"{what}: {shown(error.key)} is named twice; give each attribute once.") from None
+    except ValueError as error:
+        raise user_error(f"{expected} ({shown(error)}).") from None
+    if not isinstance(value, dict):
+        raise user_error(f"{expected}, not {type(value).__name__}.")
+    return value
 
 
 def csv_cell(value):

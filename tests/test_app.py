@@ -13,7 +13,9 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
+import gradio as gr
 import httpx
 import numpy as np
 import pytest
@@ -301,6 +303,8 @@ def test_feedback_is_stored_with_the_right_fields(client, service, files):
     assert answer["status"] == "saved" and len(answer["id"]) == 32
     record = service.store.get(answer["id"])
     assert json.loads(record["corrected_attributes"]) == {"articleType": "Tshirts", "baseColour": "Navy Blue"}
+    # Today's 4-input calls send labels of their own: confirmed.
+    assert json.loads(record["attribute_status"]) == {"articleType": "confirmed", "baseColour": "confirmed"}
     assert record["corrected_tags"] == ["check", "slim fit"]
     assert record["consent"] is True and record["annotator"] == "anonymous"
     assert record["model_id"] == service.settings.model and record["model_revision"] == service.revision
@@ -309,6 +313,99 @@ def test_feedback_is_stored_with_the_right_fields(client, service, files):
     assert [t["tag"] for t in predicted["tags"]] == [t["tag"] for t in shown["tags"]]  # what the user was shown
     with Image.open(record["image_path"]) as stored:
         assert stored.format == "JPEG" and not stored.getexif()
+
+
+def test_feedback_api_takes_an_optional_attribute_status(client, service, files):
+    path = files("status.jpg", encode(product_photo(colour=(120, 30, 20))))
+    corrected = '{"articleType": "Tshirts", "gender": "Men"}'
+    status = '{"articleType": "changed", "gender": "untouched"}'
+    answer = client.predict(handle_file(path), corrected, "", True, status, api_name="/feedback")
+    assert json.loads(service.store.get(answer["id"])["attribute_status"]) == json.loads(status)
+    empty = client.predict(handle_file(path), '{"gender": "Men"}', "check", True, "", api_name="/feedback")
+    assert json.loads(service.store.get(empty["id"])["attribute_status"]) == {"gender": "confirmed"}
+
+
+def test_plain_http_feedback_calls_with_four_or_five_values_work(client, service, files):
+    url = client.src.rstrip("/") + "/gradio_api/"
+    with open(files("http.jpg", encode(product_photo(colour=(90, 10, 160)))), "rb") as handle:
+        uploaded = httpx.post(url + "upload", files={"files": ("http.jpg", handle)}).json()[0]
+    image = {"path": uploaded, "meta": {"_type": "gradio.FileData"}}
+    for extra, status in (([], {"usage": "confirmed"}), (['{"usage": "changed"}'], {"usage": "changed"})):
+        data = [image, '{"usage": "Casual"}', "", True, *extra]  # today's callers send 4 values
+        event_id = httpx.post(url + "call/feedback", json={"data": data}).json()["event_id"]
+        stream = httpx.get(f"{url}call/feedback/{event_id}", timeout=60).text
+        assert "event: complete" in stream, stream
+        record_id = re.search(r'"id": ?"([0-9a-f]{32})"', stream).group(1)
+        assert json.loads(service.store.get(record_id)["attribute_status"]) == status
+
+
+BAD_STATUS = {
+    "unknown status": ('{"articleType": "fixed"}', "'fixed' is not a status; valid statuses"),
+    "attribute not corrected": ('{"articleType": "changed", "usage": "changed"}', "'usage', which corrected_att"),
+    "an attribute without status": ("{}", r"no status for \['articleType'\]"),
+    "not a JSON object": ('["changed"]', "attribute status must be a JSON object"),
+    "broken JSON": ('{"articleType": ', "attribute status must be a JSON object"),
+    "only untouched, no tag": ('{"articleType": "untouched"}', "Nothing to save.*none is confirmed"),
+}
+
+
+@pytest.mark.parametrize("status, message", BAD_STATUS.values(), ids=list(BAD_STATUS))
+def test_a_bad_attribute_status_is_a_clear_error_and_stores_nothing(client, service, files, status, message):
+    image, before = handle_file(files("s.jpg", encode(product_photo()))), len(service.store)
+    with pytest.raises(AppError, match=message):
+        client.predict(image, '{"articleType": "Tshirts"}', "", True, status, api_name="/feedback")
+    assert len(service.store) == before
+
+
+def handler(demo, name):
+    return next(fn.fn for fn in demo.fns.values() if getattr(fn.fn, "__name__", None) == name)
+
+
+def test_the_form_sends_changed_confirmed_and_untouched_attributes(served, service, files):
+    demo, attributes = served[0], list(service.config.attributes)
+    path = files("form.jpg", encode(product_photo(colour=(40, 160, 90))))
+    image, *shown_labels, details, free_text, confirmed, consent, note, shown = handler(demo, "prefill_upload")(path)
+    assert confirmed == [] and consent is False and shown["labels"] == dict(zip(attributes, shown_labels))
+    other = next(label for label in service.config.attributes["articleType"] if label != shown["labels"]["articleType"])
+    labels = [other if name == "articleType" else label for name, label in zip(attributes, shown_labels)]
+    session = SimpleNamespace(session_hash="form-test")
+    submit = handler(demo, "submit_ui")
+
+    saved = submit(None, session, image, *labels, [], "", ["gender"], True, shown)
+    statuses = json.loads(service.store.get(saved["id"])["attribute_status"])
+    assert statuses == {
+        name: "changed" if name == "articleType" else "confirmed" if name == "gender" else "untouched"
+        for name in attributes
+    }
+    with pytest.raises(gr.Error, match="Nothing to save.*none is confirmed"):  # all as predicted, nothing ticked
+        submit(None, session, image, *shown_labels, [], "", [], True, shown)
+    other_image = files("other.jpg", encode(product_photo(colour=(200, 200, 10))))
+    with pytest.raises(gr.Error, match="not filled in for this image yet"):  # its prediction is not in the form
+        submit(None, session, other_image, *labels, [], "", ["gender"], True, shown)
+
+
+def test_detail_tags_left_as_predicted_are_not_sent_as_labels(served, service, files):
+    demo, attributes = served[0], list(service.config.attributes)
+    path = files("details.jpg", encode(product_photo(colour=(90, 60, 160))))
+    image, *labels, details, free_text, confirmed, consent, note, shown = handler(demo, "prefill_upload")(path)
+    shown = {**shown, "details": ["check", "slim fit"]}  # as if the model had predicted these two
+    submit = handler(demo, "submit_ui")
+    session = SimpleNamespace(session_hash="details-test")
+
+    untouched = submit(None, session, image, *labels, ["slim fit", "check"], "linen", ["gender"], True, shown)
+    assert service.store.get(untouched["id"])["corrected_tags"] == ["linen"]  # only what the person typed
+    edited = submit(None, session, image, *labels, ["check"], "", ["gender"], True, shown)
+    assert service.store.get(edited["id"])["corrected_tags"] == ["check"]  # the reviewed set: "slim fit" removed
+    with pytest.raises(gr.Error, match="Nothing to save"):
+        submit(None, session, image, *labels, ["check", "slim fit"], "", [], True, shown)
+
+
+def test_attribute_statuses_compare_with_what_the_form_showed(app_module):
+    shown = {"gender": "Men", "usage": "Casual", "season": "Summer"}
+    labels = {"gender": "Women", "usage": "Casual", "season": "Summer"}
+    assert app_module.attribute_statuses(labels, shown, ["usage", "gender"]) == {
+        "gender": "changed", "usage": "confirmed", "season": "untouched",
+    }  # fmt: skip
 
 
 def test_feedback_can_be_withdrawn_by_id(client, service, files):

@@ -83,6 +83,7 @@ def test_upload_see_labels_correct_consent_submit_and_confirm(served, page, tmp_
     corrected = next(label for label in service.config.attributes["articleType"] if label != predicted)
     article_type.click()
     page.get_by_role("option", name=corrected, exact=True).click()
+    page.locator("#fix-confirmed").get_by_label("gender", exact=True).check()  # checked and right as shown
     page.locator("#fix-free-text textarea, #fix-free-text input").first.fill("round neck")
     page.locator("#consent input[type=checkbox]").check()
     page.locator("#submit-feedback").click()
@@ -94,6 +95,11 @@ def test_upload_see_labels_correct_consent_submit_and_confirm(served, page, tmp_
 
     record = service.store.get(record_id)
     assert json.loads(record["corrected_attributes"])["articleType"] == corrected
+    statuses = json.loads(record["attribute_status"])  # the rest stay the prefilled prediction: untouched
+    assert statuses == {
+        name: "changed" if name == "articleType" else "confirmed" if name == "gender" else "untouched"
+        for name in service.config.attributes
+    }
     assert "round neck" in record["corrected_tags"] and record["consent"] is True and record["annotator"] == "anonymous"
     page.get_by_text("Withdraw my submission").click()  # the id is ready in the withdraw box
     assert page.locator("#withdraw-id input, #withdraw-id textarea").first.input_value() == record_id

@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import json
+import re
 import struct
 
 import numpy as np
@@ -608,7 +609,7 @@ def test_feedback_becomes_training_examples(feedback_folder):
     examples = load_feedback(feedback_folder)
     assert len(examples) == 2
     assert isinstance(examples.features["image"], Image)
-    assert examples.column_names[-4:] == ["gender", "articleType", "baseColour", "tags"]
+    assert examples.column_names[-5:] == ["gender", "articleType", "baseColour", "tags", "tags_known"]
     rows = sorted(zip(examples["gender"], examples["articleType"], examples["baseColour"], examples["tags"]), key=str)
     assert rows == [
         ("Women", None, None, ["gender:Women"]),
@@ -650,6 +651,63 @@ def test_feedback_read_again_sees_new_and_withdrawn_records(feedback_folder):
 def test_feedback_with_fixed_attribute_columns(feedback_folder):
     examples = load_feedback(feedback_folder, attributes=list(PRODUCT_ATTRIBUTES))
     assert [column for column in examples.column_names if column in PRODUCT_ATTRIBUTES] == list(PRODUCT_ATTRIBUTES)
+
+
+def test_feedback_learns_only_changed_and_confirmed_attributes(tmp_path):
+    folder = tmp_path / "feedback"
+    form = {"gender": "Men", "articleType": "Shirts", "baseColour": "Blue"}  # every attribute of the form
+    submissions = [  # attribute statuses, typed tags
+        ({"gender": "changed", "articleType": "confirmed", "baseColour": "untouched"}, []),
+        ({"gender": "confirmed", "articleType": "changed", "baseColour": "confirmed"}, []),
+        ({"gender": "untouched", "articleType": "untouched", "baseColour": "untouched"}, ["denim"]),
+    ]
+    with FeedbackStore(folder) as store:
+        for index, (status, tags) in enumerate(submissions):
+            store.add(product_photo(colour=(index * 70, 20, 20)), predicted={}, corrected_attributes=form,
+                      corrected_tags=tags, consent=True, model_id="tiny", model_revision="0",
+                      attribute_status=status)  # fmt: skip
+    write_refused_records(folder)  # records of an older store: no attribute_status
+    shard = folder / "data" / "handwritten-shard"
+    record = {**json.loads((shard / "metadata.jsonl").read_text().splitlines()[0]), "consent": True}
+    record.update(id="2" * 32, file_name="2.jpg", image_sha256="2" * 64)  # consented: articleType Jeans, tag denim
+    (shard / "2.jpg").write_bytes(encode(product_photo()))
+    (shard / "metadata.jsonl").write_text((shard / "metadata.jsonl").read_text() + json.dumps(record) + "\n")
+    examples = load_feedback(folder)
+    rows = sorted(zip(examples["gender"], examples["articleType"], examples["baseColour"], examples["tags_known"],
+                      examples["tags"]), key=str)  # fmt: skip
+    assert examples.features["tags_known"] == Value("bool")
+    assert rows == [
+        ("Men", "Shirts", "Blue", True, ["gender:Men", "articleType:Shirts", "baseColour:Blue"]),
+        ("Men", "Shirts", None, False, ["gender:Men", "articleType:Shirts"]),  # the untouched colour is masked
+        (None, "Jeans", None, False, ["articleType:Jeans", "detail:denim"]),  # legacy: its attributes confirmed
+        (None, None, None, False, ["detail:denim"]),  # every attribute untouched: learned for its tag only
+    ]
+    assert load_feedback(folder, attributes=["articleType"])["tags_known"].count(True) == 3  # all but the tag-only
+
+    summary = data.feedback_summary(folder)
+    assert summary["records"] == 4
+    assert summary["attributes"] == {
+        "gender": {"changed": 1, "confirmed": 1, "untouched": 1},
+        "articleType": {"changed": 1, "confirmed": 2, "untouched": 1},
+        "baseColour": {"changed": 0, "confirmed": 1, "untouched": 2},
+    }
+    assert re.fullmatch(r"[0-9a-f]{12}", summary["revision"])
+    assert data.feedback_summary(folder)["revision"] == summary["revision"]  # the same store state, the same name
+    with FeedbackStore(folder) as store:
+        store.add(product_photo(colour=(0, 90, 0)), predicted={}, corrected_attributes={"gender": "Women"},
+                  corrected_tags=[], consent=True, model_id="tiny", model_revision="0")  # fmt: skip
+    assert data.feedback_summary(folder)["revision"] != summary["revision"]
+
+
+def test_a_hub_feedback_dataset_reports_the_commit_it_was_cached_at(tmp_path):
+    def cached_in(folder):
+        folder.mkdir(parents=True)
+        return Dataset.from_dict({"id": ["a"]}).map(lambda row: row, cache_file_name=str(folder / "train.arrow"))
+
+    commit = "0123456789abcdef0123456789abcdef01234567"  # datasets caches a Hub dataset in <...>/<version>/<commit>/
+    assert data._hub_commit(cached_in(tmp_path / "me___feedback" / "default" / "0.0.0" / commit)) == commit
+    assert data._hub_commit(cached_in(tmp_path / "elsewhere")) is None
+    assert data._hub_commit(Dataset.from_dict({"id": ["a"]})) is None  # in memory: unknown
 
 
 def test_a_typed_tag_counts_the_people_who_typed_it(tmp_path):

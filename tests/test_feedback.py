@@ -201,12 +201,13 @@ def test_load_dataset_on_the_folder_gives_image_and_fields(tmp_path):
     assert ds.num_rows == 3
     assert list(ds.features) == [
         "image", "id", "timestamp", "image_sha256", "model_id", "model_revision",
-        "predicted", "corrected_attributes", "corrected_tags", "annotator", "consent",
+        "predicted", "corrected_attributes", "attribute_status", "corrected_tags", "annotator", "consent",
     ]  # fmt: skip
     assert ds.features["corrected_tags"] == datasets.List(datasets.Value("string"))
     row = next(r for r in ds if r["corrected_tags"] == ["denim", "check"])
     assert isinstance(row["image"], Image.Image) and row["image"].size == (16, 16)
     assert row["consent"] is True and json.loads(row["corrected_attributes"]) == {"gender": "Women"}
+    assert json.loads(row["attribute_status"]) == {"gender": "confirmed"}
     assert sorted(ds["id"]) == sorted(r["id"] for r in first.records())
 
     as_imagefolder = datasets.load_dataset(
@@ -318,6 +319,85 @@ def test_an_empty_correction_is_refused_and_nothing_is_stored(store, attributes,
     with pytest.raises(FeedbackValidationError, match="correction is empty"):
         add(store, corrected_attributes=attributes, corrected_tags=tags)
     assert len(store) == 0 and images(store.folder) == []
+
+
+def test_attribute_status_round_trips_through_the_store_and_the_dataset(store, tmp_path):
+    import datasets
+
+    status = {"gender": "changed", "baseColour": "untouched"}
+    rid = add(store, corrected_attributes={"gender": "Women", "baseColour": "Blue"}, attribute_status=status)
+    assert json.loads(store.get(rid)["attribute_status"]) == status
+    assert json.loads(all_lines(store.folder)[0]["attribute_status"]) == status
+    assert FeedbackStore(store.folder).get(rid)["attribute_status"] == store.get(rid)["attribute_status"]
+    as_text = add(store, seed=2, corrected_attributes='{"gender": "Men"}', attribute_status='{"gender": "confirmed"}')
+    ds = datasets.load_dataset(str(store.folder), split="train", cache_dir=str(tmp_path / "cache"))
+    by_id = dict(zip(ds["id"], map(json.loads, ds["attribute_status"])))
+    assert by_id == {rid: status, as_text: {"gender": "confirmed"}}
+
+
+def test_attributes_given_without_a_status_count_as_confirmed(store):
+    rid = add(store, corrected_attributes={"gender": "Women", "baseColour": "Red"})
+    assert json.loads(store.get(rid)["attribute_status"]) == {"gender": "confirmed", "baseColour": "confirmed"}
+    assert json.loads(store.get(add(store, seed=2, corrected_attributes={}))["attribute_status"]) == {}
+
+
+def test_a_record_stored_before_attribute_status_reads_as_all_confirmed(store):
+    rid = add(store, corrected_attributes={"gender": "Women", "baseColour": "Red"})
+    meta = metadata_files(store.folder)[0]
+    legacy = json.loads(meta.read_text())
+    del legacy["attribute_status"]
+    meta.write_text(json.dumps(legacy) + "\n")
+    assert json.loads(FeedbackStore(store.folder).get(rid)["attribute_status"]) == {
+        "gender": "confirmed", "baseColour": "confirmed",
+    }  # fmt: skip
+
+
+def test_an_older_store_card_is_updated_so_the_dataset_keeps_attribute_status(tmp_path):
+    import datasets
+
+    folder = tmp_path / "feedback"
+    FeedbackStore(folder)
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text().replace("  - name: attribute_status\n    dtype: string\n", ""))
+    store = FeedbackStore(folder)  # an app of this version opens a store made by an older one
+    assert "name: attribute_status" in readme.read_text()
+    add(store, attribute_status={"gender": "untouched"})
+    ds = datasets.load_dataset(str(folder), split="train", cache_dir=str(tmp_path / "cache"))
+    assert json.loads(ds[0]["attribute_status"]) == {"gender": "untouched"}
+
+
+def test_a_different_status_is_a_different_submission(store):
+    first = add(store, submitter="alice", attribute_status={"gender": "untouched"})
+    assert add(store, submitter="alice", attribute_status={"gender": "untouched"}) == first  # a retry
+    changed = add(store, submitter="alice", attribute_status={"gender": "changed"})
+    assert changed != first and json.loads(store.get(changed)["attribute_status"]) == {"gender": "changed"}
+
+
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        ({"gender": "fixed"}, r"attribute_status\['gender'\] = 'fixed' is not a status; valid statuses"),
+        ({"gender": None}, r"attribute_status\['gender'\] = NoneType is not a status"),
+        ({"gender": "changed", "baseColour": "changed"}, "names 'baseColour', which corrected_attributes does not"),
+        ({}, r"gives no status for \['gender'\]"),
+        ('{"gender": "changed", "gender": "confirmed"}', "attribute_status names the attribute 'gender' twice"),
+        ('{"gender": ', "attribute_status must be a JSON object"),
+        (["changed"], "attribute_status must be a dict of attribute -> status"),
+    ],
+)
+def test_an_invalid_attribute_status_is_rejected_and_nothing_is_stored(store, status, message):
+    with pytest.raises(FeedbackValidationError, match=message):
+        add(store, attribute_status=status)
+    assert len(store) == 0 and images(store.folder) == [] and metadata_files(store.folder) == []
+
+
+def test_only_untouched_attributes_and_no_tag_is_an_empty_correction(store):
+    untouched = {"gender": "untouched", "baseColour": "untouched"}
+    attributes = {"gender": "Women", "baseColour": "Red"}
+    with pytest.raises(FeedbackValidationError, match="correction is empty .every attribute given is untouched"):
+        add(store, corrected_attributes=attributes, corrected_tags=[], attribute_status=untouched)
+    assert len(store) == 0 and images(store.folder) == []
+    assert add(store, corrected_attributes=attributes, attribute_status=untouched)  # a tag is something to learn
 
 
 @pytest.mark.parametrize("consent", [False, None, "yes", 1])
