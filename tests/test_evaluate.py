@@ -255,7 +255,8 @@ def test_cli_without_logs_skips_the_training_curves(tiny_model_dir, tmp_path):
 
 
 def test_cli_names_the_valid_datasets_for_an_unknown_one(tiny_model_dir, tmp_path):
-    with pytest.raises(FileNotFoundError, match="fashion-product-images, fashion-mnist or an existing path"):
+    names = "fashion-product-images, fashion-mnist, clothing-user-photos or an existing path"
+    with pytest.raises(FileNotFoundError, match=names):
         main([str(tiny_model_dir), "--dataset", "no-such-data", "--output", str(tmp_path), "--no-progress"])
 
 

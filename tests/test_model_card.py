@@ -14,8 +14,9 @@ import pytest
 from conftest import REPO
 from huggingface_hub import ModelCard
 
+from fashion_hf.data import CLOTHING_USER_PHOTOS, describe_split
 from fashion_hf.training.model_card import build_model_card
-from fashion_hf.training.evaluate import Predictions, score
+from fashion_hf.training.evaluate import Predictions, label_breakdown, score
 
 DATASET_ID = "ashraq/fashion-product-images-small"
 BASE_MODEL = "timm/tf_efficientnet_lite0.in1k"
@@ -53,6 +54,20 @@ def metrics(tiny_model_dir):
     metrics = score(predictions, attributes)
     return {"model": "models/tagger", "dataset": "fashion-product-images", "split": "validation",
             "date": "2025-01-01T00:00:00+00:00", **metrics, "num_beams": 1}  # fmt: skip
+
+
+@pytest.fixture
+def user_photo_metrics(tiny_model_dir):
+    """metrics.json of evaluate.py --dataset clothing-user-photos: one labelled head (gender), no tags, per label."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    attributes = {"gender": config["attributes"]["gender"]}  # Boys, Girls, Men, Unisex, Women
+    probs = {"gender": np.eye(5)[[2, 2, 4]]}  # Men, Men, Women
+    labels = {"gender": np.array([2, 4, 4])}  # right, wrong, right: top-1 2/3
+    predictions = Predictions(probs, labels, {"gender": 0}, [set()] * 3, [set()] * 3, {}, [], tags_known=False)
+    return {"model": "models/tagger", "dataset": CLOTHING_USER_PHOTOS, "split": "validation",
+            "split_definition": describe_split(CLOTHING_USER_PHOTOS, "validation"), "date": "2025-01-02T00:00:00+00:00",
+            **score(predictions, attributes),
+            "per_label": label_breakdown(predictions, ["Shirt", "Dress", "Dress"], attributes, "label")}  # fmt: skip
 
 
 class NetworkUsed(AssertionError):
@@ -198,10 +213,56 @@ def test_phone_shift_scores_sit_next_to_the_clean_ones(model_folder, metrics, no
     shifted["attributes"]["gender"]["top1"] = 0.5
     shifted["tags"]["attribute_tags"]["generated"]["overall"]["f1"] = 0.25
     text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, shifted_metrics=shifted).text
-    assert "## Robustness to phone-style photos" in text
+    assert "## Robustness to synthetic phone-style photos (secondary)" in text
     assert "| gender | 0.750 | 0.500 |" in text and "| usage | 1.000 | 1.000 |" in text
     assert "| attribute-tag F1 (decoder) |" in text and "| 0.250 |" in text
     assert "Robustness" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+
+
+def test_real_phone_photos_sit_in_a_column_beside_the_product_figures(model_folder, metrics, user_photo_metrics,
+                                                                      no_network):  # fmt: skip
+    from card_figures import card_mismatches
+
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL,
+                            user_photo_metrics=user_photo_metrics)  # fmt: skip
+    text = card.text
+    assert "| Attribute | Top-1 | Top-1 on real phone photos | Top-5 |" in text
+    assert "| gender | 0.750 | 0.667 | 1.000 |" in text
+    assert "| usage | 1.000 | n/a | 1.000 |" in text  # the photos have no usage label
+    assert "### Real phone photos" in text and "photographer-disjoint validation split" in text
+    assert "| Dress | 2 | Women | 0.500 | Men |" in text and "| Shirt | 1 | Men | 1.000 | Men |" in text
+    assert card_mismatches(str(card), metrics, user_photos=user_photo_metrics) == []
+    # The check catches a wrong figure in the column or the table, and a column shown without its metrics.
+    wrong = json.loads(json.dumps(user_photo_metrics))
+    wrong["attributes"]["gender"]["top1"] = 0.5
+    wrong["per_label"]["labels"]["Dress"]["top1"]["gender"] = 1.0
+    assert len(card_mismatches(str(card), metrics, user_photos=wrong)) == 2
+    assert card_mismatches(str(card), metrics) != []
+    # Without phone-photo metrics the card is as before, and they cannot stand in for the product figures.
+    assert "real phone photos" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+    with pytest.raises(ValueError, match="score no tags"):
+        build_model_card(model_folder, user_photo_metrics, RECIPE, DATASET_ID, BASE_MODEL)
+
+
+def test_community_corrections_say_what_was_learned_from_which_store(model_folder, metrics, no_network):
+    feedback = {"source": "someone/fashion-feedback", "revision": "0123456789ab", "records_used": 42,
+                "attributes": {"articleType": {"changed": 9, "confirmed": 30, "untouched": 3},
+                               "baseColour": {"changed": 4, "confirmed": 11, "untouched": 27}},
+                "init_from": "someone/fashion-tagger"}  # fmt: skip
+    text = build_model_card(model_folder, metrics, {**RECIPE, "feedback": feedback}, DATASET_ID, BASE_MODEL).text
+    assert "## Community corrections" in text
+    assert "continued training from [someone/fashion-tagger](https://huggingface.co/someone/fashion-tagger)" in text
+    assert " ".join(text.split()).count("with 42 corrections that people sent through the app's") == 1
+    store = "[someone/fashion-feedback](https://huggingface.co/datasets/someone/fashion-feedback)"
+    assert f"{store} at revision `0123456789ab`" in text
+    assert "| articleType | 9 | 30 | 3 |" in text and "| baseColour | 4 | 11 | 27 |" in text
+    assert "untouched are not learned from" in text and "**feedback:**" not in text  # not listed as a setting
+    local = {**feedback, "source": "/home/someone/app/feedback", "revision": None,
+             "init_from": "/home/someone/models/v1"}  # fmt: skip
+    text = build_model_card(model_folder, metrics, {**RECIPE, "feedback": local}, DATASET_ID, BASE_MODEL).text
+    assert "`feedback` (a local folder), no store revision recorded" in text and "from `v1`" in text
+    assert "/home/someone" not in text  # a card never shows where things lie on the machine that wrote it
+    assert "Community corrections" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
 
 
 def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):
@@ -228,9 +289,10 @@ def test_folder_without_config_is_refused(tmp_path, metrics):
         build_model_card(tmp_path, metrics, RECIPE, DATASET_ID, BASE_MODEL)
 
 
-def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, tmp_path):
+def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, user_photo_metrics, tmp_path):
     evaluation = tmp_path / "eval"
     evaluation.mkdir()
+    (model_folder / "metrics-user-photos.json").write_text(json.dumps(user_photo_metrics))  # read by default
     (evaluation / "metrics.json").write_text(json.dumps(metrics))
     (evaluation / "confusion_matrix.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "recipe.json").write_text(json.dumps({**RECIPE, "base_model": BASE_MODEL}))
@@ -245,3 +307,4 @@ def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, tmp_path)
     assert "](confusion_matrix.png)" in card.text
     assert card.data.datasets == [DATASET_ID]  # evaluate's "fashion-product-images" maps to its Hub id
     assert metric_values(card)[("accuracy", "gender")] == 0.75
+    assert "| gender | 0.750 | 0.667 |" in card.text  # the folder's metrics-user-photos.json

@@ -51,4 +51,5 @@ def test_the_shipped_cards_figures_equal_its_metrics_json():
     card = (SHIPPED / "README.md").read_text()
     metrics = json.loads((SHIPPED / "metrics.json").read_text())
     phone = json.loads((SHIPPED / "metrics-phone.json").read_text())  # the robustness table's phone-style column
-    assert card_mismatches(card, metrics, phone) == []
+    user_photos = json.loads((SHIPPED / "metrics-user-photos.json").read_text())  # real phone photos: column, table
+    assert card_mismatches(card, metrics, phone, user_photos) == []

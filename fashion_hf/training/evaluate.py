@@ -3,15 +3,23 @@
     python train/evaluate.py models/fashion-tagger --dataset fashion-product-images --split validation \
         --output outputs/eval [--batch-size 64] [--limit N] [--logs runs/my-run] [--exclude-duplicates-of train]
 
-`--dataset` is `fashion-product-images`, `fashion-mnist`, or a local path: a folder of parquet files in the Hub
-layout, a parquet file with an image column (a `Dataset.to_parquet` export), or a catalogue that
-`fashion_hf.data.load_catalogue` reads (an image folder, or a CSV/TSV/JSONL/parquet file of image paths and labels).
+`--dataset` is `fashion-product-images`, `fashion-mnist`, `clothing-user-photos` (real phone photos, below), or a
+local path: a folder of parquet files in the Hub layout, a parquet file with an image column (a
+`Dataset.to_parquet` export), or a catalogue that `fashion_hf.data.load_catalogue` reads (an image folder, or a
+CSV/TSV/JSONL/parquet file of image paths and labels).
 A catalogue's `--split` is the one training used: its own `split` column, else the hash hold-out (`validation`: the
 images training held out, `train`: the rest, `all`: every image).
 
 `--exclude-duplicates-of train` also scores the split without its images that are byte-identical (SHA-256 of the
 stored image bytes) to an image of the train split: metrics.json then holds those figures under
 `without_duplicates`, beside the figures of the whole split.
+
+`--dataset clothing-user-photos --split validation` scores real phone photos (photographers never seen in its train
+split). They are labelled with subCategory and articleType only, so only those two heads are scored (the others are
+listed in `heads_without_labels`), tag figures are not (`tags` is null: no photo's tag sequence is known), and
+metrics.json adds `per_label`: top-1 of each head per photographer's label (Dress, Hat, Shoes, ...). The plots are
+then `confusion_matrix_subCategory.png` and `confusion_matrix_articleType.png`. Top-1 here is the pipeline's
+top-1 label (`pipeline("fashion-tagging")` runs the same processor and model).
 
 Writes to `--output`: `metrics.json`, `confusion_matrix.png` (the head with the most labels), `attribute_accuracy.png`
 and, with `--logs`, `training_curves.png` from the TensorBoard event files of a training run.
@@ -25,6 +33,7 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +63,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 NAME_COLUMN = "productDisplayName"
 TAGS_COLUMN = "tags"
 CONFUSION_MAX_CLASSES = 30
+CONFUSION_PREDICTED_COLUMNS = 8  # per-head plots: columns for the classes photos are most often mistaken for
+CONFUSION_HEAD_FILE = "confusion_matrix_{head}.png"
+TAGS_NOT_SCORED = ("not scored: the data set does not know every item's tag sequence (tags_known is False), so "
+                   "every tag it does not label would count as wrong")  # fmt: skip
+BREAKDOWN_COLUMN = "label"  # the phone photos' own label, finer than articleType (Longsleeve and Polo are Tshirts)
 METRICS_FILE, CONFUSION_FILE, ACCURACY_FILE, CURVES_FILE = (
     "metrics.json", "confusion_matrix.png", "attribute_accuracy.png", "training_curves.png",
 )  # fmt: skip
@@ -75,10 +89,18 @@ class Predictions:
     reference: list[set[str]]  # the dataset's tag keys per item that the model's tag vocabulary holds
     out_of_vocabulary_tags: dict[str, int]  # group -> reference tags outside the model's tag vocabulary (dropped)
     tag_groups: list[str]  # the tag groups the dataset labels: only these are scored
+    # False when some row's reference tag sequence is unknown (its `tags_known` column is False, as for phone photos
+    # labelled with two attributes only): tag figures would count every unlabelled tag as a false positive.
+    tags_known: bool = True
 
 
-def _read_labels(dataset, attributes: dict[str, list[str]]) -> tuple[dict, dict, list]:
-    """Label indices per head with a column, out-of-vocabulary counts, and each row's present labels as tag keys."""
+def _read_labels(dataset, attributes: dict[str, list[str]], keep_unlabelled: bool = False) -> tuple[dict, dict, list]:
+    """Label indices per labelled head, out-of-vocabulary counts, and each row's present labels as tag keys.
+
+    A head is labelled when the dataset has a column for it holding at least one label: a column of None only (the
+    phone photos' colour, gender, season and usage) says nothing, and its head is not scored. `keep_unlabelled`
+    keeps such columns too (a subset of rows must score the same heads as the whole split).
+    """
     names = [name for name in attributes if name in dataset.column_names]
     columns = dataset.select_columns(names)[:] if names else {}
     labels, out_of_vocabulary = {}, {}
@@ -89,13 +111,16 @@ def _read_labels(dataset, attributes: dict[str, list[str]]) -> tuple[dict, dict,
         if hasattr(feature, "int2str"):  # a ClassLabel column: its names are the labels
             values = [None if value is None or value < 0 else feature.int2str(value) for value in values]
         index = {label: position for position, label in enumerate(attributes[name])}
-        ids, unknown = [], 0
+        ids, unknown, present = [], 0, 0
         for row, value in enumerate(values):
             value = None if value is None or value == "" else str(value)
             if value is not None:
                 keys[row].append(tag_key(name, value))
                 unknown += value not in index
+                present += 1
             ids.append(index.get(value, IGNORE_INDEX))
+        if not present and not keep_unlabelled:
+            continue
         labels[name] = np.asarray(ids, dtype=np.int64)
         out_of_vocabulary[name] = unknown
     return labels, out_of_vocabulary, keys
@@ -112,12 +137,12 @@ def _reference_tags(dataset, attribute_keys: list[list[str]], vocabulary: set[st
     return reference, dropped
 
 
-def _labelled_groups(dataset, attributes, reference: list[set[str]]) -> list[str]:
-    """Tag groups the dataset labels: attributes it has a column for, groups its tags show, details if it has names.
+def _labelled_groups(dataset, labelled_heads, reference: list[set[str]]) -> list[str]:
+    """Tag groups the dataset labels: its labelled heads, groups its tags show, details if it has names.
 
     A tag of any other group (a brand head on Fashion-MNIST) has nothing to be checked against and is not scored.
     """
-    groups = {name for name in attributes if name in dataset.column_names}
+    groups = set(labelled_heads)
     groups.update(tag_group(key) for tags in reference for key in tags)
     if NAME_COLUMN in dataset.column_names:  # detail tags are mined from product names: no detail tag is a claim too
         groups.add(DETAIL_GROUP)
@@ -173,8 +198,16 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
         generated=generated,
         reference=reference,
         out_of_vocabulary_tags=dict(sorted(dropped_tags.items())),
-        tag_groups=_labelled_groups(dataset, config.attributes, reference),
+        tag_groups=_labelled_groups(dataset, labels, reference),
+        tags_known=_tags_known(dataset),
     )
+
+
+def _tags_known(dataset) -> bool:
+    """Whether every row's reference tag sequence is known (rows without a `tags_known` column are)."""
+    if data.TAGS_KNOWN_COLUMN not in dataset.column_names:
+        return True
+    return all(dataset.select_columns([data.TAGS_KNOWN_COLUMN])[:][data.TAGS_KNOWN_COLUMN])
 
 
 def _mean(values) -> float | None:
@@ -192,14 +225,19 @@ def score(predictions: Predictions, attributes: dict[str, list[str]]) -> dict:
             "out_of_vocabulary": predictions.out_of_vocabulary[name],
         }
     heads = [name for name in attributes if name in predictions.labels]
-    reference = restrict_to_groups(predictions.reference, predictions.tag_groups)
-    head_reference = restrict_to_groups(predictions.reference, heads)
-    return {
+    figures = {
         "n_images": len(predictions.generated),
         "attributes": per_attribute,
         "mean_top1": _mean(values["top1"] for values in per_attribute.values()),
         "mean_macro_f1": _mean(values["macro_f1"] for values in per_attribute.values()),
         "heads_without_labels": [name for name in attributes if name not in predictions.labels],
+    }
+    if not predictions.tags_known:
+        return {**figures, "tags": None, "tags_note": TAGS_NOT_SCORED}
+    reference = restrict_to_groups(predictions.reference, predictions.tag_groups)
+    head_reference = restrict_to_groups(predictions.reference, heads)
+    return {
+        **figures,
         "tags": {
             "groups": predictions.tag_groups,
             "out_of_vocabulary": predictions.out_of_vocabulary_tags,
@@ -222,7 +260,9 @@ def evaluate(model, processor, dataset, batch_size: int = 64, num_beams: int = 1
     Returns `{"n_images", "attributes": {attr: {"top1", "top5", "macro_f1", "support", "num_labels",
     "out_of_vocabulary"}}, "mean_top1", "mean_macro_f1", "heads_without_labels", "tags": {"groups",
     "out_of_vocabulary", "generated": {"overall", "per_group"}, "attribute_tags": {"groups", "generated", "heads"}}}`,
-    JSON-ready (scores are None where nothing was labelled).
+    JSON-ready (scores are None where nothing was labelled). Only heads with at least one label are scored; the others
+    are in `heads_without_labels`. Where a row's tag sequence is unknown (a `tags_known` column with False), `tags` is
+    None and `tags_note` says why.
     """
     predictions = predict(model, processor, dataset, batch_size=batch_size, num_beams=num_beams, progress=progress)
     return score(predictions, model.config.attributes)
@@ -235,10 +275,10 @@ def scalars(metrics: dict, prefix: str = "val") -> dict[str, float]:
         for key in ("top1", "top5", "macro_f1"):
             if values[key] is not None:
                 flat[f"{prefix}/{name}_{key}"] = values[key]
-    tags = metrics["tags"]
-    for key in ("precision", "recall", "f1"):
+    tags = metrics["tags"] or {}  # None: not scored (the data set's tag sequences are unknown)
+    for key in ("precision", "recall", "f1") if tags else ():
         flat[f"{prefix}/tag_{key}"] = tags["generated"]["overall"][key]
-    if tags["attribute_tags"]["groups"]:
+    if tags and tags["attribute_tags"]["groups"]:
         flat[f"{prefix}/attribute_tag_f1_generated"] = tags["attribute_tags"]["generated"]["overall"]["f1"]
         flat[f"{prefix}/attribute_tag_f1_heads"] = tags["attribute_tags"]["heads"]["overall"]["f1"]
     if metrics["mean_top1"] is not None:
@@ -257,26 +297,38 @@ def most_frequent_classes(y_true: np.ndarray, num_classes: int, limit: int) -> l
     return [int(index) for index in np.argsort(-counts, kind="stable") if counts[index] > 0][:limit]
 
 
-def plot_confusion_matrix(predictions: Predictions, attributes: dict[str, list[str]], path: Path) -> str | None:
-    """Row-normalised confusion matrix of the labelled head with the most labels; its 30 most frequent classes at most.
+def plot_confusion_matrix(
+    predictions: Predictions,
+    attributes: dict[str, list[str]],
+    path: Path,
+    name: str | None = None,
+    predicted_columns: int = 0,
+) -> str | None:
+    """Row-normalised confusion matrix of head `name` (default: the labelled head with the most labels); its 30 most
+    frequent classes at most. `predicted_columns`: that many classes the data never shows but the model predicts most
+    often for them get columns of their own (on out-of-studio photos, what the model mistakes them for).
 
-    Returns the head's name, or None when no head has a label to plot.
+    Returns the head's name, or None when no head (or not `name`) has a label to plot.
     """
-    labelled = [name for name, ids in predictions.labels.items() if (ids != IGNORE_INDEX).any()]
-    if not labelled:
+    labelled = [head for head, ids in predictions.labels.items() if (ids != IGNORE_INDEX).any()]
+    if name is None and labelled:
+        name = max(labelled, key=lambda head: len(attributes[head]))
+    if name not in labelled:
         return None
-    name = max(labelled, key=lambda head: len(attributes[head]))
     names = attributes[name]
     present = predictions.labels[name] != IGNORE_INDEX
     y_true = predictions.labels[name][present]
     y_pred = predictions.probs[name][present].argmax(axis=1)
     counts = np.bincount(y_true, minlength=len(names))
     shown = most_frequent_classes(y_true, len(names), CONFUSION_MAX_CLASSES)
-    # Predictions outside the shown classes go to one last column, so every row still sums to its support.
+    # Predictions outside the shown classes (and the extra predicted ones) go to one last column, so every row still
+    # sums to its support.
     other = len(names)
-    y_pred_shown = np.where(np.isin(y_pred, shown), y_pred, other)
     keep = np.isin(y_true, shown)
-    columns = [*shown, other] if (y_pred_shown[keep] == other).any() else shown
+    outside = y_pred[keep][~np.isin(y_pred[keep], shown)]
+    listed = [*shown, *most_frequent_classes(outside, len(names), predicted_columns)]
+    y_pred_shown = np.where(np.isin(y_pred, listed), y_pred, other)
+    columns = [*listed, other] if (y_pred_shown[keep] == other).any() else listed
     matrix = confusion_matrix(y_true[keep], y_pred_shown[keep], labels=columns)[: len(shown)]
     normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
 
@@ -397,6 +449,8 @@ def load_eval_dataset(name: str, split: str, attributes: dict[str, list[str]], s
         return data.load_fashion_product_images(source, split=split, with_brand=data.BRAND in attributes)
     if name == "fashion-mnist":
         return data.load_fashion_mnist(source, split=split)
+    if name == data.CLOTHING_USER_PHOTOS:
+        return data.load_clothing_user_photos(source, split=split)
     path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"--dataset {name!r}: expected one of {', '.join(data.BUILT_IN_DATASETS)} or an existing path")
@@ -451,13 +505,18 @@ def write_evaluation(
     progress: bool = True,
     extra: dict | None = None,
     duplicates: tuple[str, list[int]] | None = None,
+    breakdown_column: str | None = None,
+    confusion_heads: Sequence[str] | None = None,
 ) -> dict:
     """Evaluate, then write `metrics.json` and the plots to `output_dir`; returns the metrics as written.
 
     `logs_dir`: a TensorBoard run folder to draw `training_curves.png` from. `model_id` defaults to the model's
     `name_or_path`. `extra`: more run details to record in metrics.json. `duplicates`: `(split, rows)`, the rows of
     `dataset` whose images are byte-identical to one of that split; metrics.json then also has `without_duplicates`,
-    the same figures over the other rows (the same predictions, no second model run).
+    the same figures over the other rows (the same predictions, no second model run). `breakdown_column`: a column
+    of `dataset` (the phone photos' `label`) to break top-1 down by, into `per_label` (`label_breakdown`).
+    `confusion_heads`: draw `confusion_matrix_<head>.png` for each of these heads instead of `confusion_matrix.png`
+    for the head with the most labels.
     """
     output_dir = Path(output_dir)
     started = time.perf_counter()
@@ -487,11 +546,26 @@ def write_evaluation(
         **({"without_duplicates": deduplicated} if deduplicated else {}),
     }
 
+    if breakdown_column is not None:
+        values = dataset.with_format(None).select_columns([breakdown_column])[:][breakdown_column]
+        metrics["per_label"] = label_breakdown(predictions, values, model.config.attributes, breakdown_column)
+
     output_dir.mkdir(parents=True, exist_ok=True)
     files = []
-    confusion_head = plot_confusion_matrix(predictions, model.config.attributes, output_dir / CONFUSION_FILE)
-    if confusion_head is not None:
-        files.append(CONFUSION_FILE)
+    if confusion_heads is None:
+        confusion_head = plot_confusion_matrix(predictions, model.config.attributes, output_dir / CONFUSION_FILE)
+        if confusion_head is not None:
+            files.append(CONFUSION_FILE)
+        metrics["confusion_matrix_attribute"] = confusion_head
+    else:
+        drawn = []
+        for head in confusion_heads:
+            file = CONFUSION_HEAD_FILE.format(head=head)
+            if plot_confusion_matrix(predictions, model.config.attributes, output_dir / file, head,
+                                     predicted_columns=CONFUSION_PREDICTED_COLUMNS) is not None:  # fmt: skip
+                files.append(file)
+                drawn.append(head)
+        metrics["confusion_matrix_attributes"] = drawn
     if plot_attribute_accuracy(metrics, output_dir / ACCURACY_FILE):
         files.append(ACCURACY_FILE)
     if logs_dir is not None:
@@ -499,7 +573,6 @@ def write_evaluation(
             files.append(CURVES_FILE)
         else:
             print(f"warning: no TensorBoard scalars under {logs_dir}; {CURVES_FILE} not written", file=sys.stderr)
-    metrics["confusion_matrix_attribute"] = confusion_head
     metrics["files"] = [METRICS_FILE, *files]
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -508,7 +581,8 @@ def write_evaluation(
 def select_predictions(predictions: Predictions, dataset, rows: list[int], config) -> Predictions:
     """The predictions and references of some rows of `dataset` only (labels re-read, so that counts match)."""
     subset = dataset.with_format(None).select(rows)
-    labels, out_of_vocabulary, attribute_keys = _read_labels(subset, config.attributes)
+    heads = {name: config.attributes[name] for name in predictions.labels}  # the whole split's labelled heads
+    labels, out_of_vocabulary, attribute_keys = _read_labels(subset, heads, keep_unlabelled=True)
     reference, dropped_tags = _reference_tags(subset, attribute_keys, set(config.tag_to_id()))
     index = np.asarray(rows, dtype=np.int64)
     return Predictions(
@@ -519,7 +593,38 @@ def select_predictions(predictions: Predictions, dataset, rows: list[int], confi
         reference=reference,
         out_of_vocabulary_tags=dict(sorted(dropped_tags.items())),
         tag_groups=predictions.tag_groups,  # the groups of the whole split: both sets of figures score the same ones
+        tags_known=predictions.tags_known,
     )
+
+
+def label_breakdown(predictions: Predictions, values: list, attributes: dict[str, list[str]], column: str) -> dict:
+    """Top-1 of each labelled head over the items of each value of `values` (one per item: the phone photos' own
+    `label`, finer than any head: Longsleeve, Polo and T-Shirt are all Tshirts), most frequent value first.
+
+    Returns `{"column", "heads", "labels": {value: {"count", "top1": {head: accuracy}, "labelled_as": {head: the
+    value's most frequent label}, "most_predicted": {head: the most frequent prediction}}}}`; an accuracy is None where
+    no item of the value has a label (in the head's vocabulary) for the head. Items whose value is None are left out.
+    """
+    heads = list(predictions.labels)
+    counts = Counter(value for value in values if value is not None)
+    ordered = sorted(counts, key=lambda value: (-counts[value], str(value)))
+    rows_of = {value: np.flatnonzero([item == value for item in values]) for value in ordered}
+
+    def most_common(indices, names):
+        return names[Counter(indices.tolist()).most_common(1)[0][0]] if len(indices) else None
+
+    table = {}
+    for value in ordered:
+        rows = rows_of[value]
+        entry = {"count": counts[value], "top1": {}, "labelled_as": {}, "most_predicted": {}}
+        for head in heads:
+            truth, predicted = predictions.labels[head][rows], predictions.probs[head][rows].argmax(axis=1)
+            present = truth != IGNORE_INDEX
+            entry["top1"][head] = float((predicted[present] == truth[present]).mean()) if present.any() else None
+            entry["labelled_as"][head] = most_common(truth[present], attributes[head])
+            entry["most_predicted"][head] = most_common(predicted, attributes[head])
+        table[str(value)] = entry
+    return {"column": column, "heads": heads, "labels": table}
 
 
 def shift_like_phone_photos(dataset, processor):
@@ -545,11 +650,15 @@ def main(argv=None) -> dict:
     definition = data.describe_split(args.dataset, args.split, dataset)
     if args.shift == "phone":
         dataset = shift_like_phone_photos(dataset, processor)
+    # Real phone photos know two heads only: a confusion matrix for each, and top-1 per photographer's label.
+    user_photos = args.dataset == data.CLOTHING_USER_PHOTOS
     metrics = write_evaluation(
         model, processor, dataset, args.output,
         logs_dir=args.logs, dataset_name=str(args.dataset), split=args.split, batch_size=args.batch_size,
         num_beams=args.num_beams, model_id=str(args.model), progress=not args.no_progress,
         extra={"limit": args.limit, "shift": args.shift, "split_definition": definition}, duplicates=duplicates,
+        breakdown_column=BREAKDOWN_COLUMN if user_photos else None,
+        confusion_heads=data.CLOTHING_USER_PHOTOS_ATTRIBUTES if user_photos else None,
     )  # fmt: skip
     print(summary(metrics))
     print(f"wrote {', '.join(metrics['files'])} to {args.output}")
@@ -557,18 +666,38 @@ def main(argv=None) -> dict:
 
 
 def summary(metrics: dict) -> str:
-    """A few readable lines: top-1 per attribute, then tag F1."""
+    """A few readable lines: top-1 per attribute, then tag F1, and top-1 per label where broken down by label."""
     lines = [f"{metrics['n_images']} images of {metrics['dataset']} ({metrics['split']})"]
     for name, values in metrics["attributes"].items():
         if values["support"]:
             lines.append(f"  {name:<16} top-1 {values['top1']:.3f}  top-5 {values['top5']:.3f}  "
                          f"macro-F1 {values['macro_f1']:.3f}  (n={values['support']})")  # fmt: skip
+    if metrics.get("heads_without_labels"):
+        lines.append(f"  not scored (no label in the data): {', '.join(metrics['heads_without_labels'])}")
+    if metrics.get("per_label"):
+        lines.append(_breakdown_lines(metrics["per_label"]))
     tags = metrics["tags"]
+    if tags is None:
+        lines.append(f"  tags             {metrics.get('tags_note', 'not scored')}")
+        return "\n".join(lines)
     overall = tags["generated"]["overall"]
     lines.append(f"  tags             P {overall['precision']:.3f}  R {overall['recall']:.3f}  F1 {overall['f1']:.3f}")
     if tags["attribute_tags"]["groups"]:
         generated, heads = tags["attribute_tags"]["generated"]["overall"], tags["attribute_tags"]["heads"]["overall"]
         lines.append(f"  attribute tags   F1 decoder {generated['f1']:.3f}  F1 heads {heads['f1']:.3f}")
+    return "\n".join(lines)
+
+
+def _breakdown_lines(breakdown: dict) -> str:
+    """`label_breakdown`'s table as text: one row per label, top-1 per head, and what the model says most often."""
+    heads = breakdown["heads"]
+    header = f"  {breakdown['column']:<12} {'items':>6}" + "".join(f" {head:>12}" for head in heads)
+    lines = [header + "  most often predicted"]
+    for value, entry in breakdown["labels"].items():
+        scores = "".join(f" {'–' if entry['top1'][head] is None else format(entry['top1'][head], '.2f'):>12}"
+                         for head in heads)  # fmt: skip
+        predicted = " / ".join(str(entry["most_predicted"][head]) for head in heads)
+        lines.append(f"  {value:<12} {entry['count']:>6}{scores}  {predicted}")
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Write the model card (README.md) of a trained fashion tagger from its evaluation metrics and training recipe.
 
     fashion-hf model-card models/fashion-tagger --metrics outputs/eval/metrics.json --recipe recipe.json \
-        [--repo-id user/fashion-tagger] [--dataset-id ashraq/fashion-product-images-small] [--base-model ID]
+        [--repo-id user/fashion-tagger] [--dataset-id ashraq/fashion-product-images-small] [--base-model ID] \
+        [--shifted-metrics metrics-phone.json] [--user-photo-metrics metrics-user-photos.json]
 
 Everything is rendered offline: the card is never validated against, nor pushed to, the Hub here (upload the model
 folder, README.md included, with `HfApi.upload_folder`).
@@ -12,7 +13,13 @@ folder, README.md included, with `HfApi.upload_folder`).
 "base_model": ...}`. Only `command` is required. A model trained in stages (`train.py --init-from` an earlier run)
 has `previous_stages`: the earlier runs' `{"command", "wall_time_seconds", "hardware"}`, first stage first. `wall_time_seconds`, `train_images` and `arguments` (a dict, as
 `vars(args)`) are read as `wall_time_s`, `train_examples` and `hyperparameters`; any other key is listed with the
-hyperparameters.
+hyperparameters. A model that learned from the app's corrections has `feedback`: `{"source", "revision",
+"records_used", "attributes": {attribute: {"changed", "confirmed", "untouched"}}, "init_from"}`, shown in a
+"Community corrections" section.
+
+Real phone photos (`train/evaluate.py --dataset clothing-user-photos`, saved as `metrics-user-photos.json` in the
+model folder, where the command reads it by default) get a column of their own beside the product figures, and a
+table per photographer's label; the synthetic phone-style shift (`--shifted-metrics`) stays a secondary section.
 """
 
 import argparse
@@ -44,7 +51,10 @@ WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
 TRAIN_SIZE_KEYS = ("train_examples", "train_images")
 SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
 RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages", "members",
-               "dataset_name", "splits", "selected_on", "test_note", *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS, *SETTINGS_KEYS}  # fmt: skip
+               "dataset_name", "splits", "selected_on", "test_note", "feedback", *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS,
+               *SETTINGS_KEYS}  # fmt: skip
+USER_PHOTO_METRICS_FILE = "metrics-user-photos.json"  # evaluate.py --dataset clothing-user-photos, in the model folder
+NOT_SCORED = "n/a"  # a head the real phone photos have no label for
 DETAIL_GROUP = "detail"
 # Splits the Hub copy of a data set has itself; any other split is this project's own (a hash of ids or bytes).
 HUB_SPLITS = {"ashraq/fashion-product-images-small": {"train"}, "zalando-datasets/fashion_mnist": {"train", "test"}}
@@ -89,6 +99,74 @@ def _check_metrics(metrics: dict) -> None:
     missing = [key for key in ("attributes", "tags", "n_images") if key not in metrics]
     if missing:
         raise ValueError(f"metrics lack {missing}: pass the metrics.json that train/evaluate.py writes")
+    if metrics["tags"] is None:
+        raise ValueError("these metrics score no tags (a data set without known tag sequences, such as real phone "
+                         "photos): the card's main figures need them; pass phone-photo figures as "
+                         f"{USER_PHOTO_METRICS_FILE} (--user-photo-metrics)")  # fmt: skip
+
+
+def _user_photo_rows(metrics: dict, user_photos: dict | None) -> dict[str, str]:
+    """The real phone photos' top-1 per attribute of the card's table; "n/a" for heads the photos have no label for."""
+    if not user_photos:
+        return {}
+    scored = {name: values for name, values in user_photos["attributes"].items() if values.get("support")}
+    return {name: _score(scored[name]["top1"]) if name in scored else NOT_SCORED for name in metrics["attributes"]}
+
+
+def _user_photos_section(user_photos: dict | None) -> dict | None:
+    """What the card says about the real phone photos: where they come from, and top-1 per photographer's label."""
+    if not user_photos:
+        return None
+    if "attributes" not in user_photos or "n_images" not in user_photos:
+        raise ValueError("the phone-photo metrics lack attributes or n_images: pass the metrics.json that "
+                         "train/evaluate.py --dataset clothing-user-photos writes")  # fmt: skip
+    breakdown = user_photos.get("per_label") or {"heads": [], "labels": {}}
+    heads = breakdown["heads"]
+    rows = [
+        {"label": label, "count": entry["count"], "scores": [_score(entry["top1"][head]) for head in heads],
+         "labelled_as": " / ".join(str(entry["labelled_as"][head]) for head in heads),
+         "predicted": " / ".join(str(entry["most_predicted"][head]) for head in heads)}
+        for label, entry in breakdown["labels"].items()
+    ]  # fmt: skip
+    return {
+        "n_images": user_photos["n_images"],
+        "dataset": user_photos.get("dataset", "clothing-user-photos"),
+        "split": user_photos.get("split", "?"),
+        "definition": user_photos.get("split_definition"),
+        "date": user_photos.get("date"),
+        "heads": [name for name, values in user_photos["attributes"].items() if values.get("support")],
+        "breakdown_heads": heads,
+        "rows": rows,
+    }
+
+
+def _public_name(source: str) -> str:
+    """A Hub id or relative path as it is; an absolute or home path by its last part (a card never shows where
+    things lie on the machine that wrote it)."""
+    return Path(source).name if source.startswith(("/", "~")) else source
+
+
+def _reference(source: str, hub_url: str, local: str) -> str:
+    """A link to a Hub repo (`hub_url` + id), else the local path's public name in backticks followed by `local`."""
+    return f"[{source}]({hub_url}{source})" if _is_hub_id(source) else f"`{_public_name(source)}`{local}"
+
+
+def _community_section(recipe: dict) -> dict | None:
+    """recipe.json's `feedback` (a model that learned from the app's corrections) for the card, else None."""
+    feedback = recipe.get("feedback")
+    if not feedback:
+        return None
+    init_from = feedback.get("init_from")
+    return {
+        "source": _reference(str(feedback.get("source", "")), "https://huggingface.co/datasets/", " (a local folder)"),
+        "revision": feedback.get("revision"),
+        "records_used": feedback.get("records_used", 0),
+        "init_from": _reference(str(init_from), "https://huggingface.co/", "") if init_from else None,
+        "attributes": [
+            {"name": name, **{key: counts.get(key, 0) for key in ("changed", "confirmed", "untouched")}}
+            for name, counts in (feedback.get("attributes") or {}).items()
+        ],
+    }
 
 
 def split_definition(metrics: dict) -> str | None:
@@ -266,6 +344,7 @@ def build_model_card(
     repo_id: str | None = None,
     *,
     shifted_metrics: dict | None = None,
+    user_photo_metrics: dict | None = None,
     license: str = "other",
     template_path: str | Path = TEMPLATE,
     title: str | None = None,
@@ -274,6 +353,9 @@ def build_model_card(
     `recipe` (the training command, wall time, hardware, hyperparameters), with a model-index of the measured scores.
 
     `shifted_metrics`: the same evaluation with `--shift` (e.g. phone-style photos), shown next to the clean scores.
+    `user_photo_metrics`: evaluate.py's metrics.json on real phone photos (`--dataset clothing-user-photos`): their
+    top-1 becomes a column beside the product figures ("n/a" for heads they have no label for), with a table of
+    top-1 per photographer's label. A recipe with `feedback` gets a "Community corrections" section.
     Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
     `model_folder`. `title`: the card's heading and model-index name (default: the repo's name, else the folder's).
     `dataset_id` is a Hub id, or a local catalogue's name (never its absolute path). Nothing here touches the
@@ -319,6 +401,8 @@ def build_model_card(
     selected_on = recipe.get("selected_on") or {}
     height, width = config.get("image_size", [None, None])
     num_beams = metrics.get("num_beams", 1)
+    user_photos = _user_photos_section(user_photo_metrics)
+    user_photo_top1 = _user_photo_rows(metrics, user_photo_metrics)
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
@@ -362,7 +446,8 @@ def build_model_card(
              "support": values["support"], "out_of_vocabulary": values.get("out_of_vocabulary", 0),
              **({"top1_deduplicated": _score(deduplicated["attributes"][name]["top1"]),
                  "macro_f1_deduplicated": _score(deduplicated["attributes"][name]["macro_f1"])}
-                if deduplicated else {})}
+                if deduplicated else {}),
+             "top1_user_photos": user_photo_top1.get(name)}
             for name, values in metrics["attributes"].items()
         ],  # fmt: skip
         mean_top1=_score(metrics["mean_top1"]) if metrics.get("mean_top1") is not None else None,
@@ -374,6 +459,8 @@ def build_model_card(
         plots=plots,
         shift=(shifted_metrics or {}).get("shift"),
         robustness_rows=_robustness_rows(metrics, shifted_metrics),
+        user_photos=user_photos,
+        community=_community_section(recipe),
     )
 
 
@@ -397,6 +484,9 @@ def main(argv=None) -> Path:
     parser.add_argument("--dataset-id", default=None, help="training data (default: the recipe's, else the metrics')")
     parser.add_argument("--base-model", default=None, help="pretrained encoder, e.g. timm/tf_efficientnet_lite0.in1k")
     parser.add_argument("--shifted-metrics", type=Path, default=None, help="metrics.json of evaluate.py --shift phone")
+    parser.add_argument("--user-photo-metrics", type=Path, default=None,
+                        help="metrics.json of evaluate.py --dataset clothing-user-photos (default: the model folder's "
+                        f"{USER_PHOTO_METRICS_FILE} when it has one)")  # fmt: skip
     parser.add_argument("--license", default="other")
     parser.add_argument("--output", type=Path, default=None, help="the card's path (default MODEL_FOLDER/README.md)")
     parser.add_argument("--no-copy-plots", action="store_true", help="do not copy the plots next to metrics.json")
@@ -415,8 +505,12 @@ def main(argv=None) -> Path:
         for file in copy_plots(args.metrics.parent, args.model_folder):
             print(f"copied {file} into {args.model_folder}")
     shifted = json.loads(args.shifted_metrics.read_text()) if args.shifted_metrics else None
+    user_photo_path = args.user_photo_metrics or args.model_folder / USER_PHOTO_METRICS_FILE
+    read_user_photos = args.user_photo_metrics is not None or user_photo_path.is_file()  # a named file must exist
+    user_photos = json.loads(user_photo_path.read_text()) if read_user_photos else None
     card = build_model_card(
-        args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted, license=args.license
+        args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted,
+        user_photo_metrics=user_photos, license=args.license,
     )
     output = args.output or args.model_folder / "README.md"
     card.save(output)
