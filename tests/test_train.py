@@ -11,7 +11,8 @@ from card_figures import card_mismatches
 from conftest import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_model
 from transformers import AutoModel, pipeline
 
-from fashion_hf.training.train import TrainingTagger, parse_args, push_to_hub
+import fashion_hf
+from fashion_hf.training.train import TrainingTagger, parse_args, previous_stages, push_to_hub
 
 def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
     output, log = trained
@@ -144,3 +145,86 @@ def test_push_to_hub_uploads_the_folder_as_one_model_commit(tmp_path):
     kwargs = api.upload_folder.call_args.kwargs
     assert kwargs["repo_id"] == "org/tagger" and kwargs["repo_type"] == "model"
     assert kwargs["folder_path"] == str(tmp_path) and "fashion tagger" in kwargs["commit_message"]
+
+
+def _tiny_ensemble(member_folder, folder):
+    from fashion_hf.training.ensemble import combine, save
+
+    ensemble = combine([str(member_folder), str(member_folder)], mirror_views=True)
+    save(ensemble, fashion_hf.FashionTaggerImageProcessor.from_pretrained(member_folder), folder, torch.float16)
+    stages = previous_stages(str(member_folder))
+    (folder / "recipe.json").write_text(json.dumps({"command": "python train/ensemble.py ...", "members": [
+        {"folder": str(member_folder), "stages": stages}] * 2}))  # fmt: skip
+    return ensemble
+
+
+def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(trained, tiny_catalogue, tmp_path):
+    """The shipped model is an ensemble: --init-from it trains each member on the feedback and a replayed sample
+    of the catalogue, then writes one ensemble again, with its lineage (start model, feedback records, revision)."""
+    from fashion_hf.feedback import FeedbackStore
+
+    first_stage, _ = trained
+    start = _tiny_ensemble(first_stage / "model", tmp_path / "start")
+    with FeedbackStore(tmp_path / "feedback") as store:
+        for colour in ("Red", "Blue", "Green"):  # phone-style: only articleType known, the rest untouched
+            store.add(
+                product_photo(COLOURS[colour], size=(90, 70)), predicted={"attributes": {}, "tags": []},
+                corrected_attributes={"articleType": "Shirts", "baseColour": "Red"}, corrected_tags=[],
+                attribute_status={"articleType": "changed", "baseColour": "untouched"},
+                consent=True, model_id="tiny", model_revision="0",
+            )  # fmt: skip
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    log = run_training([*flags, "--init-from", str(tmp_path / "start"), "--feedback", str(tmp_path / "feedback"),
+                        "--replay-images", "10", "--feedback-repeats", "2"], launcher=(sys.executable,))  # fmt: skip
+    assert log.count("train 16 / eval 12 images") == 2  # per member: 10 replayed rows + 2 x 3 corrections
+
+    folder = tmp_path / "run" / "model"
+    model = AutoModel.from_pretrained(folder)
+    assert isinstance(model, fashion_hf.FashionTaggerEnsembleModel) and len(model.members) == 2
+    assert model.config.mirror_views and model.config.tags == start.config.tags
+    for trained_member, start_member in zip(model.members, start.members):
+        before = start_member.heads["articleType"].weight.to(torch.float16).float()
+        assert not torch.equal(trained_member.heads["articleType"].weight.float(), before)  # it learned
+    recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["init_from"] == str(tmp_path / "start")
+    assert recipe["feedback"]["records_used"] == 3 and recipe["feedback"]["revision"]
+    assert recipe["feedback"]["attributes"]["articleType"]["changed"] == 3
+    assert recipe["feedback"]["attributes"]["baseColour"]["untouched"] == 3
+    assert [len(member["stages"]) for member in recipe["members"]] == [2, 2]  # first stage, then this one
+    card = (folder / "README.md").read_text()
+    assert card_mismatches(card, json.loads((folder / "metrics.json").read_text())) == []
+    assert "Community corrections" in card and str(tmp_path / "start") in card
+    assert pipeline("fashion-tagging", model=str(folder))(product_photo())["attributes"]
+
+
+def test_new_typed_tags_grow_the_vocabulary_and_keep_the_old_rows():
+    from fashion_hf.training.train import add_detail_tags
+
+    torch.manual_seed(0)
+    model = tiny_model(tags=[["Shirts", "articleType"], ["check", "detail"]], attributes={"articleType": ["Shirts", "Tshirts"]})
+    pixels, sequence = torch.rand(2, 3, 64, 48), torch.tensor([[1, 3, 4, 2]] * 2)  # <bos> Shirts check <eos>
+    before = model(pixels, tag_ids=sequence)
+    old_size = model.config.tag_vocab_size
+    assert add_detail_tags(model, ["check", "linen"]) == ["linen"]
+    assert model.config.tags[-1] == ["linen", "detail"] and model.config.tag_vocab_size == old_size + 1
+    after = model(pixels, tag_ids=sequence)
+    assert torch.equal(after.tag_logits[..., :old_size], before.tag_logits)  # every old tag scores as before
+    assert (after.tag_logits[..., old_size] <= before.tag_logits[..., 3:].max(-1).values).all()  # the new one starts low
+    assert torch.equal(after.attribute_logits["articleType"], before.attribute_logits["articleType"])
+    assert add_detail_tags(model, ["linen"]) == []
+
+
+def test_an_unknown_tag_sequence_trains_the_heads_and_not_the_decoder():
+    from fashion_hf.training.train import TaggingExamples, collate
+
+    torch.manual_seed(0)
+    model = tiny_model(tags=[["Shirts", "articleType"]], attributes={"articleType": ["Shirts", "Tshirts"]}).train()
+    processor = fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config)
+    rows = [{"image": product_photo(), "articleType": "Tshirts", "tags": ["articleType:Tshirts"], "tags_known": False}]
+    batch = collate([TaggingExamples(rows, model.config, processor)[0]])
+    assert batch["tag_ids"].tolist() == [[1, 0]]  # <bos> <pad>: no target the decoder could learn
+    output = model(**batch)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    assert model.heads["articleType"].weight.grad.abs().sum() > 0
+    assert model.tag_classifier.weight.grad.abs().sum() == 0

@@ -60,11 +60,23 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedConfig, get_cosine_schedule_with_warmup
 
-from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
+from .. import (
+    FashionTaggerConfig,
+    FashionTaggerEnsembleConfig,
+    FashionTaggerEnsembleModel,
+    FashionTaggerImageProcessor,
+    FashionTaggerModel,
+)
 from .. import data
-from ..configuration_fashion_tagger import DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS, DETAIL_GROUP
+from ..configuration_fashion_tagger import (
+    BOS_TAG_ID,
+    DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS,
+    DETAIL_GROUP,
+    PAD_TAG_ID,
+    SPECIAL_TAGS,
+)
 from ..encoder_weights import load_pretrained_encoder
 from ..modeling_fashion_tagger import IGNORE_INDEX
 from ..pipeline_fashion_tagging import save_tagger
@@ -91,12 +103,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="fewest training items a mined detail tag needs to join the vocabulary (default: 20; a catalogue: "
         "its training images / 1,000, between 3 and 20)")
     add("--feedback", default=None, help="feedback store folder or Hub dataset whose corrections join the training data")
+    add("--feedback-repeats", type=int, default=1,
+        help="times each feedback record is seen per epoch (differently augmented): a few thousand corrections "
+        "beside tens of thousands of catalogue images would otherwise barely move the model")
+    add("--replay-images", type=int, default=None,
+        help="train on this many images of the train split, drawn with --seed, instead of all of it: with --init-from "
+        "and --feedback, the catalogue replayed beside the corrections so that the model forgets nothing")
     add("--feedback-tag-min-contributors", type=int, default=None,
         help="people who must type a feedback tag for it to join the vocabulary (default: the config's, 3)")
     add("--limit-train", type=int, default=None)
     add("--limit-eval", type=int, default=None)
     # Model
-    add("--init-from", default=None, help="start from this model folder (keeps its vocabulary)")
+    add("--init-from", default=None,
+        help="start from this model folder: a model (keeps its heads and tags; typed feedback tags are added) or an "
+        "ensemble (each member continues training in turn, then they are combined again)")
     add("--encoder-name", default="tf_efficientnet_lite0")
     add("--image-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
         help="input size (default 128 96; with --init-from, the model's own size unless given)")
@@ -122,6 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--cache-views", type=int, default=3, help="augmented views cached per training image (the first is clean)")
     add("--epochs", type=int, default=10, help="epochs with the frozen stages (all epochs when --frozen-stages 0)")
     add("--finetune-epochs", type=int, default=0, help="then epochs of the whole network on augmented images")
+    add("--keep-epoch", default="best", choices=["best", "last"],
+        help="the epoch written: the best mean top-1 on --eval-split, or the last (when --eval-split does not "
+        "measure what the run is for, e.g. corrections of photos unlike the catalogue's)")
     add("--batch-size", type=int, default=128)
     add("--learning-rate", type=float, default=2e-3)
     add("--encoder-lr-scale", type=float, default=0.25, help="encoder learning rate = this x --learning-rate")
@@ -191,14 +214,34 @@ def default_min_tag_count(args, train_images: int) -> int:
     return min(20, max(3, math.ceil(train_images / 1000)))
 
 
-def add_feedback(train_set, feedback, attributes):
-    """Append annotators' corrected records to the training data (images, the attributes trained, tags)."""
-    columns = ["image", *attributes, data.TAGS_COLUMN]
+def replay_sample(dataset, images: int, seed: int):
+    """`images` rows drawn at random with `seed` (the same rows on every run and in every ensemble member)."""
+    if images >= len(dataset):
+        return dataset
+    rows = np.random.default_rng(seed).choice(len(dataset), images, replace=False)
+    return dataset.select(sorted(rows.tolist()))
+
+
+def add_feedback(train_set, feedback, attributes, repeats: int = 1):
+    """Append annotators' corrections to the training data, `repeats` times (each copy augmented differently).
+
+    Only the fields a contributor changed or confirmed are labels (`data.load_feedback`); a record that does not
+    label every attribute has `tags_known` False, and its tag sequence is left out of the decoder's loss.
+    """
+    columns = ["image", *attributes, data.TAGS_COLUMN, data.TAGS_KNOWN_COLUMN]
+    train_set = with_tags_known(train_set)
     for attribute in attributes:
         if attribute not in feedback.column_names:
             feedback = feedback.add_column(attribute, [None] * len(feedback))
-    feedback = feedback.select_columns(columns).cast(train_set.select_columns(columns).features)
-    return datasets.concatenate_datasets([train_set.select_columns(columns), feedback])
+    feedback = with_tags_known(feedback).select_columns(columns).cast(train_set.select_columns(columns).features)
+    return datasets.concatenate_datasets([train_set.select_columns(columns), *[feedback] * repeats])
+
+
+def with_tags_known(dataset):
+    """The dataset with a `tags_known` column (True where it has none: catalogue rows carry whole tag sequences)."""
+    if data.TAGS_KNOWN_COLUMN in dataset.column_names:
+        return dataset
+    return dataset.add_column(data.TAGS_KNOWN_COLUMN, [True] * len(dataset), feature=datasets.Value("bool"))
 
 
 def dataset_attributes(args, dataset) -> list[str]:
@@ -225,10 +268,13 @@ class TaggingExamples(torch.utils.data.Dataset):
         if self.augment_strength > 0:
             rng = np.random.default_rng([self.seed, self.view, index])
             image = self.augment(image, rng, self.augment_strength)
+        # An unknown sequence is `<bos> <pad>`: one step for the decoder to run, no target for its loss.
+        known = row.get(data.TAGS_KNOWN_COLUMN, True)
+        tags = self.config.tag_sequence_ids(row["tags"], self.tag_vocabulary) if known else [BOS_TAG_ID, PAD_TAG_ID]
         return {
             "pixel_values": self.processor.pixel_values_of(image),
             "attribute_labels": torch.tensor(self.config.attribute_label_ids(row)),
-            "tag_ids": torch.tensor(self.config.tag_sequence_ids(row["tags"], self.tag_vocabulary)),
+            "tag_ids": torch.tensor(tags),
         }
 
 
@@ -281,6 +327,7 @@ def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> Fashion
             model.config.image_size = list(args.image_size)
         if args.decoder_matmul_dtype:
             model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
+        add_detail_tags(model, keep_detail_tags)
         return model
     min_tag_count = default_min_tag_count(args, len(train_dataset))
     heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=min_tag_count,
@@ -304,6 +351,33 @@ def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> Fashion
     if args.pretrained != "none":
         model.config.encoder_weights = load_pretrained_encoder(model, args.pretrained)
     return model
+
+
+def add_detail_tags(model: FashionTaggerModel, tags) -> list[str]:
+    """Append the detail tags the model's vocabulary lacks as new decoder rows and return them.
+
+    The old rows keep their ids and weights, so the model tags as before; a new tag starts as unlikely as the
+    least likely old one and is learned from the records that carry it.
+    """
+    known = {text for text, group in model.config.tags if group == DETAIL_GROUP}
+    added = [tag for tag in tags if tag not in known]
+    if not added:
+        return []
+    old_size = model.config.tag_vocab_size
+    model.config.tags = [*model.config.tags, *([tag, DETAIL_GROUP] for tag in added)]
+    embeddings, classifier = model.tag_embeddings, model.tag_classifier
+    grown_embeddings = nn.Embedding(model.config.tag_vocab_size, embeddings.embedding_dim, padding_idx=embeddings.padding_idx)
+    grown_classifier = nn.Linear(classifier.in_features, model.config.tag_vocab_size)
+    with torch.no_grad():
+        grown_embeddings.weight[:old_size] = embeddings.weight
+        grown_embeddings.weight[old_size:].normal_(0.0, embeddings.weight[len(SPECIAL_TAGS):].std().item())
+        grown_classifier.weight[:old_size] = classifier.weight
+        grown_classifier.weight[old_size:] = 0.0
+        grown_classifier.bias[:old_size] = classifier.bias
+        grown_classifier.bias[old_size:] = classifier.bias[len(SPECIAL_TAGS):].min()
+    model.tag_embeddings, model.tag_classifier = grown_embeddings, grown_classifier
+    model._input_gates_cache = None  # it caches rows of the old embedding table
+    return added
 
 
 def parameter_groups(model: FashionTaggerModel, args):
@@ -422,9 +496,19 @@ def image_loaders(args, train_set, eval_set, config, processor, epoch):
     return train_loader, eval_loader
 
 
-def main(argv=None):
+def main(argv=None) -> Path:
+    """Train as the flags say; returns the written model folder."""
     args = parse_args(argv)
     keep_freed_memory()
+    command = "accelerate launch train/train.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    if args.init_from and is_ensemble(args.init_from):
+        return continue_ensemble(args, command)
+    return train_model(args, command)
+
+
+def train_model(args, command: str, final: bool = True) -> Path:
+    """One model trained and written to `<output_dir>/model`; `final=False` (an ensemble member) skips its
+    evaluation, card and push, which the ensemble does once for all members."""
     started = time.time()
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
@@ -443,13 +527,16 @@ def main(argv=None):
         torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(local_processes))
 
     train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
+    if args.replay_images:
+        train_set = replay_sample(train_set, args.replay_images, args.seed)
     test_set = load_split(args, args.test_split) if args.test_split else None
     used_splits = [args.train_split, args.eval_split, *([args.test_split] if args.test_split else [])]
     splits = {split: data.describe_split(args.dataset, split, eval_set) for split in used_splits}
     attributes = dataset_attributes(args, train_set)
     typed_tags = []
     if args.feedback:
-        train_set = add_feedback(train_set, data.load_feedback(args.feedback, attributes), attributes)
+        feedback = data.load_feedback(args.feedback, attributes)
+        train_set = add_feedback(train_set, feedback, attributes, args.feedback_repeats)
         typed_tags = feedback_tags_to_keep(args)
     model = build_model(args, train_set, attributes, typed_tags)
     config = model.config
@@ -459,10 +546,7 @@ def main(argv=None):
     accelerator.print(f"train {len(train_set)} / eval {len(eval_set)} images; heads {list(config.attributes)}; "
                       f"{len(config.tags)} tags; encoder weights: {getattr(config, 'encoder_weights', 'random')}")
     if typed_tags:
-        details = {text for text, group in config.tags if group == DETAIL_GROUP}
-        joined, left_out = [tag for tag in typed_tags if tag in details], [tag for tag in typed_tags if tag not in details]
-        accelerator.print(f"typed feedback tags in the vocabulary: {joined}" + (
-            f"; not added (--init-from keeps its vocabulary): {left_out}" if left_out else ""))  # fmt: skip
+        accelerator.print(f"typed feedback tags in the vocabulary: {typed_tags}")
 
     frozen_stages = args.frozen_stages if args.frozen_stages == "all" else int(args.frozen_stages)
     cached = frozen_stages == "all" or frozen_stages > 0
@@ -517,7 +601,7 @@ def main(argv=None):
 
         progress.epoch = epoch + 1
         progress.seconds = seconds_before + time.time() - started
-        if metrics["val/mean_top1"] > progress.best_score:
+        if metrics["val/mean_top1"] > progress.best_score or args.keep_epoch == "last":
             progress.best_score, progress.best_epoch = metrics["val/mean_top1"], epoch + 1
             accelerator.wait_for_everyone()
             inner.model.save_pretrained(output_dir / "best", is_main_process=accelerator.is_main_process, save_function=accelerator.save)
@@ -527,9 +611,10 @@ def main(argv=None):
 
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    final_dir = output_dir / "model"
     if accelerator.is_main_process:
         recipe = {
-            "command": "accelerate launch train/train.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+            "command": command,
             "wall_time_seconds": round(seconds_before + time.time() - started, 1),
             "hardware": f"{accelerator.num_processes} x {accelerator.device.type} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
             "best_epoch": progress.best_epoch,
@@ -538,26 +623,115 @@ def main(argv=None):
             **({"test_images": len(test_set)} if test_set is not None else {}),
             "dataset_name": dataset_name(args.dataset),
             "splits": splits,
-            "selected_on": {"split": args.eval_split, "choices": ["the best epoch (mean top-1 over the heads)"]},
+            "selected_on": {"split": args.eval_split, "choices": ["the best epoch (mean top-1 over the heads)"]}
+            if args.keep_epoch == "best" else None,
             "min_tag_count": default_min_tag_count(args, len(train_set)) if not args.init_from else None,
             "feedback_tags": typed_tags or None,
             "arguments": vars(args),
             "previous_stages": previous_stages(args.init_from),
+            **({"feedback": feedback_lineage(args)} if args.feedback else {}),
         }
+        if not final:
+            model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=list(config.attributes))
+            save_tagger(model, processor, final_dir)
+            (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+            return final_dir
         if test_set is not None:
             test_set = data.apply_vocabulary(test_set, config.attributes, config.tags)
-        finish(args, output_dir, processor, eval_set if test_set is None else test_set, recipe, list(config.attributes))
+        model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=list(config.attributes)).eval()
+        finish(args, model, processor, final_dir, eval_set if test_set is None else test_set, recipe)
+    return final_dir
+
+
+def is_ensemble(model_folder: str) -> bool:
+    config, _ = PreTrainedConfig.get_config_dict(model_folder)
+    return config.get("model_type") == FashionTaggerEnsembleConfig.model_type
+
+
+def continue_ensemble(args, command: str) -> Path:
+    """--init-from an ensemble: each member continues training on the same data in turn (from its own start
+    folder, so a killed run resumes at the member it was training), then the members are combined again with the
+    ensemble's view settings, stored as it was (float16), measured and written like any trained model."""
+    from .ensemble import combine, save as save_ensemble
+
+    started = time.time()
+    output_dir = Path(args.output_dir)
+    ensemble = FashionTaggerEnsembleModel.from_pretrained(args.init_from, dtype=torch.float32)
+    processor = FashionTaggerImageProcessor.from_pretrained(args.init_from)
+    earlier = read_recipe(args.init_from)
+    member_folders = []
+    for index, member in enumerate(ensemble.members):
+        member_dir = output_dir / "members" / str(index)
+        if not (member_dir / "model" / "config.json").is_file():
+            start = member_dir / "start"
+            save_tagger(member, processor, start)
+            stages = earlier.get("members", [{}] * len(ensemble.members))[index].get("stages", [])
+            if stages:  # the member's own history, for the lineage in recipe.json
+                (start / "recipe.json").write_text(json.dumps({**stages[-1], "previous_stages": stages[:-1]}, indent=2))
+            resume = args.resume and any((member_dir / "checkpoints").glob("checkpoint_*"))
+            overrides = {"init_from": str(start), "output_dir": str(member_dir), "push_to_hub": None, "resume": resume}
+            train_model(argparse.Namespace(**{**vars(args), **overrides}), command, final=False)
+        member_folders.append(member_dir / "model")
+
+    combined = combine([str(folder) for folder in member_folders], ensemble.config.mirror_views)
+    final_dir = output_dir / "model"
+    save_ensemble(combined, FashionTaggerImageProcessor.from_pretrained(member_folders[0]), final_dir, torch.float16)
+    model = FashionTaggerEnsembleModel.from_pretrained(final_dir).eval()  # measure what was stored
+    member_recipes = [read_recipe(folder) for folder in member_folders]
+    eval_split = args.test_split or args.eval_split
+    eval_set = data.apply_vocabulary(load_split(args, eval_split), model.config.attributes, model.config.tags)
+    recipe = {
+        "command": command,
+        "wall_time_seconds": round(time.time() - started + sum(r["wall_time_seconds"] for r in member_recipes), 1),
+        "hardware": member_recipes[0]["hardware"],
+        "train_images": member_recipes[0]["train_images"],
+        "eval_images": len(eval_set),
+        "dataset_name": dataset_name(args.dataset),
+        "splits": member_recipes[0]["splits"],
+        "selected_on": member_recipes[0]["selected_on"] and {"split": args.eval_split, "choices": ["each member's best epoch"]},
+        "feedback_tags": member_recipes[0]["feedback_tags"],
+        "arguments": vars(args),
+        "init_from": args.init_from,
+        "base_model": earlier.get("base_model"),
+        "members": [
+            {"folder": str(folder), "stages": [*r["previous_stages"], stage_of(r)]}
+            for folder, r in zip(member_folders, member_recipes)
+        ],
+        **({"feedback": member_recipes[0]["feedback"]} if args.feedback else {}),
+    }
+    finish(args, model, None, final_dir, eval_set, recipe, save=False)
+    return final_dir
+
+
+def read_recipe(model_folder) -> dict:
+    path = Path(model_folder) / "recipe.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def feedback_lineage(args) -> dict:
+    """Where the corrections came from: the store, its revision, how many records and fields were learned from."""
+    summary = data.feedback_summary(args.feedback)
+    return {
+        "source": str(args.feedback),
+        "revision": summary["revision"],
+        "records_used": summary["records"],
+        "attributes": summary["attributes"],
+        "init_from": args.init_from,
+    }
+
+
+def stage_of(recipe: dict) -> dict:
+    """The fields of a recipe.json that describe its own run, as one stage of a later model's history."""
+    return {key: recipe[key] for key in ("command", "wall_time_seconds", "hardware", "wall_time_note") if key in recipe}
 
 
 def previous_stages(model_folder: str | None) -> list[dict]:
     """The runs that trained the model in `model_folder` (an `--init-from` start, an ensemble member), first first,
     from its recipe.json; none without one."""
-    recipe_path = Path(model_folder) / "recipe.json" if model_folder else None
-    if recipe_path is None or not recipe_path.is_file():
+    earlier = read_recipe(model_folder) if model_folder else {}
+    if not earlier or "members" in earlier:  # an ensemble's history is per member (continue_ensemble)
         return []
-    earlier = json.loads(recipe_path.read_text())
-    stage = {key: earlier[key] for key in ("command", "wall_time_seconds", "hardware", "wall_time_note") if key in earlier}
-    return [*earlier.get("previous_stages", []), stage]
+    return [*earlier.get("previous_stages", []), stage_of(earlier)]
 
 
 def dataset_name(dataset: str) -> str:
@@ -565,24 +739,25 @@ def dataset_name(dataset: str) -> str:
     return dataset if dataset in data.BUILT_IN_DATASETS else data.catalogue_name(dataset)
 
 
-def finish(args, output_dir: Path, processor, eval_set, recipe, attribute_order):
-    """Write the Hub-ready folder from the best epoch's weights, measure it on `eval_set` (the test split when the
-    run has one, else the selection split), write its card, push if asked."""
+def finish(args, model, processor, final_dir: Path, eval_set, recipe, save: bool = True):
+    """Write the Hub-ready folder (unless `save` is False: already written), measure it on `eval_set` (the test
+    split when the run has one, else the selection split), write its card, push if asked."""
     from .model_card import build_model_card
     from .evaluate import write_evaluation
 
-    final_dir = output_dir / "model"
-    model = FashionTaggerModel.from_pretrained(output_dir / "best", attribute_order=attribute_order).eval()
-    save_tagger(model, processor, final_dir)
+    if save:
+        save_tagger(model, processor, final_dir)
+    processor = FashionTaggerImageProcessor.from_pretrained(final_dir)
     split = args.test_split or args.eval_split
     metrics = write_evaluation(
-        model, processor, eval_set, final_dir, logs_dir=output_dir / "logs", dataset_name=recipe["dataset_name"],
-        split=split, extra={"split_definition": recipe["splits"][split]},
+        model, processor, eval_set, final_dir, logs_dir=Path(args.output_dir) / "logs",
+        dataset_name=recipe["dataset_name"], split=split, extra={"split_definition": recipe["splits"][split]},
     )  # fmt: skip
     (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
     dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else recipe["dataset_name"]
     title = args.push_to_hub.split("/")[-1] if args.push_to_hub else f"fashion-tagger-{recipe['dataset_name']}"
-    card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=f"timm/{args.encoder_name}",
+    base_model = recipe.get("base_model") or f"timm/{args.encoder_name}"
+    card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=base_model,
                             repo_id=args.push_to_hub, title=title)  # fmt: skip
     card.save(final_dir / "README.md")
     print(f"model folder: {final_dir}")
