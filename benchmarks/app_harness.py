@@ -31,6 +31,15 @@ def served_model(path: str | None, workdir: Path) -> tuple[str, str]:
         return path, f"model {path}"
     if (DEFAULT_MODEL / "config.json").is_file():
         return str(DEFAULT_MODEL), f"the shipped model {DEFAULT_MODEL.relative_to(REPO)}"
+    return str(tiny_model(workdir / "tiny-model")), (
+        "a tiny untrained stand-in built on the fly (timm test_efficientnet, 64x48): models/fashion-tagger is "
+        "absent, so the figures measure the app and its queue more than the model"
+    )
+
+
+def tiny_model(folder: Path, attributes: dict[str, list[str]] | None = None) -> Path:
+    """An untrained model (timm test_efficientnet, 64x48) with its processor saved to `folder`; `attributes`: its
+    heads and their labels (default: the configuration's)."""
     import torch
 
     import fashion_hf
@@ -38,16 +47,11 @@ def served_model(path: str | None, workdir: Path) -> tuple[str, str]:
     torch.manual_seed(0)
     config = fashion_hf.FashionTaggerConfig(
         encoder_name="test_efficientnet", image_size=(64, 48), decoder_hidden_size=32, tag_embedding_size=16,
-        max_tag_length=8,
+        max_tag_length=8, attributes=attributes,
     )  # fmt: skip
-    folder = workdir / "tiny-model"
-    model = fashion_hf.FashionTaggerModel(config).eval()
-    model.save_pretrained(folder)
+    fashion_hf.FashionTaggerModel(config).eval().save_pretrained(folder)
     fashion_hf.FashionTaggerImageProcessor.from_model_config(config).save_pretrained(folder)
-    return str(folder), (
-        "a tiny untrained stand-in built on the fly (timm test_efficientnet, 64x48): models/fashion-tagger is "
-        "absent, so the figures measure the app and its queue more than the model"
-    )
+    return folder
 
 
 def model_attributes(folder: str) -> dict[str, list[str]]:

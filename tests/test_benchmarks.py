@@ -154,3 +154,62 @@ def test_encoder_probe_separates_colours_with_imagenet_features(capsys, tmp_path
     colour, season = (float(cell) for cell in row.strip("|").split("|")[2:])
     assert colour == 1.0
     assert season == 1.0  # one known season; the image without one is left out, not counted wrong
+
+
+def test_feedback_loop_smoke_sends_corrections_retrains_and_measures_before_and_after(tmp_path, monkeypatch):
+    """benchmarks/feedback_loop.py --smoke end to end as its command runs it (app.py in its own process, contributors
+    through gradio_client, train/train.py through accelerate), then its re-evaluation of that run into a report."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from collections import Counter
+
+    import app_harness
+    import feedback_loop
+    from conftest import REPO
+
+    workdir = tmp_path / "loop"
+    command = [sys.executable, "benchmarks/feedback_loop.py", "--smoke", "--workdir", str(workdir), "--threads", "4"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+
+    sending = summary["sending"]  # every photo sent once, stored once, and learned from
+    assert sending["photos"] == sending["sent"] == 24 and sending["errors"] == 0
+    assert sending["records_in_store"] == sending["training_records"] == 24
+    assert summary["retraining"]["feedback"]["records"] == 24
+    metadata = workdir.glob("feedback/data/*/metadata.jsonl")
+    stored = [json.loads(line) for meta in metadata for line in meta.read_text().splitlines()]
+    truth = data.load_clothing_user_photos(workdir / "smoke-data" / "phones", split="train")
+    sent_labels = [json.loads(line["corrected_attributes"])["articleType"] for line in stored]
+    assert sorted(sent_labels) == sorted(truth["articleType"])
+    for head in feedback_loop.PHONE_HEADS:  # what the contributors sent is what the store and training counted
+        sent = sending["sent_statuses"][head]
+        assert sum(sent.values()) == 24 and set(sent) <= {"changed", "confirmed"}
+        assert sending["stored_statuses"][head] == {"changed": 0, "confirmed": 0, **sent, "untouched": 0}
+        assert sent == dict(Counter(json.loads(line["attribute_status"])[head] for line in stored))
+
+    start, retrained = AutoModel.from_pretrained(summary["model"]), AutoModel.from_pretrained(summary["retrained"])
+    assert list(retrained.config.attributes) == list(start.config.attributes)
+    assert not torch.equal(retrained.heads["articleType"].weight, start.heads["articleType"].weight)
+    assert summary["retraining"]["wall_seconds"] >= summary["retraining"]["recipe_wall_seconds"] > 0
+    scored = {"phone_validation": feedback_loop.PHONE_HEADS, "product_validation": data.PRODUCT_ATTRIBUTES}
+    for split, heads in scored.items():
+        for when in ("before", "after"):
+            figures = summary[split][when]
+            assert set(figures["top1"]) == set(heads) and figures["n_images"] == 12
+            assert all(0.0 <= value <= 1.0 for value in figures["top1"].values())
+
+    # The same run evaluated again (--retrained), its section written to a BENCHMARKS.md of its own.
+    monkeypatch.setattr(app_harness, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    assert feedback_loop.main([
+        "--workdir", str(workdir), "--model", summary["model"], "--retrained", summary["retrained"],
+        "--phone-data", str(workdir / "smoke-data" / "phones"),
+        "--product-data", str(workdir / "smoke-data" / "products"), "--write-benchmarks",
+    ]) == 0  # fmt: skip
+    text = (tmp_path / "BENCHMARKS.md").read_text()
+    assert f"## {feedback_loop.TITLE} (" in text and "24 records in the store from 24 photos sent" in text
+    before = summary["phone_validation"]["before"]["top1"]["articleType"]
+    assert f"| articleType | {before:.3f} |" in text and "| usage | – | – | – |" in text
