@@ -16,13 +16,16 @@ Typical use:
     config = FashionTaggerConfig(attributes=attributes, tags=tags)
 """
 
+import atexit
 import gzip
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import struct
+import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -847,8 +850,12 @@ def _load_feedback_records(source: str | Path) -> Dataset:
         return _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
     if not path.is_dir():
         raise FileNotFoundError(f"feedback store {path} is not a folder")
-    # The store grows and records can be withdrawn between runs: never serve a cached copy of an older state.
-    return load_dataset(str(path), split="train", download_mode="force_redownload", verification_mode="no_checks")
+    # The store grows and records can be withdrawn between runs: never serve a cached copy of an older state. A
+    # cache of this load's own, not a forced rebuild of the shared one: two runs reading one store at once (the
+    # members of a sweep) would delete each other's files mid-build.
+    cache_dir = tempfile.mkdtemp(prefix="fashion-hf-feedback-")
+    atexit.register(shutil.rmtree, cache_dir, ignore_errors=True)
+    return load_dataset(str(path), split="train", cache_dir=cache_dir, verification_mode="no_checks")
 
 
 def load_feedback(source: str | Path, attributes: Sequence[str] | None = None) -> Dataset:

@@ -5,7 +5,9 @@ import hashlib
 import json
 import re
 import struct
+from pathlib import Path
 
+import datasets
 import numpy as np
 import pandas as pd
 import pytest
@@ -616,6 +618,17 @@ def test_feedback_becomes_training_examples(feedback_folder):
         (None, "Shirts", "Navy Blue", ["articleType:Shirts", "baseColour:Navy Blue", "detail:check", SHOPPER_TAG]),
     ]
     assert examples[0]["image"].size == (60, 80)
+
+
+def test_each_feedback_load_builds_in_a_cache_of_its_own(feedback_folder, tmp_path, monkeypatch):
+    """Two trainings of a sweep loaded one store at once, and one crashed: each forced a rebuild of the same shared
+    cache folder and deleted the other's files mid-build. Each load now builds apart from the shared cache."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "shared-cache")
+    first, second = load_feedback(feedback_folder), load_feedback(feedback_folder)
+    folders = [{Path(cache["filename"]).parent for cache in loaded.cache_files} for loaded in (first, second)]
+    assert folders[0] and folders[1] and not folders[0] & folders[1]
+    assert not any((tmp_path / "shared-cache").rglob("*.arrow"))
+    assert len(first) == len(second) == 2
 
 
 def test_exact_duplicate_feedback_is_learned_once(feedback_folder):

@@ -12,6 +12,7 @@ from conftest import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_mode
 from transformers import AutoModel, pipeline
 
 import fashion_hf
+from fashion_hf import data
 from fashion_hf.training.train import TrainingTagger, parse_args, previous_stages, push_to_hub
 
 def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
@@ -228,3 +229,53 @@ def test_an_unknown_tag_sequence_trains_the_heads_and_not_the_decoder():
     output.loss.backward()
     assert model.heads["articleType"].weight.grad.abs().sum() > 0
     assert model.tag_classifier.weight.grad.abs().sum() == 0
+
+
+def test_phone_photos_mixed_in_with_self_distillation_and_measured_for_the_card(trained, tiny_catalogue, tmp_path,
+                                                                                monkeypatch):
+    """--mix-dataset adds the phone photos' train split (two heads labelled, the rest masked); the starting model
+    is a soft teacher (--distill-from-start); --eval-user-photos measures the result on their validation split."""
+    from test_user_photos import write_user_photos
+
+    first_stage, _ = trained
+    (tmp_path / "products").symlink_to(tiny_catalogue)
+    rows = [("Shirt", "Shirts", "Topwear", 1), ("T-Shirt", "Tshirts", "Topwear", 2), ("Shirt", "Shirts", "Topwear", 3)]
+    write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, "train", rows)
+    write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, "validation", rows[:2])
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "products"))
+    flags = [*TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run"), "--init-from", str(first_stage / "model")]
+    log = run_training([*flags, "--mix-dataset", data.CLOTHING_USER_PHOTOS, "--mix-repeats", "2", "--distill-from-start",
+                        "--eval-user-photos"], launcher=(sys.executable,))  # fmt: skip
+    assert "train 30 / eval 12 images" in log  # 24 catalogue rows + 2 x 3 phone photos
+
+    folder = tmp_path / "run" / "model"
+    phone = json.loads((folder / "metrics-user-photos.json").read_text())
+    assert phone["n_images"] == 2 and set(phone["per_label"]["labels"]) == {"Shirt", "T-Shirt"}
+    assert {head for head, values in phone["attributes"].items() if values.get("support")} == {"subCategory", "articleType"}
+    card = (folder / "README.md").read_text()
+    assert card_mismatches(card, json.loads((folder / "metrics.json").read_text()), user_photos=phone) == []
+    assert "real phone photos" in card.lower()
+
+
+def test_the_start_model_teaches_every_head_a_label_does_not_contradict():
+    from fashion_hf.training.distillation import start_model_term
+
+    torch.manual_seed(0)
+    model = tiny_model(attributes={"articleType": ["Shirts", "Tshirts", "Tops"], "gender": ["Men", "Women"]})
+    pixels = torch.rand(4, 3, 64, 48)
+    start_logits = model(pixels).attribute_logits
+    start_top = start_logits["articleType"].argmax(-1)
+    unlabelled = torch.full((4, 2), -100)
+    batch = {"pixel_values": pixels, "attribute_labels": unlabelled}
+    assert start_model_term(model, 1.0, 2.0, start_logits, batch).abs() < 1e-6  # the start model agrees with itself
+
+    moved = {name: logits + torch.randn_like(logits) for name, logits in start_logits.items()}
+    everywhere = start_model_term(model, 1.0, 2.0, moved, batch)
+    contradicted = unlabelled.clone()
+    contradicted[:, 0] = (start_top + 1) % 3  # every articleType label disagrees with the start model
+    only_gender = start_model_term(model, 1.0, 2.0, moved, {**batch, "attribute_labels": contradicted})
+    agreeing = unlabelled.clone()
+    agreeing[:, 0] = start_top
+    assert start_model_term(model, 1.0, 2.0, moved, {**batch, "attribute_labels": agreeing}) == everywhere
+    gender_alone = start_model_term(model, 1.0, 2.0, {"articleType": start_logits["articleType"], "gender": moved["gender"]}, batch)
+    assert 0 < only_gender < everywhere and torch.allclose(only_gender, gender_alone)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 
 from transformers import AutoModel
 
+from ..configuration_fashion_tagger import IGNORE_INDEX
+
 
 
 def load_teachers(folders: list[str | Path], student_config, device) -> list:
@@ -45,7 +47,26 @@ def distillation_loss(student_logits: dict, soft_targets: dict, temperature: flo
     return torch.stack(losses).mean() * temperature**2
 
 
-def distillation_term(teachers: list, weight: float, temperature: float, attribute_logits: dict, pixel_values):
+def distillation_term(teachers: list, weight: float, temperature: float, attribute_logits: dict, batch: dict):
     """What distillation adds to a batch's loss: `weight` x the KL to the teachers' soft targets on these images."""
-    soft_targets = teacher_probabilities(teachers, pixel_values, temperature)
+    soft_targets = teacher_probabilities(teachers, batch["pixel_values"], temperature)
     return weight * distillation_loss(attribute_logits, soft_targets, temperature)
+
+
+def start_model_term(start_model, weight: float, temperature: float, attribute_logits: dict, batch: dict):
+    """Learning without forgetting (Li & Hoiem, 2016): the model being continued, frozen as it started, gives soft
+    targets on the very inputs of the batch (its cached trunk features or images). A head's soft target counts for
+    a row unless the row's label disagrees with the starting model's top-1: there the correction must win, and
+    elsewhere (heads a correction leaves unlabelled, catalogue rows it already got right) nothing is forgotten."""
+    inputs = {key: batch[key] for key in ("pixel_values", "trunk_features") if key in batch}
+    with torch.no_grad():
+        start_logits = start_model(**inputs).attribute_logits
+    losses = []
+    for column, (name, logits) in enumerate(attribute_logits.items()):
+        labels, targets = batch["attribute_labels"][:, column], start_logits[name].float()
+        keep = (labels == IGNORE_INDEX) | (labels == targets.argmax(-1))
+        if keep.any():
+            soft = (targets[keep] / temperature).softmax(-1)
+            student = F.log_softmax(logits[keep].float() / temperature, -1)
+            losses.append(F.kl_div(student, soft, reduction="sum") / len(keep))
+    return weight * torch.stack(losses).sum() / len(attribute_logits) * temperature**2

@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import time
 from functools import partial
@@ -82,7 +83,7 @@ from ..modeling_fashion_tagger import IGNORE_INDEX
 from ..pipeline_fashion_tagging import save_tagger
 from ..runtime import cpu_threads_per_process, keep_freed_memory
 from .augment import AUGMENTATIONS
-from .distillation import distillation_term, load_teachers
+from .distillation import distillation_term, load_teachers, start_model_term
 from .feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder
 
 
@@ -106,6 +107,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--feedback-repeats", type=int, default=1,
         help="times each feedback record is seen per epoch (differently augmented): a few thousand corrections "
         "beside tens of thousands of catalogue images would otherwise barely move the model")
+    add("--mix-dataset", default=None, metavar="NAME",
+        help="a second built-in data set whose train split joins the training data (e.g. clothing-user-photos: "
+        "phone photos with subCategory and articleType only; the heads it does not label are masked)")
+    add("--mix-repeats", type=int, default=1, help="times each --mix-dataset image is seen per epoch")
     add("--replay-images", type=int, default=None,
         help="train on this many images of the train split, drawn with --seed, instead of all of it: with --init-from "
         "and --feedback, the catalogue replayed beside the corrections so that the model forgets nothing")
@@ -129,6 +134,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--label-smoothing", type=float, default=0.1)
     add("--distill-from", nargs="+", default=None, metavar="MODEL",
         help="trained models (same heads) whose averaged head probabilities are soft targets too; needs --frozen-stages 0")
+    add("--distill-from-start", action="store_true",
+        help="with --init-from: the starting model's head probabilities are soft targets too, wherever no label "
+        "contradicts them (learning without forgetting; cheap on cached features)")
     add("--distill-weight", type=float, default=1.0, help="weight of the distillation term added to the loss")
     add("--distill-temperature", type=float, default=2.0)
     add(
@@ -172,6 +180,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Output
     add("--output-dir", default="outputs/fashion-tagger")
     add("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    add("--eval-user-photos", action="store_true",
+        help="also measure the written model on the phone photos' validation split (clothing-user-photos), for "
+        "metrics-user-photos.json and the card's real-photo column")
     add("--push-to-hub", default=None, metavar="ORG/NAME")
     add("--hub-private", action="store_true")
 
@@ -188,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--frozen-stages takes 'all' or a number of stages")
     if args.distill_from and str(args.frozen_stages) != "0":
         parser.error("--distill-from needs images, not cached features: use it with --frozen-stages 0")
+    if args.distill_from and args.distill_from_start:
+        parser.error("use one of --distill-from and --distill-from-start")
+    if args.distill_from_start and not args.init_from:
+        parser.error("--distill-from-start needs --init-from: the model to start from")
     return args
 
 
@@ -199,6 +214,8 @@ def load_split(args, split: str):
         dataset = data.load_fashion_product_images(args.data_source, split=split, with_brand=args.with_brand)
     elif args.dataset == "fashion-mnist":
         dataset = data.load_fashion_mnist(args.data_source, split=split)
+    elif args.dataset == data.CLOTHING_USER_PHOTOS:
+        dataset = data.load_clothing_user_photos(args.data_source, split=split)
     else:  # a catalogue: its own split column, else the hash hold-out (data.HOLDOUT_DEFINITION)
         dataset = data.load_catalogue(args.dataset, attributes=args.attributes, split=split)
     limit = args.limit_train if split == args.train_split else args.limit_eval
@@ -222,19 +239,18 @@ def replay_sample(dataset, images: int, seed: int):
     return dataset.select(sorted(rows.tolist()))
 
 
-def add_feedback(train_set, feedback, attributes, repeats: int = 1):
-    """Append annotators' corrections to the training data, `repeats` times (each copy augmented differently).
-
-    Only the fields a contributor changed or confirmed are labels (`data.load_feedback`); a record that does not
-    label every attribute has `tags_known` False, and its tag sequence is left out of the decoder's loss.
+def append_examples(train_set, extra, attributes, repeats: int = 1):
+    """Append `extra` rows (annotators' corrections, a second data set) `repeats` times, each copy augmented
+    differently. Heads `extra` does not label are missing labels, masked in the loss; rows that do not label every
+    head have `tags_known` False (`data.load_feedback`), and their tag sequences stay out of the decoder's loss.
     """
     columns = ["image", *attributes, data.TAGS_COLUMN, data.TAGS_KNOWN_COLUMN]
     train_set = with_tags_known(train_set)
     for attribute in attributes:
-        if attribute not in feedback.column_names:
-            feedback = feedback.add_column(attribute, [None] * len(feedback))
-    feedback = with_tags_known(feedback).select_columns(columns).cast(train_set.select_columns(columns).features)
-    return datasets.concatenate_datasets([train_set.select_columns(columns), *[feedback] * repeats])
+        if attribute not in extra.column_names:
+            extra = extra.add_column(attribute, [None] * len(extra), feature=datasets.Value("string"))
+    extra = with_tags_known(extra).select_columns(columns).cast(train_set.select_columns(columns).features)
+    return datasets.concatenate_datasets([train_set.select_columns(columns), *[extra] * repeats])
 
 
 def with_tags_known(dataset):
@@ -438,7 +454,7 @@ def validate(tagger, loader, accelerator, attributes) -> dict[str, float]:
 
 
 def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen_trunk: bool, distill=None):
-    """One epoch; `distill(attribute_logits, pixel_values)`, when given, is added to each batch's loss."""
+    """One epoch; `distill(attribute_logits, batch)`, when given, is added to each batch's loss."""
     tagger.train()
     if frozen_trunk:
         tagger.trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
@@ -449,7 +465,7 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
             output = tagger(**batch)
             loss = output.loss
             if distill is not None:
-                loss = loss + distill(output.attribute_logits, batch["pixel_values"])
+                loss = loss + distill(output.attribute_logits, batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(tagger.parameters(), 5.0)
@@ -536,8 +552,11 @@ def train_model(args, command: str, final: bool = True) -> Path:
     typed_tags = []
     if args.feedback:
         feedback = data.load_feedback(args.feedback, attributes)
-        train_set = add_feedback(train_set, feedback, attributes, args.feedback_repeats)
+        train_set = append_examples(train_set, feedback, attributes, args.feedback_repeats)
         typed_tags = feedback_tags_to_keep(args)
+    if args.mix_dataset:
+        mixed = load_split(argparse.Namespace(**{**vars(args), "dataset": args.mix_dataset, "data_source": None}), "train")
+        train_set = append_examples(train_set, mixed, attributes, args.mix_repeats)
     model = build_model(args, train_set, attributes, typed_tags)
     config = model.config
     train_set = data.apply_vocabulary(train_set, config.attributes, config.tags)
@@ -580,6 +599,11 @@ def train_model(args, command: str, final: bool = True) -> Path:
         teachers = load_teachers(args.distill_from, config, accelerator.device)
         accelerator.print(f"distilling from {len(teachers)} teacher(s): {', '.join(args.distill_from)}")
         distill = partial(distillation_term, teachers, args.distill_weight, args.distill_temperature)
+    elif args.distill_from_start:
+        # From its folder, not a copy of the weights now: a resumed run must still compare with where it started.
+        start = FashionTaggerModel.from_pretrained(args.init_from).to(accelerator.device).eval().requires_grad_(False)
+        start_model = TrainingTagger(start, frozen_stages if cached else 0).to(memory_format=torch.channels_last)
+        distill = partial(start_model_term, start_model, args.distill_weight, args.distill_temperature)
     if cached and progress.epoch < args.epochs:
         freeze(inner.trunk)
         cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor)
@@ -754,15 +778,28 @@ def finish(args, model, processor, final_dir: Path, eval_set, recipe, save: bool
         dataset_name=recipe["dataset_name"], split=split, extra={"split_definition": recipe["splits"][split]},
     )  # fmt: skip
     (final_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+    user_photo_metrics = evaluate_user_photos(final_dir, Path(args.output_dir) / "user-photos") if args.eval_user_photos else None
     dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else recipe["dataset_name"]
     title = args.push_to_hub.split("/")[-1] if args.push_to_hub else f"fashion-tagger-{recipe['dataset_name']}"
     base_model = recipe.get("base_model") or f"timm/{args.encoder_name}"
     card = build_model_card(final_dir, metrics, recipe, dataset_id=dataset_id, base_model=base_model,
-                            repo_id=args.push_to_hub, title=title)  # fmt: skip
+                            repo_id=args.push_to_hub, title=title, user_photo_metrics=user_photo_metrics)  # fmt: skip
     card.save(final_dir / "README.md")
     print(f"model folder: {final_dir}")
     if args.push_to_hub:
         print(push_to_hub(final_dir, args.push_to_hub, private=args.hub_private))
+
+
+def evaluate_user_photos(model_folder: Path, work_dir: Path) -> dict:
+    """The written model on the phone photos' validation split, as `train/evaluate.py --dataset
+    clothing-user-photos` measures it; its metrics.json goes into the model folder as metrics-user-photos.json."""
+    from .evaluate import main as evaluate
+    from .model_card import USER_PHOTO_METRICS_FILE
+
+    argv = [str(model_folder), "--dataset", data.CLOTHING_USER_PHOTOS, "--split", "validation", "--output", str(work_dir)]
+    metrics = evaluate([*argv, "--no-progress"])
+    shutil.copyfile(work_dir / "metrics.json", model_folder / USER_PHOTO_METRICS_FILE)
+    return metrics
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool = False, api=None) -> str:
