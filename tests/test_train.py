@@ -3,6 +3,7 @@
 import json
 import os
 import sys
+import time
 from unittest import mock
 
 import pytest
@@ -175,6 +176,7 @@ def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(tra
                 consent=True, model_id="tiny", model_revision="0",
             )  # fmt: skip
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    started = time.time()
     log = run_training([*flags, "--init-from", str(tmp_path / "start"), "--feedback", str(tmp_path / "feedback"),
                         "--replay-images", "10", "--feedback-repeats", "2"], launcher=(sys.executable,))  # fmt: skip
     assert log.count("train 16 / eval 12 images") == 2  # per member: 10 replayed rows + 2 x 3 corrections
@@ -192,6 +194,8 @@ def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(tra
     assert recipe["feedback"]["attributes"]["articleType"]["changed"] == 3
     assert recipe["feedback"]["attributes"]["baseColour"]["untouched"] == 3
     assert [len(member["stages"]) for member in recipe["members"]] == [2, 2]  # first stage, then this one
+    member_seconds = [member["stages"][-1]["wall_time_seconds"] for member in recipe["members"]]
+    assert sum(member_seconds) < recipe["wall_time_seconds"] < sum(member_seconds) + (time.time() - started)
     card = (folder / "README.md").read_text()
     assert card_mismatches(card, json.loads((folder / "metrics.json").read_text())) == []
     assert "Community corrections" in card and str(tmp_path / "start") in card

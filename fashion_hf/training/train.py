@@ -678,7 +678,6 @@ def continue_ensemble(args, command: str) -> Path:
     ensemble's view settings, stored as it was (float16), measured and written like any trained model."""
     from .ensemble import combine, save as save_ensemble
 
-    started = time.time()
     output_dir = Path(args.output_dir)
     ensemble = FashionTaggerEnsembleModel.from_pretrained(args.init_from, dtype=torch.float32)
     processor = FashionTaggerImageProcessor.from_pretrained(args.init_from)
@@ -697,6 +696,7 @@ def continue_ensemble(args, command: str) -> Path:
             train_model(argparse.Namespace(**{**vars(args), **overrides}), command, final=False)
         member_folders.append(member_dir / "model")
 
+    combining_started = time.time()  # the members' recipes hold their own training time, resumed sessions included
     combined = combine([str(folder) for folder in member_folders], ensemble.config.mirror_views)
     final_dir = output_dir / "model"
     save_ensemble(combined, FashionTaggerImageProcessor.from_pretrained(member_folders[0]), final_dir, torch.float16)
@@ -706,7 +706,7 @@ def continue_ensemble(args, command: str) -> Path:
     eval_set = data.apply_vocabulary(load_split(args, eval_split), model.config.attributes, model.config.tags)
     recipe = {
         "command": command,
-        "wall_time_seconds": round(time.time() - started + sum(r["wall_time_seconds"] for r in member_recipes), 1),
+        "wall_time_seconds": round(time.time() - combining_started + sum(r["wall_time_seconds"] for r in member_recipes), 1),
         "hardware": member_recipes[0]["hardware"],
         "train_images": member_recipes[0]["train_images"],
         "eval_images": len(eval_set),
