@@ -189,7 +189,7 @@ def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(tra
         before = start_member.heads["articleType"].weight.to(torch.float16).float()
         assert not torch.equal(trained_member.heads["articleType"].weight.float(), before)  # it learned
     recipe = json.loads((folder / "recipe.json").read_text())
-    assert recipe["init_from"] == str(tmp_path / "start")
+    assert recipe["init_from"] == recipe["feedback"]["init_from"] == str(tmp_path / "start")  # not a member's
     assert recipe["feedback"]["records_used"] == 3 and recipe["feedback"]["revision"]
     assert recipe["feedback"]["attributes"]["articleType"]["changed"] == 3
     assert recipe["feedback"]["attributes"]["baseColour"]["untouched"] == 3

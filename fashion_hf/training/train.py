@@ -721,7 +721,7 @@ def continue_ensemble(args, command: str) -> Path:
             {"folder": str(folder), "stages": [*r["previous_stages"], stage_of(r)]}
             for folder, r in zip(member_folders, member_recipes)
         ],
-        **({"feedback": member_recipes[0]["feedback"]} if args.feedback else {}),
+        **({"feedback": {**member_recipes[0]["feedback"], "init_from": args.init_from}} if args.feedback else {}),
     }
     finish(args, model, None, final_dir, eval_set, recipe, save=False)
     return final_dir
