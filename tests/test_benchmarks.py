@@ -179,7 +179,7 @@ def test_feedback_loop_smoke_sends_corrections_retrains_and_measures_before_and_
     sending = summary["sending"]  # every photo sent once, stored once, and learned from
     assert sending["photos"] == sending["sent"] == 24 and sending["errors"] == 0
     assert sending["records_in_store"] == sending["training_records"] == 24
-    assert summary["retraining"]["feedback"]["records"] == 24
+    assert summary["retraining"]["feedback"]["records_used"] == 24
     metadata = workdir.glob("feedback/data/*/metadata.jsonl")
     stored = [json.loads(line) for meta in metadata for line in meta.read_text().splitlines()]
     truth = data.load_clothing_user_photos(workdir / "smoke-data" / "phones", split="train")
