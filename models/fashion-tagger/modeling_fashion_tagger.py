@@ -304,7 +304,11 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
                 if (labels != IGNORE_INDEX).any():
                     losses.append(F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=smoothing))
         loss = torch.stack(losses).mean() if losses else attribute_logits[next(iter(attribute_logits))].sum() * 0.0
-        if tag_ids is not None:
+        # Rows whose tag sequence is unknown have only `<pad>` targets. A batch of only those adds a zero that keeps
+        # the decoder in the graph (cross-entropy over no target is NaN; distributed training wants every gradient).
+        if tag_ids is not None and not (tag_ids[:, 1:] != PAD_TAG_ID).any():
+            loss = loss + 0.0 * tag_logits.sum()
+        elif tag_ids is not None:
             targets = tag_ids[:, 1:]
             tag_loss = F.cross_entropy(
                 tag_logits.float().reshape(-1, tag_logits.shape[-1]),
