@@ -37,8 +37,8 @@ from datasets import Dataset, Features, Image, List, Value, load_dataset
 from huggingface_hub import constants as hub_constants
 
 from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
-from .feedback import ANONYMOUS, ATTRIBUTE_STATUSES, CHANGED, CONFIRMED, METADATA_NAME, record_attribute_status
-from .feedback import DATA_DIR as FEEDBACK_DATA_DIR
+from .feedback.schema import ANONYMOUS, ATTRIBUTE_STATUSES, CHANGED, CONFIRMED, METADATA_NAME, record_attribute_status
+from .feedback.schema import DATA_DIR as FEEDBACK_DATA_DIR
 
 PRODUCT_IMAGES_HUB_ID = "ashraq/fashion-product-images-small"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
@@ -836,7 +836,7 @@ def _feedback_labels(record_id, attributes_json, typed_tags, statuses=None) -> t
 
 def _feedback_statuses(record_id, attributes_json, status_json) -> dict[str, str]:
     """Attribute -> "changed" | "confirmed" | "untouched" of one record; all "confirmed" in records older than the
-    field (`feedback.record_attribute_status`)."""
+    field (`feedback.schema.record_attribute_status`)."""
     try:
         return record_attribute_status(attributes_json, status_json)
     except ValueError as err:

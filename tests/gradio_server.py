@@ -5,7 +5,7 @@ import importlib
 import shutil
 from pathlib import Path
 
-from conftest import REPO, encode, product_photo
+from helpers import REPO, encode, product_photo
 
 from benchmarks.app_harness import free_port
 

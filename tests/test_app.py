@@ -19,14 +19,14 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
-from conftest import encode, product_photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import FAKE_TOKEN, example_folder, import_app, serving
+from helpers import encode, product_photo
 from PIL import Image
 
 from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap
-from fashion_hf.serving import RequestBatcher
+from serving.batching import RequestBatcher
 
 MAX_UPLOAD_MB = 1
 MAX_IMAGE_PIXELS = 1_000_000

@@ -3,7 +3,7 @@
 import datasets
 import numpy as np
 import pytest
-from conftest import product_photo
+from helpers import product_photo
 
 from fashion_hf import FashionTaggerImageProcessor
 from fashion_hf.training.augment import AUGMENTATIONS, phone_photo_shift, replace_background

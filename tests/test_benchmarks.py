@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_model, write_product_parquet
+from helpers import tiny_model, write_product_parquet
 from transformers import AutoModel
 
 import fashion_hf
@@ -156,6 +156,7 @@ def test_encoder_probe_separates_colours_with_imagenet_features(capsys, tmp_path
     assert season == 1.0  # one known season; the image without one is left out, not counted wrong
 
 
+@pytest.mark.slow
 def test_feedback_loop_smoke_sends_corrections_retrains_and_measures_before_and_after(tmp_path, monkeypatch):
     """benchmarks/feedback_loop.py --smoke end to end as its command runs it (app.py in its own process, contributors
     through gradio_client, train/train.py through accelerate), then its re-evaluation of that run into a report."""
@@ -167,7 +168,7 @@ def test_feedback_loop_smoke_sends_corrections_retrains_and_measures_before_and_
 
     import app_harness
     import feedback_loop
-    from conftest import REPO
+    from helpers import REPO
 
     workdir = tmp_path / "loop"
     command = [sys.executable, "benchmarks/feedback_loop.py", "--smoke", "--workdir", str(workdir), "--threads", "4"]

@@ -8,8 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO, encode, product_photo
 from gradio_server import example_folder, import_app, serving
+from helpers import REPO, encode, product_photo
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -32,9 +32,12 @@ ERROR_BADGES = """() => [...document.querySelectorAll('[data-testid=status-track
     .filter(e => !e.classList.contains('hide') && /error/i.test(e.className + ' ' + e.textContent))
     .map(e => (e.closest('[id]') || {}).id)"""
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import datasets
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import PRODUCT_IMAGES, SHARED_DATA, encode, product_photo
 from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
+from helpers import PRODUCT_IMAGES, SHARED_DATA, encode, product_photo
 
 from fashion_hf import FashionTaggerConfig, data
 from fashion_hf.data import (

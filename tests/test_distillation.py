@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_FLAGS, run_training, tiny_model
+from helpers import TINY_FLAGS, run_training, tiny_model
 from safetensors.torch import load_file
 
 from fashion_hf.training.distillation import distillation_loss, teacher_probabilities
@@ -48,6 +48,7 @@ def test_distillation_needs_images_not_cached_features():
     assert parse_args(["--distill-from", "a", "b", "--frozen-stages", "0"]).distill_from == ["a", "b"]
 
 
+@pytest.mark.slow
 def test_a_run_with_a_teacher_trains_differently_and_records_it(trained, tiny_catalogue, tmp_path):
     """Same seed, data and start: only the distillation term differs, so the trained weights must too."""
     first_stage = trained[0] / "model"
@@ -65,6 +66,7 @@ def test_a_run_with_a_teacher_trains_differently_and_records_it(trained, tiny_ca
     assert any(not torch.equal(plain[key], distilled[key]) for key in plain if key.startswith("heads."))
 
 
+@pytest.mark.slow
 def test_a_teacher_with_other_heads_is_refused(tiny_catalogue, tmp_path):
     other = tiny_model(attributes={"gender": ["Men", "Women"]}, tags=[["Men", "gender"], ["Women", "gender"]])
     other.save_pretrained(tmp_path / "teacher")

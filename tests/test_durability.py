@@ -18,15 +18,17 @@ from pathlib import Path
 from unittest.mock import MagicMock
 
 import pytest
-from conftest import encode, product_photo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import FAKE_TOKEN, import_app, served_app
+from helpers import encode, product_photo
 from PIL import Image
 from test_feedback import all_lines, folder_snapshot, http_error, images, mock_api, wait_until
 
 from benchmarks.app_harness import AppServer
 from fashion_hf.feedback import FeedbackStore
+
+pytestmark = pytest.mark.slow  # the module starts `python app.py` in its own process (`kill_target`) and mounts disks
 
 try:  # huggingface_hub 2.4 speaks HTTP through httpx2 (older releases through httpx): its time-outs come from there
     from httpx2 import ReadTimeout

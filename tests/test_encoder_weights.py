@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from helpers import tiny_config
 
 from fashion_hf import FashionTaggerModel
 from fashion_hf.encoder_weights import load_pretrained_encoder, offline_state_dict

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 from card_figures import card_mismatches
-from conftest import WITHOUT_FASHION_HF, tagging_model
 from gradio_server import import_app
+from helpers import WITHOUT_FASHION_HF, tagging_model
 from safetensors import safe_open
 from transformers import AutoModel, pipeline
 
@@ -193,6 +193,7 @@ def test_the_pipeline_serves_an_ensemble_folder(ensemble_dir, photo):
     assert result["tags"] and all(0 < tag["score"] <= 1 for tag in result["tags"])
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_an_ensemble_where_fashion_hf_is_not_installed(ensemble_dir, tmp_path):
     folder, _ = ensemble_dir
     model = AutoModel.from_pretrained(folder).eval()
@@ -242,6 +243,7 @@ def test_grad_cam_of_an_ensemble_explains_the_ensembles_top_label():
     assert not all(np.allclose(chosen.maps, maps) for maps in members_maps)  # both members contribute
 
 
+@pytest.mark.slow
 def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_its_card(
     trained, tiny_catalogue, tmp_path, monkeypatch
 ):

@@ -9,8 +9,8 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import PRODUCT_IMAGES, product_photo, tiny_config
 from datasets import Dataset, Features, Image, List, Value, load_dataset
+from helpers import PRODUCT_IMAGES, product_photo, tiny_config
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModel
 

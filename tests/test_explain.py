@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import product_photo, tiny_model
+from helpers import product_photo, tiny_model
 from PIL import Image
 
 from fashion_hf import FashionTaggerImageProcessor

@@ -4,12 +4,14 @@ No test touches the network (tests/conftest.py sets HF_HUB_OFFLINE=1; the Hub is
 """
 
 import errno
+import functools
 import hashlib
 import io
 import json
 import logging
 import multiprocessing
 import os
+import pkgutil
 import shlex
 import shutil
 import subprocess
@@ -27,22 +29,17 @@ from hostile_images import HOSTILE, address_space_cap, write_hostile
 from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError
+from fashion_hf.feedback import FeedbackStore, FeedbackStoreError, FeedbackValidationError, parse_tags
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# Child processes load the store's two modules by path: the same code, without the package's heavy model imports
-# (seconds each). A module already in sys.modules is imported without its package.
+# Child processes import the store without running fashion_hf/__init__.py and its heavy model imports (seconds each):
+# `fashion_hf` is made a bare package of the same folder, so only fashion_hf.feedback and what it imports load.
 CHILD_PRELUDE = f"""
-import importlib.util, io, sys
+import io, sys, types
 from PIL import Image
-def load(name, file_name):
-    spec = importlib.util.spec_from_file_location(name, {str(REPO_ROOT / "fashion_hf")!r} + "/" + file_name)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-load("fashion_hf.feedback_hub", "feedback_hub.py")
-load("fashion_hf.image_decoding", "image_decoding.py")
-feedback = load("feedback_child", "feedback.py")
+sys.modules["fashion_hf"] = types.ModuleType("fashion_hf")
+sys.modules["fashion_hf"].__path__ = [{str(REPO_ROOT / "fashion_hf")!r}]
+from fashion_hf import feedback
 
 def png(seed):
     buffer = io.BytesIO()
@@ -449,6 +446,15 @@ def test_text_is_stored_as_data_not_interpreted(store):
     assert record["corrected_tags"] == [code, '"quoted"']
 
 
+def test_the_tag_check_refuses_markup_where_only_phrases_are_asked_for():
+    # The store keeps any text as data (above); the app asks people for short phrases, through the same check.
+    assert parse_tags("slim fit, Rock & Roll, 3/4 sleeve, slim fit", max_len=50, max_tags=20, phrases_only=True) == [
+        "slim fit", "Rock & Roll", "3/4 sleeve",
+    ]  # fmt: skip
+    with pytest.raises(FeedbackValidationError, match=r"corrected_tags\[0\] = '<b>' may only hold .* \(no markup\)"):
+        parse_tags(["<b>"], max_len=50, max_tags=20, phrases_only=True)
+
+
 # -- concurrency and durability ----------------------------------------------------------------------------------------
 
 
@@ -491,6 +497,7 @@ queue.put(ids)
 """
 
 
+@pytest.mark.slow
 def test_four_processes_store_every_record(store):
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
@@ -539,6 +546,7 @@ for i in range(10_000):
 """
 
 
+@pytest.mark.slow
 def test_a_killed_writer_loses_no_acknowledged_record(tmp_path):
     folder = tmp_path / "feedback"
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(folder)], stdout=subprocess.PIPE, text=True)
@@ -617,6 +625,7 @@ print(json.dumps({"error": error, "unchanged": before == after, "count": count})
 """
 
 
+@pytest.mark.slow
 def test_read_only_permissions_give_a_clear_error(tmp_path):
     command = [sys.executable, "-c", _READ_ONLY_WRITER, str(tmp_path / "feedback")]
     if os.geteuid() == 0:  # root ignores permissions unless it gives up CAP_DAC_OVERRIDE
@@ -799,3 +808,41 @@ def test_every_accepted_format_is_stored(tmp_path, image_format):
 def test_arrays_of_absurd_aspect_ratio_are_refused_before_conversion(tmp_path):
     with pytest.raises(FeedbackValidationError, match="aspect ratio 1:1000 is over the limit of 1:20"):
         add(FeedbackStore(tmp_path / "fb"), image=np.zeros((100_000, 100), np.uint8))
+
+
+# -- the package: each module imports on its own, none imports back one that imports it --------------------------------
+
+FEEDBACK_MODULES = sorted(module.name for module in pkgutil.iter_modules([str(REPO_ROOT / "fashion_hf" / "feedback")]))
+# One module imported alone: fashion_hf and fashion_hf.feedback are made bare packages of their folders (their
+# __init__.py, which imports every module, does not run), so only what the module imports itself loads. Prints the
+# modules of fashion_hf.feedback that were loaded.
+IMPORT_ALONE = """
+import importlib, sys, types
+for package, folder in (("fashion_hf", {package!r}), ("fashion_hf.feedback", {package!r} + "/feedback")):
+    sys.modules[package] = types.ModuleType(package)
+    sys.modules[package].__path__ = [folder]
+importlib.import_module("fashion_hf.feedback." + {module!r})
+print(*sorted(name.rpartition(".")[2] for name in sys.modules if name.startswith("fashion_hf.feedback.")))
+"""
+
+
+@functools.cache
+def feedback_modules_loaded_by(module: str) -> frozenset[str]:
+    code = IMPORT_ALONE.format(package=str(REPO_ROOT / "fashion_hf"), module=module)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return frozenset(result.stdout.split())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module", FEEDBACK_MODULES)
+def test_each_feedback_module_imports_on_its_own(module):
+    assert module in feedback_modules_loaded_by(module)
+
+
+@pytest.mark.slow
+def test_no_feedback_module_imports_one_that_imports_it_and_the_store_knows_nothing_of_the_hub():
+    loaded = {module: feedback_modules_loaded_by(module) for module in FEEDBACK_MODULES}
+    circles = sorted({tuple(sorted((a, b))) for a in loaded for b in loaded[a] if b != a and a in loaded[b]})
+    assert circles == []
+    assert "hub" not in loaded["store"] and {"schema", "validation", "files", "index", "store", "hub"} <= set(loaded)

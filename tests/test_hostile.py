@@ -19,16 +19,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import encode
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import import_app
+from helpers import encode
 from hostile_images import HOSTILE, memory_kib, reset_peak_memory
 from PIL import Image, ImageOps
 from test_app import ABSURD_FEEDBACK, BAD_UPLOADS, ODD_BUT_VALID, assert_contract, png_claiming
 
 from benchmarks.app_harness import AppServer
 from fashion_hf import InvalidImageError
+
+pytestmark = pytest.mark.slow  # every test here waits on `python app.py` in its own process (`app_process`)
 
 MiB = 1024 * 1024
 # Resident memory of the app process may grow by at most GROWTH_BOUND over a second pass of the whole corpus (the

@@ -11,7 +11,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, encode, product_photo
+from helpers import REPO, encode, product_photo
 from hostile_images import (
     HOSTILE,
     UNLISTED_FORMAT,
@@ -255,6 +255,7 @@ def test_truncated_files_of_every_accepted_format_give_a_clear_error(image_forma
 # --- what the processor declares to transformers ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_loading_the_processor_and_the_shipped_model_logs_no_backend_fallback(tmp_path):
     # transformers warns "Requested torchvision backend is not available. Falling back to pil backend." when the
     # registered backends do not cover the one it asks for; warning_once, so a fresh process sees it.

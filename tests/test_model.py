@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, WITHOUT_FASHION_HF, tiny_config, tiny_model
+from helpers import REPO, WITHOUT_FASHION_HF, tiny_config, tiny_model
 from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
@@ -110,6 +110,7 @@ def test_auto_classes_load_a_saved_folder(tiny_model_dir):
     assert isinstance(AutoImageProcessor.from_pretrained(tiny_model_dir), FashionTaggerImageProcessor)
 
 
+@pytest.mark.slow
 def test_trust_remote_code_loads_where_fashion_hf_is_not_installed(tiny_model_dir, tmp_path):
     model = FashionTaggerModel.from_pretrained(tiny_model_dir).eval()
     x = pixels(2)

@@ -11,7 +11,7 @@ import httpx
 import huggingface_hub
 import numpy as np
 import pytest
-from conftest import REPO
+from helpers import REPO
 from huggingface_hub import ModelCard
 
 from fashion_hf.data import CLOTHING_USER_PHOTOS, describe_split
@@ -289,6 +289,7 @@ def test_folder_without_config_is_refused(tmp_path, metrics):
         build_model_card(tmp_path, metrics, RECIPE, DATASET_ID, BASE_MODEL)
 
 
+@pytest.mark.slow
 def test_cli_writes_readme_and_copies_the_plots(model_folder, metrics, user_photo_metrics, tmp_path):
     evaluation = tmp_path / "eval"
     evaluation.mkdir()

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import REPO, WITHOUT_FASHION_HF, encode, product_photo
+from helpers import REPO, WITHOUT_FASHION_HF, encode, product_photo
 from transformers import pipeline
 
 from fashion_hf import InvalidImageError
@@ -106,6 +106,7 @@ def remote_code_predictions(folder, image_path, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["tiny", "shipped"])
 def test_trust_remote_code_pipeline_tags_where_fashion_hf_is_not_installed(folder, tiny_model_dir, tmp_path):
     folder = tiny_model_dir if folder == "tiny" else REPO / "models" / "fashion-tagger"

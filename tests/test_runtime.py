@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt tuning is glibc's")
 
@@ -49,6 +49,7 @@ print(malloc_info().count("<heap nr="))
 """
 
 
+@pytest.mark.slow
 def test_limit_malloc_arenas_keeps_threads_to_that_many_arenas():
     default = int(run_python(THREADS_ALLOCATING.replace("TUNE", "")))
     limited = int(run_python(THREADS_ALLOCATING.replace("TUNE", "assert limit_malloc_arenas(2)")))
@@ -68,6 +69,7 @@ print(mmapped_bytes() - before)
 """
 
 
+@pytest.mark.slow
 def test_keep_freed_memory_serves_large_buffers_from_the_heap():
     default = int(run_python(LARGE_ALLOCATION.replace("TUNE", "")))
     tuned = int(run_python(LARGE_ALLOCATION.replace("TUNE", "assert keep_freed_memory()")))

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import REPO, encode, product_photo, tagging_model, tiny_config
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from gradio_server import FAKE_TOKEN, import_app, served_app
+from helpers import REPO, encode, product_photo, tagging_model, tiny_config
 from huggingface_hub import CommitOperationAdd
 from test_feedback import http_error, mock_api, wait_until
 

@@ -7,7 +7,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 from card_figures import card_mismatches
-from conftest import PRODUCT_IMAGES, REPO
+from helpers import PRODUCT_IMAGES, REPO
 from PIL import Image
 from transformers import pipeline
 

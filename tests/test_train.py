@@ -9,13 +9,14 @@ from unittest import mock
 import pytest
 import torch
 from card_figures import card_mismatches
-from conftest import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_model
+from helpers import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_model
 from transformers import AutoModel, pipeline
 
 import fashion_hf
 from fashion_hf import data
 from fashion_hf.training.train import TrainingTagger, parse_args, previous_stages, push_to_hub
 
+@pytest.mark.slow
 def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
     output, log = trained
     assert "epoch 2/2" in log
@@ -31,6 +32,7 @@ def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
     assert set(result["attributes"]) == set(model.config.attributes)
 
 
+@pytest.mark.slow
 def test_the_documented_accelerate_launch_warns_of_nothing(trained):
     # accelerate's "values were not passed ... had defaults used instead" (`--num_processes 0` on a CPU machine)
     # reads as something broken; train/accelerate/one-process.yaml sets every value it would guess.
@@ -38,6 +40,7 @@ def test_the_documented_accelerate_launch_warns_of_nothing(trained):
     assert "were not passed to `accelerate launch`" not in log and "--num_processes" not in log
 
 
+@pytest.mark.slow
 def test_model_card_carries_measured_metrics_and_the_command(trained):
     output, _ = trained
     card = (output / "model" / "README.md").read_text()
@@ -50,12 +53,14 @@ def test_model_card_carries_measured_metrics_and_the_command(trained):
     assert card_mismatches(card, metrics) == []
 
 
+@pytest.mark.slow
 def test_tensorboard_logs_and_checkpoints_are_written(trained):
     output, _ = trained
     assert list((output / "logs").rglob("events.out.tfevents.*"))
     assert sorted(p.name for p in (output / "checkpoints").iterdir())[-1] == "checkpoint_1"
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--output-dir", str(tmp_path), "--finetune-epochs", "0"]
     run_training([*flags, "--epochs", "1"], launcher=(sys.executable,))
@@ -69,6 +74,7 @@ def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
     assert (tmp_path / "checkpoints" / "checkpoint_1").exists()
 
 
+@pytest.mark.slow
 def test_a_second_stage_from_init_from_records_both_stages_and_uses_every_core(trained, tiny_catalogue, tmp_path):
     """Plain `accelerate launch` (no --cpu) pins OMP_NUM_THREADS=1; on CPU train.py still uses all the cores.
     The second stage also moves the model to a larger input size, which the saved config and processor carry."""
@@ -89,6 +95,7 @@ def test_a_second_stage_from_init_from_records_both_stages_and_uses_every_core(t
         assert recipe["hardware"].endswith(f"{len(os.sched_getaffinity(0))} threads)")
 
 
+@pytest.mark.slow
 def test_feedback_records_join_the_training_data(tiny_catalogue, tmp_path):
     from fashion_hf.feedback import FeedbackStore
 
@@ -160,6 +167,7 @@ def _tiny_ensemble(member_folder, folder):
     return ensemble
 
 
+@pytest.mark.slow
 def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(trained, tiny_catalogue, tmp_path):
     """The shipped model is an ensemble: --init-from it trains each member on the feedback and a replayed sample
     of the catalogue, then writes one ensemble again, with its lineage (start model, feedback records, revision)."""
@@ -235,6 +243,7 @@ def test_an_unknown_tag_sequence_trains_the_heads_and_not_the_decoder():
     assert model.tag_classifier.weight.grad.abs().sum() == 0
 
 
+@pytest.mark.slow
 def test_phone_photos_mixed_in_with_self_distillation_and_measured_for_the_card(trained, tiny_catalogue, tmp_path,
                                                                                 monkeypatch):
     """--mix-dataset adds the phone photos' train split (two heads labelled, the rest masked); the starting model

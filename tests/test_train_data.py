@@ -6,7 +6,8 @@ import json
 import sys
 from collections import Counter
 
-from conftest import COLOURS, TINY_FLAGS, product_photo, run_training
+import pytest
+from helpers import COLOURS, TINY_FLAGS, product_photo, run_training
 
 from fashion_hf.training.evaluate import main as evaluate
 from fashion_hf.training.train import default_min_tag_count, feedback_tags_to_keep, parse_args
@@ -29,6 +30,7 @@ def write_shop(folder, count=40):
     return folder / "catalogue.csv"
 
 
+@pytest.mark.slow
 def test_a_catalogue_trains_without_its_fixed_held_out_part_which_evaluate_then_scores(tmp_path):
     table, output = write_shop(tmp_path / "shop"), tmp_path / "run"
     held_out = sum(
@@ -76,6 +78,7 @@ def test_typed_tags_need_the_configured_number_of_people():
     assert feedback_tags_to_keep(parse_args([]), people) == []  # no feedback, no typed tags
 
 
+@pytest.mark.slow
 def test_a_tag_typed_by_three_people_joins_the_vocabulary(tiny_catalogue, tmp_path):
     from fashion_hf.feedback import FeedbackStore
 

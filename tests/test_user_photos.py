@@ -8,8 +8,8 @@ import datasets
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, SHARED_DATA, encode, tagging_model, tiny_config
 from datasets import Dataset, Features, Image, Value
+from helpers import REPO, SHARED_DATA, encode, tagging_model, tiny_config
 from PIL import Image as PILImage
 from test_evaluate import PerfectModel, coloured_images
 from transformers import AutoImageProcessor, AutoModel, pipeline

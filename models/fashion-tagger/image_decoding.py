@@ -1,19 +1,26 @@
 """The one safe image decoder: every image the project reads (processor, app uploads, feedback store) goes through it.
 
-Every allocation is bounded before it happens: the header's size is checked (pixel limit and aspect ratio) before a
-pixel is decoded, only the accepted formats' parsers ever see the bytes, and each conversion holds at most 4 bytes per
-pixel of that checked size. Imports only numpy and Pillow and nothing of this package, so `save_pretrained` ships it
-beside the image processor (transformers copies a remote-code file's relative imports) and the feedback store uses
-it without loading torch or transformers.
+Every allocation is bounded before it happens: the file's size is checked before it is read, the header's size
+(pixel limit and aspect ratio) before a pixel is decoded, only the accepted formats' parsers ever see the bytes, and
+each conversion holds at most 4 bytes per pixel of that checked size. The limits are one `ImageLimits`, given by
+the caller. Imports only numpy and Pillow and nothing of this package, so `save_pretrained` ships it beside the image
+processor (transformers copies a remote-code file's relative imports) and the feedback store uses it without loading
+torch or transformers.
+
+    >>> limits = ImageLimits(max_image_pixels=40_000_000, max_file_bytes=20 * 1024 * 1024)
+    >>> image = load_rgb_image("shirt.jpg", limits)  # the processor: upright RGB pixels
+    >>> decoded = read_image(upload_bytes, limits, "shirt.jpg", srgb=True)  # the store: sRGB, and the bytes' SHA-256
 """
 
+import hashlib
 import io
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # a 40-megapixel phone photo decodes; a decompression bomb does not
 DEFAULT_MAX_FILE_BYTES = 20 * 1024 * 1024
@@ -33,16 +40,43 @@ def accepted_suffixes() -> set[str]:
     Image.init()
     return {suffix for suffix, format in Image.registered_extensions().items() if format in ACCEPTED_FORMATS}
 
+
 # What Pillow's decoders raise on malformed input besides OSError (truncated tables, bad offsets, short reads).
 DECODER_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError, ZeroDivisionError, struct.error,
 )  # fmt: skip
 WHITE = (255, 255, 255)  # studio product shots sit on white, so transparency becomes white too
 ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+ENCODED_INPUTS = (str, os.PathLike, bytes, bytearray, memoryview)  # read as a file's bytes, then decoded
+# The modes an embedded colour profile is applied to; any other keeps its raw values.
+COLOUR_MANAGED_MODES = ("RGB", "CMYK", "L")
 
 
 class InvalidImageError(ValueError):
     """The input is not an image the tagger can read; the message names the input and what would be valid."""
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one input may cost, each checked before it is paid.
+
+    Args:
+        max_image_pixels (`int`, *optional*, defaults to 40,000,000):
+            Largest width x height, read from the header before decoding (decompression bombs).
+        max_file_bytes (`int`, *optional*, defaults to 20 MiB):
+            Largest encoded input, checked before a file is read.
+    """
+
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An input decoded by `read_image`."""
+
+    image: Image.Image  # upright RGB
+    sha256: str  # hex SHA-256 of the file's bytes (path, bytes) or, for a decoded input, `pixel_sha256(image)`
 
 
 def describe_input(image) -> str:
@@ -57,26 +91,35 @@ def describe_input(image) -> str:
     return f"object of type {type(image).__name__}"
 
 
-def read_image_bytes(image, max_file_bytes: int) -> bytes:
-    """The raw bytes of a path or bytes-like input, refusing oversized files before reading them."""
+def read_image_bytes(image, limits: ImageLimits, name: str | None = None) -> bytes:
+    """The raw bytes of a path or bytes-like input, refusing oversized files before reading them.
+
+    `name` is what messages call the input (default `describe_input(image)`): a server names a file by its user's
+    file name, so that its own folders never reach the user.
+    """
+    name = name or describe_input(image)
+    limit = limits.max_file_bytes
     if isinstance(image, (str, os.PathLike)):
         text = os.fspath(image)
         if text.startswith(("http://", "https://")):
-            raise InvalidImageError(f"{describe_input(image)}: URLs are not fetched; pass a local path, bytes or a PIL image")
+            raise InvalidImageError(f"{name}: URLs are not fetched; pass a local path, bytes or a PIL image")
         path = Path(text)
         if not path.is_file():
-            raise InvalidImageError(f"{describe_input(image)}: no such file")
-        size = path.stat().st_size
-        if size > max_file_bytes:
-            raise InvalidImageError(f"{describe_input(image)}: {size} bytes is over the {max_file_bytes}-byte limit")
-        return path.read_bytes()
+            raise InvalidImageError(f"{name}: not an existing file (no such file, or a folder)")
+        try:
+            size = path.stat().st_size
+            if size > limit:
+                raise InvalidImageError(f"{name}: {size} bytes is over the {limit}-byte limit")
+            return path.read_bytes()
+        except OSError as error:
+            raise InvalidImageError(f"{name}: the file cannot be read ({error.strerror})") from None
     data = bytes(image)
-    if len(data) > max_file_bytes:
-        raise InvalidImageError(f"{describe_input(image)}: over the {max_file_bytes}-byte limit")
+    if len(data) > limit:
+        raise InvalidImageError(f"{name}: {len(data)} bytes is over the {limit}-byte limit")
     return data
 
 
-def decode_image(data: bytes, name: str, max_image_pixels: int) -> Image.Image:
+def decode_image(data: bytes, name: str, limits: ImageLimits) -> Image.Image:
     """The upright first frame of an encoded image in an accepted format, decoded only once its size is checked.
 
     Raises `InvalidImageError` naming `name` for anything else: another format, a size over the limits, corrupt or
@@ -88,7 +131,7 @@ def decode_image(data: bytes, name: str, max_image_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         # The header's size, before a single pixel is decoded: a few-KB PNG can claim 30000x30000 or 40000000x1.
         checked = image.size
-        check_image_size(*checked, name, max_image_pixels)
+        check_image_size(*checked, name, limits)
         image.seek(0)  # animated GIF/WebP, multi-page TIFF, MPO: the first frame
         image.load()
         if image.size != checked:  # no accepted format does this; a container like ICO does (and is not accepted)
@@ -98,7 +141,7 @@ def decode_image(data: bytes, name: str, max_image_pixels: int) -> Image.Image:
     except InvalidImageError:
         raise
     except Image.DecompressionBombError as error:  # Pillow's own, looser limit, checked while opening
-        raise InvalidImageError(f"{name}: the image is over the limit of {max_image_pixels} pixels") from error
+        raise InvalidImageError(f"{name}: the image is over the limit of {limits.max_image_pixels} pixels") from error
     except UnidentifiedImageError as error:
         raise InvalidImageError(f"{name}: not a readable image; accepted formats: {ACCEPTED_FORMATS_TEXT}") from error
     except DECODER_ERRORS as error:
@@ -110,12 +153,13 @@ def decode_image(data: bytes, name: str, max_image_pixels: int) -> Image.Image:
         raise InvalidImageError(f"{name}: the image data is corrupt or truncated ({error})") from error
 
 
-def check_image_size(width: int, height: int, name: str, max_image_pixels: int) -> None:
+def check_image_size(width: int, height: int, name: str, limits: ImageLimits) -> None:
     """Refuse, before decoding or converting, an image over the pixel limit or of an absurd aspect ratio."""
     if width < 1 or height < 1:
         raise InvalidImageError(f"{name}: the image has no pixels")
-    if width * height > max_image_pixels:
-        raise InvalidImageError(f"{name}: {width}x{height} pixels is over the limit of {max_image_pixels} pixels")
+    limit = limits.max_image_pixels
+    if width * height > limit:
+        raise InvalidImageError(f"{name}: {width}x{height} pixels is over the limit of {limit} pixels")
     if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
         ratio = f"{max(width, height) / min(width, height):.1f}".removesuffix(".0")
         wide = width > height
@@ -142,13 +186,17 @@ def array_to_image(array: np.ndarray, name: str) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(array))
 
 
-def to_rgb(image: Image.Image, name: str) -> Image.Image:
+def to_rgb(image: Image.Image, name: str, *, srgb: bool = False) -> Image.Image:
     """Upright RGB from any PIL mode: EXIF orientation applied, 16-bit scaled, transparency flattened onto white.
 
-    Each step holds at most 4 bytes per pixel of the (already checked) image size besides its input.
+    With `srgb`, the pixels are first converted from the image's embedded colour profile to sRGB. Each step holds at
+    most 4 bytes per pixel of the (already checked) image size besides its input.
     """
     try:
+        icc_profile = image.info.get("icc_profile") if srgb else None
         image = upright(image)
+        if icc_profile and image.mode in COLOUR_MANAGED_MODES:
+            image = profile_to_srgb(image, icc_profile)
         if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             image = Image.fromarray(grey_to_uint8(np.asarray(image)))
         if image.mode == "P":
@@ -161,6 +209,15 @@ def to_rgb(image: Image.Image, name: str) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     except DECODER_ERRORS as error:  # e.g. a LAB TIFF: Pillow has no conversion to RGB
         raise InvalidImageError(f"{name}: its {image.mode} pixels cannot be converted to RGB ({error})") from error
+
+
+def profile_to_srgb(image: Image.Image, icc_profile: bytes) -> Image.Image:
+    """The pixels converted from `icc_profile` to sRGB, as RGB; unchanged when the profile cannot be read."""
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+        return ImageCms.profileToProfile(image, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return image  # the raw values are the best guess left
 
 
 def upright(image: Image.Image) -> Image.Image:
@@ -183,22 +240,54 @@ def grey_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def load_rgb_image(image, max_image_pixels: int, max_file_bytes: int) -> Image.Image:
-    """Any accepted input (PIL image, numpy array, path, encoded bytes) as upright RGB, or `InvalidImageError`."""
-    name = describe_input(image)
+def pixel_sha256(image: Image.Image) -> str:
+    """Hex SHA-256 of `b"RGB <width>x<height>\\n"` and the pixels of an RGB image: what identifies a decoded input."""
+    digest = hashlib.sha256(f"RGB {image.width}x{image.height}\n".encode("ascii"))
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def decoded_input(image, name: str, limits: ImageLimits) -> Image.Image:
+    """A PIL image or numpy array, once its size is checked, as a PIL image; any other object is refused."""
     if isinstance(image, Image.Image):
-        check_image_size(image.width, image.height, name, max_image_pixels)
-    elif isinstance(image, np.ndarray):
+        check_image_size(image.width, image.height, name, limits)
+        return image
+    if isinstance(image, np.ndarray):
         height, width = image.shape[:2] if image.ndim >= 2 else (0, 0)
-        check_image_size(width, height, name, max_image_pixels)
-        image = array_to_image(image, name)
-    elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
-        image = decode_image(read_image_bytes(image, max_file_bytes), name, max_image_pixels)
+        check_image_size(width, height, name, limits)
+        return array_to_image(image, name)
+    raise InvalidImageError(
+        f"{name}: expected a PIL image, a numpy array, a file path or encoded image bytes; a decoded image must be a "
+        "PIL image or a numpy array"
+    )
+
+
+def load_rgb_image(image, limits: ImageLimits, name: str | None = None, *, srgb: bool = False) -> Image.Image:
+    """Any accepted input (PIL image, numpy array, path, encoded bytes) as upright RGB, or `InvalidImageError`.
+
+    `name` is what messages call the input (default `describe_input(image)`). `srgb` converts the pixels from their
+    embedded colour profile to sRGB (`to_rgb`); the image processor leaves them as stored, as the model was trained.
+    """
+    name = name or describe_input(image)
+    if isinstance(image, ENCODED_INPUTS):
+        image = decode_image(read_image_bytes(image, limits, name), name, limits)
     else:
-        raise InvalidImageError(f"{name}: expected a PIL image, a numpy array, a file path or encoded image bytes")
-    return to_rgb(image, name)
+        image = decoded_input(image, name, limits)
+    return to_rgb(image, name, srgb=srgb)
+
+
+def read_image(image, limits: ImageLimits, name: str | None = None, *, srgb: bool = False) -> DecodedImage:
+    """`load_rgb_image`, with the SHA-256 that identifies the input: of the file's bytes for a path or bytes (the
+    hash of the upload itself), of the upright RGB pixels for a PIL image or an array (`pixel_sha256`)."""
+    name = name or describe_input(image)
+    if isinstance(image, ENCODED_INPUTS):
+        data = read_image_bytes(image, limits, name)
+        return DecodedImage(load_rgb_image(data, limits, name, srgb=srgb), hashlib.sha256(data).hexdigest())
+    rgb = load_rgb_image(image, limits, name, srgb=srgb)
+    return DecodedImage(rgb, pixel_sha256(rgb))
 
 
 __all__ = [
-    "ACCEPTED_FORMATS", "InvalidImageError", "check_image_size", "decode_image", "describe_input", "load_rgb_image",
+    "ACCEPTED_FORMATS", "DecodedImage", "ImageLimits", "InvalidImageError", "check_image_size", "decode_image",
+    "describe_input", "load_rgb_image", "read_image",
 ]  # fmt: skip

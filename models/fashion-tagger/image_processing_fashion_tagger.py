@@ -13,6 +13,7 @@ from .image_decoding import (
     DEFAULT_MAX_FILE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
     WHITE,
+    ImageLimits,
     InvalidImageError,
     load_rgb_image,
 )
@@ -89,9 +90,14 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         height, width = config.image_size
         return cls(size={"height": height, "width": width}, image_mean=config.image_mean, image_std=config.image_std, **kwargs)
 
+    @property
+    def image_limits(self) -> ImageLimits:
+        """`ImageLimits`: the two limits above, read at each call (the app sets them after loading)."""
+        return ImageLimits(max_image_pixels=self.max_image_pixels, max_file_bytes=self.max_file_bytes)
+
     def load_image(self, image) -> Image.Image:
         """Decode one input of any accepted kind into an upright RGB PIL image, or raise `InvalidImageError`."""
-        return load_rgb_image(image, self.max_image_pixels, self.max_file_bytes)
+        return load_rgb_image(image, self.image_limits)
 
     def preprocess(self, images, return_tensors="pt", **kwargs) -> BatchFeature:
         """`images`: one image or a list of them, of any accepted kind. Returns `pixel_values` `(batch, 3, H, W)`."""

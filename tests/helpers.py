@@ -1,0 +1,108 @@
+"""What the tests share besides fixtures: paths, tiny models, images made on the fly, a tiny catalogue, training runs.
+
+Fixtures live in conftest.py, which also sets the environment (offline Hub, no analytics) before this is imported.
+"""
+
+import io
+import os
+import subprocess
+from pathlib import Path
+
+import datasets
+import torch
+from PIL import Image
+
+import fashion_hf
+from fashion_hf.configuration_fashion_tagger import EOS_TAG_ID
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+PRODUCT_IMAGES = SHARED_DATA / "fashion-product-images"
+
+# The first lines of a subprocess script that must run as where fashion_hf is not installed: the package is
+# installed (editable) in the test environment, so it is blocked rather than left off sys.path.
+WITHOUT_FASHION_HF = "import sys\nsys.modules['fashion_hf'] = None  # `import fashion_hf` now raises ImportError\n"
+ONE_PROCESS_LAUNCH = ("accelerate", "launch", "--config_file", str(REPO / "train" / "accelerate" / "one-process.yaml"))
+
+TINY_ENCODER = "test_efficientnet"  # timm's test-size EfficientNet: same code paths, a fraction of the compute
+
+
+def tiny_config(**overrides) -> fashion_hf.FashionTaggerConfig:
+    settings = dict(
+        encoder_name=TINY_ENCODER,
+        image_size=(64, 48),
+        decoder_hidden_size=32,
+        tag_embedding_size=16,
+        max_tag_length=8,
+    )
+    settings.update(overrides)
+    return fashion_hf.FashionTaggerConfig(**settings)
+
+
+def tiny_model(**overrides) -> fashion_hf.FashionTaggerModel:
+    return fashion_hf.FashionTaggerModel(tiny_config(**overrides)).eval()
+
+
+def tagging_model(**overrides) -> fashion_hf.FashionTaggerModel:
+    """A tiny model that tags every image up to the length limit: its end-of-sequence logit is pushed far down.
+
+    An untrained model's first choice is a draw that can land on end-of-sequence (it did on a CI machine whose CPU
+    rounds differently), and a test of how tags are shown would then have no tags to show."""
+    torch.manual_seed(0)
+    model = tiny_model(**overrides)
+    with torch.no_grad():
+        model.tag_classifier.bias[EOS_TAG_ID] = -1e4
+    return model
+
+
+def product_photo(colour=(200, 30, 30), size=(60, 80), mode="RGB") -> Image.Image:
+    """A shirt-like shape on a white studio background."""
+    image = Image.new("RGB", size, (255, 255, 255))
+    width, height = size
+    image.paste(Image.new("RGB", (width // 2, height // 2), colour), (width // 4, height // 4))
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def encode(image: Image.Image, format="JPEG", **save_args) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **save_args)
+    return buffer.getvalue()
+
+
+COLOURS = {"Red": (200, 30, 30), "Blue": (30, 30, 200), "Green": (30, 160, 60)}
+ARTICLES = ["Tshirts", "Shirts"]
+
+
+def write_product_parquet(folder, split, rows):
+    """A tiny copy of the Fashion Product Images layout (data/<split>-00000-of-00001.parquet)."""
+    records = []
+    for i in range(rows):
+        colour = list(COLOURS)[i % 3]
+        article = ARTICLES[i % 2]
+        records.append({
+            "id": i, "image": {"bytes": encode(product_photo(COLOURS[colour])), "path": f"{i}.jpg"},
+            "gender": "Men" if i % 2 else "Women", "masterCategory": "Apparel", "subCategory": "Topwear",
+            "articleType": article, "baseColour": colour, "season": None if i == 0 else "Summer", "usage": "Casual",
+            "productDisplayName": f"Brand Men {colour} {'Checked' if i % 2 else 'Striped'} {article}", "year": 2012,
+        })
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    features = datasets.Features({**{k: datasets.Value("string") for k in records[0]}, "id": datasets.Value("int64"),
+                                  "year": datasets.Value("int32"), "image": datasets.Image()})
+    datasets.Dataset.from_list(records, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+
+
+# --- train/train.py end to end (test_train.py, test_distillation.py) -------------------------------------------
+
+TINY_FLAGS = [
+    "--encoder-name", "test_efficientnet", "--pretrained", "none", "--image-size", "64", "48",
+    "--decoder-hidden-size", "32", "--tag-embedding-size", "16", "--min-tag-count", "2",
+    "--batch-size", "8", "--num-workers", "0", "--cache-views", "2", "--frozen-stages", "2",
+]
+
+
+def run_training(args, timeout=600, launcher=ONE_PROCESS_LAUNCH):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [*launcher, str(REPO / "train" / "train.py"), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout + result.stderr
