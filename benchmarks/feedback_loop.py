@@ -40,11 +40,13 @@ from gradio_client import Client, handle_file
 from load_app import stored_ids
 
 from fashion_hf import data
+from fashion_hf.configuration_fashion_tagger import USER_PHOTOS_DOMAIN
 from fashion_hf.feedback import CHANGED, CONFIRMED
 
 PHONE_PHOTOS = REPO.parent / "shared" / "data" / data.CLOTHING_USER_PHOTOS
 PHONE_HEADS = data.CLOTHING_USER_PHOTOS_ATTRIBUTES  # what a contributor knows about a phone photo
 PRODUCTS = "fashion-product-images"
+SPLIT_NAMES = {"phone_validation": "phone validation", "product_validation": "product validation"}
 TITLE = "Feedback loop: phone-photo corrections -> retrained model"
 # Toy data for --smoke: (the photographer's label, articleType, subCategory, masterCategory, colour, RGB).
 SMOKE_KINDS = (
@@ -307,7 +309,8 @@ def figures(metrics: dict, path: Path, seconds: float | None = None) -> dict:
         for head, values in (metrics.get("attributes") or {}).items()
         if values.get("support") and values.get("top1") is not None
     }
-    return {"top1": scored, "n_images": metrics.get("n_images"), "metrics": str(path), "seconds": seconds}
+    return {"top1": scored, "n_images": metrics.get("n_images"), "metrics": str(path), "seconds": seconds,
+            "domains_reached": metrics.get("domains_reached")}  # fmt: skip
 
 
 def evaluate(model: str, dataset: str, source, output: Path) -> dict:
@@ -410,6 +413,11 @@ def report_lines(summary: dict) -> list[str]:
             f"sending: {sending['photos_per_second']:.2f} photos/s ({sending['threads']} contributors, /tag then "
             f"/feedback per photo, {sending['seconds']:.0f} s; app start {sending['app_start_seconds']:.0f} s)",
         ]  # fmt: skip
+    reached = {split: (summary.get(split) or {}).get("after", {}).get("domains_reached") for split in SPLIT_NAMES}
+    if all(reached.values()):  # a retrained ensemble with user-photo experts behind a gate
+        lines.append("gate: share of photos that reach the user-photo experts: " + ", ".join(
+            f"{name} {reached[split][USER_PHOTOS_DOMAIN]:.1%}" for split, name in SPLIT_NAMES.items()
+        ))  # fmt: skip
     retraining = summary.get("retraining")
     if retraining:
         recipe = retraining.get("recipe_wall_seconds")

@@ -49,7 +49,8 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
 
     `pixel_values` come from the image processor. `label_ids` (one per image) pick the label to explain; by default
     each image's top label. Images are independent (the model is in eval mode), so one backward pass serves the batch.
-    An ensemble's map is the mean of its members' maps for the label the ensemble ranks first, on the photo as given.
+    An ensemble's map is the mean of its members' maps for the label the ensemble ranks first, on the photo as given;
+    with experts behind a gate, each member's map counts with the weight the gate gives its domain for that photo.
     """
     attribute = explained_attribute(model.config, attribute)
     pixel_values = pixel_values.to(model.device, model.dtype)
@@ -57,18 +58,39 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
         label_ids = torch.as_tensor(label_ids, device=pixel_values.device).long().view(-1)
     members = getattr(model, "members", None)  # an ensemble (duck-typed: remote-code classes are other objects)
     if members is not None:
-        if label_ids is None:  # its own top label: a forward pass of the whole ensemble, which callers can spare
-            with torch.no_grad():
-                label_ids = model(pixel_values=pixel_values).attribute_logits[attribute].argmax(-1)
-        cams = [_class_activation(member, pixel_values, attribute, label_ids)[0] for member in members]
-        size = cams[0].shape[-2:]
-        cams = torch.stack([F.interpolate(cam[:, None], size=size, mode="bilinear")[:, 0] for cam in cams]).mean(0)
+        with torch.no_grad():  # the embeddings only when the label or the gate needs them: a pass per member
+            gated = getattr(model, "gate", None) is not None
+            image_embeds = model.encode_images(pixel_values) if gated or label_ids is None else None
+            if label_ids is None:  # its own top label: a forward pass of the whole ensemble, which callers can spare
+                label_ids = model(image_embeds=image_embeds).attribute_logits[attribute].argmax(-1)
+            if gated:
+                weights = member_weights(model, image_embeds)
+            else:
+                weights = pixel_values.new_full((len(pixel_values), len(members)), 1 / len(members))
+        used = [index for index in range(len(members)) if weights[:, index].any()]
+        cams = {index: _class_activation(members[index], pixel_values, attribute, label_ids)[0] for index in used}
+        size = cams[used[0]].shape[-2:]
+        cams = sum(
+            F.interpolate(cams[index][:, None], size=size, mode="bilinear")[:, 0] * weights[:, index, None, None]
+            for index in used
+        )
     else:
         cams, label_ids = _class_activation(model, pixel_values, attribute, label_ids)
     peak = cams.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
     maps = (cams / peak).cpu().numpy()
     names = model.config.attributes[attribute]
     return GradCam(attribute=attribute, labels=[names[i] for i in label_ids.tolist()], maps=maps)
+
+
+def member_weights(model, image_embeds: torch.Tensor) -> torch.Tensor:
+    """`(batch, members)`: each member's share in each photo's answer, for an ensemble with a gate: its domain's
+    weight, split evenly among the domain's members."""
+    config, domain_weights = model.config, model.domain_weights(image_embeds)
+    columns = [
+        domain_weights[:, config.domains.index(domain)] / config.member_domains.count(domain)
+        for domain in config.member_domains
+    ]
+    return torch.stack(columns, 1).to(image_embeds.dtype)
 
 
 def _class_activation(model, pixel_values, attribute: str, label_ids) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,7 @@
 Grad-CAM, and train/ensemble.py end to end."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import torch
 from card_figures import card_mismatches
 from gradio_server import import_app
-from helpers import WITHOUT_FASHION_HF, tagging_model
+from helpers import WITHOUT_FASHION_HF, product_photo, tagging_model
 from safetensors import safe_open
 from transformers import AutoModel, pipeline
 
@@ -278,3 +279,137 @@ def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_i
         "modeling_fashion_tagger.py", "pipeline_fashion_tagging.py",
     ]  # fmt: skip
     assert isinstance(FashionTaggerModel.from_pretrained(member), FashionTaggerModel)  # the members are untouched
+
+
+# --- user-photo experts behind a gate -------------------------------------------------------------------------------
+
+
+def gated_ensemble(expert_bias: float, expert_min_weight: float = 0.01) -> FashionTaggerEnsembleModel:
+    """Catalogue member: the first tiny tagger; user-photo expert: the second. The gate's weights are zero, so its
+    bias alone sets every photo's weight: softmax([0, expert_bias])."""
+    models = members()
+    config = FashionTaggerEnsembleConfig.from_members(
+        [model.config for model in models], domains=["catalogue", "user-photos"],
+        member_domains=["catalogue", "user-photos"], expert_min_weight=expert_min_weight,
+    )  # fmt: skip
+    ensemble = FashionTaggerEnsembleModel(config)
+    for slot, model in zip(ensemble.members, models):
+        slot.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        ensemble.gate.weight.zero_()
+        ensemble.gate.bias.copy_(torch.tensor([0.0, expert_bias]))
+    return ensemble.eval()
+
+
+def test_a_photo_the_gate_keeps_from_the_experts_is_tagged_by_the_catalogue_members_alone_and_skips_their_encoder():
+    ensemble, x = gated_ensemble(expert_bias=-8.0), pixels(4)  # expert weight 3e-4 < 0.01
+    catalogue_only = ensemble_of([members()[0]])
+    with mock.patch.object(ensemble.members[1], "encode_images", side_effect=AssertionError("expert encoder ran")):
+        embeds = ensemble.encode_images(x)
+        combined = ensemble(image_embeds=embeds).attribute_logits
+        tags = ensemble.generate_tags(image_embeds=embeds, num_beams=2)
+    expected = catalogue_only(pixel_values=x).attribute_logits
+    for name in ensemble.config.attributes:
+        torch.testing.assert_close(combined[name], expected[name])
+    assert [[h["tag_ids"] for h in image] for image in tags] == [
+        [h["tag_ids"] for h in image] for image in catalogue_only.generate_tags(x, num_beams=2)
+    ]
+    assert torch.equal(ensemble.domain_weights(embeds), torch.tensor([[1.0, 0.0]] * 4))
+
+
+def test_a_photo_the_gate_sends_to_the_experts_gets_the_gate_weighted_mixture():
+    ensemble, x = gated_ensemble(expert_bias=math.log(3.0)), pixels(3)  # weights 1/4 catalogue, 3/4 experts
+    catalogue_model, expert_model = members()
+    with torch.no_grad():
+        combined = ensemble(pixel_values=x).attribute_logits
+        for name in ensemble.config.attributes:
+            def mean_over_views(model):
+                return torch.stack([model(pixel_values=v).attribute_logits[name].softmax(-1) for v in views(x, True)]).mean(0)
+
+            expected = 0.25 * mean_over_views(catalogue_model) + 0.75 * mean_over_views(expert_model)
+            assert torch.allclose(combined[name].softmax(-1), expected, atol=1e-6)
+    first_tags = ensemble.generate_tags(x, max_length=1)
+    assert all(len(image[0]["tags"]) == 1 for image in first_tags)
+
+
+def test_only_the_photos_the_gate_sends_to_the_experts_pay_for_their_encoder():
+    ensemble, x = gated_ensemble(expert_bias=0.0), pixels(4)
+    with torch.no_grad():  # photo-dependent gate: the first input pixel's sign decides
+        ensemble.gate.weight.zero_()
+    calls = []
+    original = ensemble.members[1].encode_images
+    ensemble.members[1].encode_images = lambda batch: calls.append(len(batch)) or original(batch)
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    with mock.patch.object(ensemble, "_gate_weights", return_value=weights):
+        embeds = ensemble.encode_images(x)
+    assert calls == [2 * 2]  # two photos, each with its mirror
+    assert embeds[[0, 2], 2:].abs().sum() == 0 and embeds[[1, 3], 2:].abs().sum() > 0
+    torch.testing.assert_close(embeds[[1, 3], 2:], members()[1].encode_images(torch.cat([x[[1, 3]], x[[1, 3]].flip(-1)])).view(2, 2, -1).transpose(0, 1))
+
+
+def test_an_ensemble_with_experts_saves_and_loads_its_gate_and_domains(tmp_path):
+    ensemble = gated_ensemble(expert_bias=1.5)
+    ensemble.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.domains == ["catalogue", "user-photos"]
+    assert loaded.config.member_domains == ["catalogue", "user-photos"]
+    assert torch.equal(loaded.gate.bias, ensemble.gate.bias)
+    assert "user-photos experts" in loaded.config.encoder_description
+    x = pixels(2)
+    with torch.no_grad():
+        for name, logits in ensemble(pixel_values=x).attribute_logits.items():
+            torch.testing.assert_close(loaded(pixel_values=x).attribute_logits[name], logits)
+
+
+def test_domain_settings_are_checked_when_the_config_is_built():
+    member = {"encoder_name": "test_efficientnet"}
+    with pytest.raises(ValueError, match="at least one member; \\['user-photos'\\]"):
+        FashionTaggerEnsembleConfig(members=[member], domains=["catalogue", "user-photos"])
+    with pytest.raises(ValueError, match="not among the domains"):
+        FashionTaggerEnsembleConfig(members=[member], member_domains=["studio"])
+    with pytest.raises(ValueError, match="2 entries for 1 members"):
+        FashionTaggerEnsembleConfig(members=[member], member_domains=["catalogue", "catalogue"])
+    with pytest.raises(ValueError, match="expert_min_weight"):
+        FashionTaggerEnsembleConfig(members=[member], expert_min_weight=1.0)
+
+
+def test_the_fitted_gate_tells_two_kinds_of_photo_apart_and_counts_each_kind_equally():
+    from fashion_hf.training.domain_gate import fit_gate, routing_rates
+
+    generator = torch.Generator().manual_seed(0)
+    catalogue = torch.randn(300, 16, generator=generator) * 3 + 5  # scaled and shifted: standardisation is folded in
+    user_photos = torch.randn(30, 16, generator=generator) * 3 + 5
+    user_photos[:, 0] += 15  # five standard deviations apart along one direction
+    inputs, domains = torch.cat([catalogue, user_photos]), torch.tensor([0] * 300 + [1] * 30)
+    weight, bias = fit_gate(inputs, domains, num_domains=2)
+    predicted = (inputs @ weight.T + bias).argmax(-1)
+    assert (predicted == domains).float().mean() > 0.97
+    assert (predicted[300:] == 1).float().mean() > 0.9  # the rare kind is not sacrificed to the common one
+    ensemble = gated_ensemble(expert_bias=0.0)
+    ensemble.gate = torch.nn.Linear(16, 2)
+    ensemble.gate.weight.data, ensemble.gate.bias.data = weight, bias
+    rates = routing_rates(ensemble, inputs, domains)
+    assert rates["catalogue"]["photos"] == 300 and rates["user-photos"]["reaches"]["user-photos"] > 0.9
+    with pytest.raises(ValueError, match="every domain"):
+        fit_gate(catalogue, torch.zeros(300, dtype=torch.long), num_domains=2)
+
+
+@pytest.mark.parametrize(("expert_bias", "reached"), [(-8.0, 0.0), (8.0, 1.0)])
+def test_the_evaluation_reports_how_many_photos_reached_the_experts(expert_bias, reached):
+    import datasets
+
+    ensemble = gated_ensemble(expert_bias)
+    processor = FashionTaggerImageProcessor.from_model_config(ensemble.config)
+    photos = datasets.Dataset.from_dict({"image": [product_photo(size=(48, 64))] * 3, "gender": ["Men", "Women", None]})
+    metrics = evaluate_script.evaluate(ensemble, processor, photos, progress=False)
+    assert metrics["domains_reached"] == {"catalogue": 1.0, "user-photos": reached}
+    assert "domains_reached" not in evaluate_script.evaluate(ensemble_of(members()), processor, photos, progress=False)
+
+
+def test_grad_cam_of_a_catalogue_photo_is_the_catalogue_members_map():
+    ensemble, x = gated_ensemble(expert_bias=-8.0), pixels(2)
+    label_ids = [0, 1]
+    with mock.patch.object(ensemble.members[1].encoder, "forward_features", side_effect=AssertionError("expert ran")):
+        combined = grad_cam(ensemble, x, "gender", label_ids=label_ids)
+    alone = grad_cam(members()[0].eval(), x, "gender", label_ids=label_ids)
+    np.testing.assert_allclose(combined.maps, alone.maps, atol=1e-5)

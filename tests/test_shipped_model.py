@@ -6,20 +6,21 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from card_figures import card_mismatches
-from helpers import PRODUCT_IMAGES, REPO
+from helpers import PRODUCT_IMAGES, REPO, SHARED_DATA
 from PIL import Image
-from transformers import pipeline
+from transformers import AutoImageProcessor, AutoModel, pipeline
 
 SHIPPED = REPO / "models" / "fashion-tagger"
 PHOTOS = 32  # the first 16 happen to be harder than most (11 of 16 right); 32 span 10 article types
 
 
-def validation_photos(count: int) -> tuple[list[Image.Image], list[dict]]:
-    """The first `count` validation photos of the shared Fashion Product Images and their labels."""
-    files = sorted((PRODUCT_IMAGES / "data").glob("validation-*.parquet"))
+def validation_photos(count: int, folder=PRODUCT_IMAGES) -> tuple[list[Image.Image], list[dict]]:
+    """The first `count` validation photos of a shared data set (Fashion Product Images) and their labels."""
+    files = sorted((folder / "data").glob("validation-*.parquet"))
     if not files:
-        pytest.skip(f"no validation split of Fashion Product Images in {PRODUCT_IMAGES}")
+        pytest.skip(f"no validation split in {folder}")
     rows = pq.read_table(files[0]).slice(0, count).to_pylist()
     return [Image.open(io.BytesIO(row.pop("image")["bytes"])).convert("RGB") for row in rows], rows
 
@@ -53,3 +54,19 @@ def test_the_shipped_cards_figures_equal_its_metrics_json():
     phone = json.loads((SHIPPED / "metrics-phone.json").read_text())  # the robustness table's phone-style column
     user_photos = json.loads((SHIPPED / "metrics-user-photos.json").read_text())  # real phone photos: column, table
     assert card_mismatches(card, metrics, phone, user_photos) == []
+
+
+def test_the_gate_sends_phone_photos_to_the_user_photo_experts_and_catalogue_photos_to_the_catalogue_members():
+    catalogue_photos, _ = validation_photos(PHOTOS)
+    phone_photos, _ = validation_photos(PHOTOS, SHARED_DATA / "clothing-user-photos")  # photographers unseen in training
+    model = AutoModel.from_pretrained(SHIPPED).eval()
+    processor = AutoImageProcessor.from_pretrained(SHIPPED)
+    assert model.config.domains == ["catalogue", "user-photos"]
+    with torch.no_grad():
+        weights = {
+            kind: model.domain_weights(model.encode_images(processor(photos, return_tensors="pt")["pixel_values"]))
+            for kind, photos in (("catalogue", catalogue_photos), ("phone", phone_photos))
+        }
+    experts = model.config.domains.index("user-photos")
+    assert (weights["catalogue"][:, experts] == 0).all(), weights["catalogue"][:, experts]  # tagged as before
+    assert (weights["phone"][:, experts] > 0.5).sum() >= PHOTOS - 1, weights["phone"][:, experts]

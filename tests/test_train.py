@@ -168,9 +168,10 @@ def _tiny_ensemble(member_folder, folder):
 
 
 @pytest.mark.slow
-def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(trained, tiny_catalogue, tmp_path):
-    """The shipped model is an ensemble: --init-from it trains each member on the feedback and a replayed sample
-    of the catalogue, then writes one ensemble again, with its lineage (start model, feedback records, revision)."""
+def test_init_from_an_ensemble_trains_user_photo_experts_beside_its_unchanged_catalogue_members(trained, tiny_catalogue, tmp_path):
+    """The shipped model is an ensemble: --init-from it with feedback trains a copy of each member on the feedback
+    and a replayed sample of the catalogue, keeps the members as they were, and writes one ensemble of both with a
+    gate fitted on the feedback photos against catalogue photos, and its lineage (start model, records, revision)."""
     from fashion_hf.feedback import FeedbackStore
 
     first_stage, _ = trained
@@ -191,18 +192,24 @@ def test_init_from_an_ensemble_continues_every_member_on_feedback_and_replay(tra
 
     folder = tmp_path / "run" / "model"
     model = AutoModel.from_pretrained(folder)
-    assert isinstance(model, fashion_hf.FashionTaggerEnsembleModel) and len(model.members) == 2
+    assert isinstance(model, fashion_hf.FashionTaggerEnsembleModel) and len(model.members) == 4
+    assert model.config.domains == ["catalogue", "user-photos"]
+    assert model.config.member_domains == ["catalogue"] * 2 + ["user-photos"] * 2
     assert model.config.mirror_views and model.config.tags == start.config.tags
-    for trained_member, start_member in zip(model.members, start.members):
+    for kept, expert, start_member in zip(model.members[:2], model.members[2:], start.members):
         before = start_member.heads["articleType"].weight.to(torch.float16).float()
-        assert not torch.equal(trained_member.heads["articleType"].weight.float(), before)  # it learned
+        assert torch.equal(kept.heads["articleType"].weight.float(), before)  # the catalogue members are kept
+        assert not torch.equal(expert.heads["articleType"].weight.float(), before)  # the experts learned
     recipe = json.loads((folder / "recipe.json").read_text())
+    assert recipe["gate"]["fitted_on"] == {"catalogue": 24, "user-photos": 3}
+    assert set(recipe["gate"]["routing_on_fitting_photos"]) == {"catalogue", "user-photos"}
+    assert [member["domain"] for member in recipe["members"]] == ["catalogue"] * 2 + ["user-photos"] * 2
     assert recipe["init_from"] == recipe["feedback"]["init_from"] == str(tmp_path / "start")  # not a member's
     assert recipe["feedback"]["records_used"] == 3 and recipe["feedback"]["revision"]
     assert recipe["feedback"]["attributes"]["articleType"]["changed"] == 3
     assert recipe["feedback"]["attributes"]["baseColour"]["untouched"] == 3
-    assert [len(member["stages"]) for member in recipe["members"]] == [2, 2]  # first stage, then this one
-    member_seconds = [member["stages"][-1]["wall_time_seconds"] for member in recipe["members"]]
+    assert [len(member["stages"]) for member in recipe["members"]] == [1, 1, 2, 2]  # first stage, then this one
+    member_seconds = [member["stages"][-1]["wall_time_seconds"] for member in recipe["members"][2:]]
     assert sum(member_seconds) < recipe["wall_time_seconds"] < sum(member_seconds) + (time.time() - started)
     card = (folder / "README.md").read_text()
     assert card_mismatches(card, json.loads((folder / "metrics.json").read_text())) == []

@@ -47,7 +47,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def combine(member_folders: list[str], mirror_views: bool = True) -> FashionTaggerEnsembleModel:
     members = [FashionTaggerModel.from_pretrained(folder, dtype=torch.float32) for folder in member_folders]
-    config = FashionTaggerEnsembleConfig.from_members([member.config for member in members], mirror_views)
+    return combine_models(members, mirror_views)
+
+
+def combine_models(members: list[FashionTaggerModel], mirror_views: bool = True, **domain_fields) -> FashionTaggerEnsembleModel:
+    """One ensemble of these trained taggers; `domain_fields` as `FashionTaggerEnsembleConfig.from_members` (the
+    gate of an ensemble with experts is then still to be fitted: `domain_gate`)."""
+    config = FashionTaggerEnsembleConfig.from_members([member.config for member in members], mirror_views, **domain_fields)
     ensemble = FashionTaggerEnsembleModel(config)
     for slot, member in zip(ensemble.members, members):
         slot.load_state_dict(member.state_dict())

@@ -92,6 +92,8 @@ class Predictions:
     # False when some row's reference tag sequence is unknown (its `tags_known` column is False, as for phone photos
     # labelled with two attributes only): tag figures would count every unlabelled tag as a false positive.
     tags_known: bool = True
+    # An ensemble with experts: per photo, the domains whose members it reached (`domain_weights` above zero).
+    domains_reached: dict[str, np.ndarray] | None = None
 
 
 def _read_labels(dataset, attributes: dict[str, list[str]], keep_unlabelled: bool = False) -> tuple[dict, dict, list]:
@@ -172,6 +174,8 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
     device, dtype = _model_device_and_dtype(model)
     probs = {name: [] for name in config.attributes}
     generated = []
+    domains = getattr(config, "domains", None) or []
+    reached = {domain: [] for domain in domains} if len(domains) > 1 else None
     was_training = model.training
     model.eval()
     try:
@@ -182,6 +186,10 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
                 outputs = model(image_embeds=image_embeds)
                 for name in config.attributes:
                     probs[name].append(outputs.attribute_logits[name].float().softmax(-1).cpu().numpy())
+                if reached is not None:
+                    weights = model.domain_weights(image_embeds).cpu().numpy()
+                    for index, domain in enumerate(domains):
+                        reached[domain].append(weights[:, index] > 0)
                 hypotheses = model.generate_tags(image_embeds=image_embeds, num_beams=num_beams)
                 for image_hypotheses in hypotheses:
                     best = image_hypotheses[0]["tags"] if image_hypotheses else []
@@ -200,6 +208,7 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
         out_of_vocabulary_tags=dict(sorted(dropped_tags.items())),
         tag_groups=_labelled_groups(dataset, labels, reference),
         tags_known=_tags_known(dataset),
+        domains_reached=reached and {domain: np.concatenate(rows) for domain, rows in reached.items()},
     )
 
 
@@ -232,6 +241,8 @@ def score(predictions: Predictions, attributes: dict[str, list[str]]) -> dict:
         "mean_macro_f1": _mean(values["macro_f1"] for values in per_attribute.values()),
         "heads_without_labels": [name for name in attributes if name not in predictions.labels],
     }
+    if predictions.domains_reached:  # how often each domain's members were run: the experts' share of the photos
+        figures["domains_reached"] = {domain: float(rows.mean()) for domain, rows in predictions.domains_reached.items()}
     if not predictions.tags_known:
         return {**figures, "tags": None, "tags_note": TAGS_NOT_SCORED}
     reference = restrict_to_groups(predictions.reference, predictions.tag_groups)
@@ -594,6 +605,7 @@ def select_predictions(predictions: Predictions, dataset, rows: list[int], confi
         out_of_vocabulary_tags=dict(sorted(dropped_tags.items())),
         tag_groups=predictions.tag_groups,  # the groups of the whole split: both sets of figures score the same ones
         tags_known=predictions.tags_known,
+        domains_reached=predictions.domains_reached and {d: r[index] for d, r in predictions.domains_reached.items()},
     )
 
 

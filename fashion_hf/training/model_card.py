@@ -266,7 +266,8 @@ def _stages(recipe: dict, member_encoders: list[str] | None = None) -> tuple[lis
         encoders = member_encoders or [None] * len(members)
         stages = []
         for number, (member, encoder) in enumerate(zip(members, encoders), 1):
-            name = f"Member {number} of {len(members)}" + (f" (`{encoder}`)" if encoder else "")
+            about = [f"`{encoder}`" if encoder else None, member.get("domain") and f"{member['domain']} member"]
+            name = f"Member {number} of {len(members)}" + (f" ({', '.join(filter(None, about))})" if any(about) else "")
             stages += _lineage(member.get("stages", []), name)
         stages.append(_stage(recipe, "The members combined into the ensemble:"))
     else:
@@ -415,6 +416,9 @@ def build_model_card(
         encoder_name=config.get("encoder_name"),
         members=members,
         mirror_views=config.get("mirror_views", False),
+        domains=config.get("domains") or [],
+        member_domains=config.get("member_domains") or [],
+        expert_min_weight=config.get("expert_min_weight"),
         weights_dtype=(recipe.get("arguments") or {}).get("weights_dtype"),
         image_height=height,
         image_width=width,
