@@ -4,6 +4,7 @@
     fashion-hf evaluate models/fashion-tagger --split validation
     fashion-hf ensemble MEMBER [MEMBER ...] --output-dir DIR
     fashion-hf model-card MODEL_FOLDER --metrics metrics.json --recipe recipe.json
+    fashion-hf refresh-code MODEL_FOLDER       # its code copies rewritten by save_pretrained, weights untouched
 
 Each subcommand's `--help` lists its flags.
 """
@@ -17,6 +18,7 @@ COMMANDS = {
     "evaluate": "fashion_hf.training.evaluate",
     "ensemble": "fashion_hf.training.ensemble",
     "model-card": "fashion_hf.training.model_card",
+    "refresh-code": "fashion_hf.training.refresh_code",
 }
 
 

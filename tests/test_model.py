@@ -319,3 +319,25 @@ def test_shipped_model_remote_code_is_the_package_code(module):
     # save_pretrained copies these for trust_remote_code; the shipped folder must load exactly what the package runs.
     shipped = REPO / "models" / "fashion-tagger" / module
     assert shipped.read_text() == (REPO / "fashion_hf" / module).read_text()
+
+
+def test_refresh_code_rewrites_a_folders_code_copies_and_keeps_its_stored_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from fashion_hf.pipeline_fashion_tagging import save_tagger
+    from fashion_hf.training.refresh_code import main as refresh_code
+
+    model = tiny_model()
+    half = {name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in model.state_dict().items()}
+    save_tagger(model, FashionTaggerImageProcessor.from_model_config(model.config), tmp_path, state_dict=half)
+    stale = tmp_path / "modeling_fashion_tagger.py"
+    stale.write_text(stale.read_text() + "\n# edited by hand\n")
+    before = load_file(tmp_path / "model.safetensors")
+
+    refresh_code([str(tmp_path)])
+    assert stale.read_text() == (REPO / "fashion_hf" / "modeling_fashion_tagger.py").read_text()
+    after = load_file(tmp_path / "model.safetensors")
+    assert after.keys() == before.keys()
+    assert all(after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]) for name in before)
+    with pytest.raises(SystemExit, match="no model.safetensors"):
+        refresh_code([str(tmp_path / "missing")])

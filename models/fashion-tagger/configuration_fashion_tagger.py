@@ -21,6 +21,8 @@ DEFAULT_ATTRIBUTES = {
 }
 DEFAULT_DETAIL_TAGS = ["check", "denim", "printed", "running", "slim fit", "solid", "striped"]
 DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS = 3
+DEFAULT_DOMAIN = "catalogue"  # the photos a model is trained on unless told otherwise: product catalogue photos
+USER_PHOTOS_DOMAIN = "user-photos"  # the photos people upload to the app (phone photos), taught by their corrections
 
 
 def registered_locally(config_class: type) -> bool:
@@ -203,10 +205,13 @@ class FashionTaggerConfig(PreTrainedConfig):
         return text, group
 
 
+ENSEMBLE_FIELDS = ("members", "mirror_views", "domains", "member_domains", "expert_min_weight")
+
+
 def _shared_fields(config: FashionTaggerConfig) -> dict:
     """The config's fields, without those that name its class or the members, to build another config from."""
     fields = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "members", "mirror_views"):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", *ENSEMBLE_FIELDS):
         fields.pop(key, None)
     return fields
 
@@ -225,6 +230,16 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
             member's config is this one's.
         mirror_views (`bool`, *optional*, defaults to `True`):
             Also run every member on the left-right mirror of each photo and average that view in.
+        domains (`list[str]`, *optional*, defaults to `["catalogue"]`):
+            The kinds of photo the ensemble tells apart, e.g. `["catalogue", "user-photos"]`. The first is the
+            general one: its members see every photo, and a linear gate on their embeddings weighs the domains per
+            photo. The members of the other domains are experts: trained on their kind of photo, they are run only
+            on photos the gate gives them weight, so that a catalogue photo gets the general members' answer.
+        member_domains (`list[str]`, *optional*):
+            The domain of each member, in member order; every member belongs to the first domain by default.
+        expert_min_weight (`float`, *optional*, defaults to `0.01`):
+            A photo whose gate weight for an expert domain is below this skips that domain's members (their share
+            goes to the other domains): catalogue photos cost no expert encoder pass.
         kwargs:
             The shared fields of [`FashionTaggerConfig`]; its architecture fields describe the first member.
     """
@@ -233,7 +248,15 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
     MEMBER_FIELDS = ("encoder_name", "encoder_kwargs", "decoder_type", "decoder_hidden_size", "decoder_num_layers",
                      "tag_embedding_size")  # fmt: skip
 
-    def __init__(self, members: list[dict] | None = None, mirror_views: bool = True, **kwargs):
+    def __init__(
+        self,
+        members: list[dict] | None = None,
+        mirror_views: bool = True,
+        domains: list[str] | None = None,
+        member_domains: list[str] | None = None,
+        expert_min_weight: float = 0.01,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if members is None:  # a loadable default, as every transformers config has one
             members = [{field: getattr(self, field) for field in self.MEMBER_FIELDS}]
@@ -244,14 +267,39 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
             raise ValueError(f"ensemble members set only {list(self.MEMBER_FIELDS)}, not {sorted(unknown)}")
         self.members = [dict(member) for member in members]
         self.mirror_views = mirror_views
+        self.domains = list(domains or [DEFAULT_DOMAIN])
+        self.member_domains = list(member_domains or [self.domains[0]] * len(members))
+        self.expert_min_weight = expert_min_weight
+        self._check_domains()
+
+    def _check_domains(self) -> None:
+        if len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"domains must be distinct, got {self.domains}")
+        if len(self.member_domains) != len(self.members):
+            raise ValueError(f"member_domains has {len(self.member_domains)} entries for {len(self.members)} members")
+        unknown = sorted(set(self.member_domains) - set(self.domains))
+        if unknown:
+            raise ValueError(f"member_domains {unknown} are not among the domains {self.domains}")
+        empty = [domain for domain in self.domains if domain not in self.member_domains]
+        if empty:
+            raise ValueError(f"every domain needs at least one member; {empty} have none")
+        if not 0.0 <= self.expert_min_weight < 1.0:
+            raise ValueError(f"expert_min_weight must be in [0, 1), got {self.expert_min_weight}")
+
+    def members_of(self, domain: str) -> list[int]:
+        """Indices of the members that serve `domain`."""
+        return [index for index, member_domain in enumerate(self.member_domains) if member_domain == domain]
 
     def member_configs(self) -> list[FashionTaggerConfig]:
         shared = _shared_fields(self)
         return [FashionTaggerConfig(**{**shared, **member}) for member in self.members]
 
     @classmethod
-    def from_members(cls, configs: list[FashionTaggerConfig], mirror_views: bool = True) -> "FashionTaggerEnsembleConfig":
-        """The ensemble of models with these configs; they must share every vocabulary and the input format."""
+    def from_members(
+        cls, configs: list[FashionTaggerConfig], mirror_views: bool = True, **domain_fields
+    ) -> "FashionTaggerEnsembleConfig":
+        """The ensemble of models with these configs; they must share every vocabulary and the input format.
+        `domain_fields`: `domains`, `member_domains` and `expert_min_weight`, for an ensemble with experts."""
         first = configs[0]
         for config in configs[1:]:
             for field in ("attributes", "tags", "image_size", "image_mean", "image_std"):
@@ -259,12 +307,17 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
                     raise ValueError(f"ensemble members must share {field}; {config.encoder_name}'s differs")
         shared = _shared_fields(first)
         members = [{field: getattr(config, field) for field in cls.MEMBER_FIELDS} for config in configs]
-        return cls(members=members, mirror_views=mirror_views, **shared)
+        return cls(members=members, mirror_views=mirror_views, **shared, **domain_fields)
 
     @property
     def encoder_description(self) -> str:
-        names = " + ".join(member["encoder_name"] for member in self.members)
-        return f"{names}{', with mirrored photos' if self.mirror_views else ''}"
+        def names(indices):
+            return " + ".join(self.members[index]["encoder_name"] for index in indices)
+
+        described = names(self.members_of(self.domains[0]))
+        for domain in self.domains[1:]:
+            described += f"; {domain} experts: {names(self.members_of(domain))}"
+        return f"{described}{', with mirrored photos' if self.mirror_views else ''}"
 
 
 __all__ = ["FashionTaggerConfig", "FashionTaggerEnsembleConfig", "tag_key"]

@@ -416,7 +416,13 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
     also sees the mirror image of every photo. Inference only: train the members, then combine them
     (`train/ensemble.py`).
 
-    `image_embeds` are `(batch, views, embed_dim)`: member by member, the photo then (with mirroring) its mirror.
+    With more than one of `config.domains` (e.g. catalogue photos and the phone photos people upload), a linear
+    gate on the general members' embeddings weighs each domain per photo, a mixture of experts (Jacobs et al.,
+    1991) with a fixed gate: the answer is the gate-weighted average of each domain's averaged probabilities, and an
+    expert domain's members run only on photos that give it at least `config.expert_min_weight`.
+
+    `image_embeds` are `(batch, views, embed_dim)`: member by member, the photo then (with mirroring) its mirror;
+    zeros for an expert's views of a photo the gate kept from it.
     """
 
     config_class = FashionTaggerEnsembleConfig
@@ -427,10 +433,11 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         widths = {encoder_output_width(member.encoder) for member in self.members}
         if len(widths) > 1:
             raise ValueError(f"ensemble members must pool to one embedding width, got {sorted(widths)}")
+        self.gate = nn.Linear(widths.pop(), len(config.domains)) if len(config.domains) > 1 else None
         self.post_init()
 
     def _init_weights(self, module):
-        pass  # each member initialised itself; an ensemble is built from trained members
+        pass  # each member initialised itself, the gate is fitted (`training.domain_gate`): built from trained parts
 
     @property
     def views_per_member(self) -> int:
@@ -440,11 +447,53 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         """The member that reads each view of `image_embeds` (`(batch, views, width)`), in order."""
         return [member for member in self.members for _ in range(self.views_per_member)]
 
+    def domain_views(self) -> list[list[int]]:
+        """Per domain, the indices of its members' views in `image_embeds`."""
+        views = self.views_per_member
+        return [
+            [index * views + view for index in self.config.members_of(domain) for view in range(views)]
+            for domain in self.config.domains
+        ]
+
+    def domain_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, domains)` weights summing to one: the gate's probabilities on the mean of the general members'
+        views, with expert domains under `config.expert_min_weight` set to zero. All ones for a single domain."""
+        if self.gate is None:
+            return image_embeds.new_ones(image_embeds.shape[0], 1, dtype=torch.float32)
+        return self._gate_weights(image_embeds[:, self.domain_views()[0]])
+
+    def _gate_weights(self, general_views: torch.Tensor) -> torch.Tensor:
+        weights = self.gate(general_views.mean(1).to(self.gate.weight.dtype)).float().softmax(-1)
+        experts = weights[:, 1:]
+        weights = torch.cat([weights[:, :1], experts.masked_fill(experts < self.config.expert_min_weight, 0.0)], 1)
+        return weights / weights.sum(-1, keepdim=True)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         views = [pixel_values, pixel_values.flip(-1)] if self.config.mirror_views else [pixel_values]
-        batch = torch.cat(views)  # one encoder call per member for all views
-        embeds = [member.encode_images(batch).view(len(views), pixel_values.shape[0], -1) for member in self.members]
-        return torch.cat(embeds).transpose(0, 1)
+        batch_size, width = pixel_values.shape[0], encoder_output_width(self.members[0].encoder)
+
+        def encode(index: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+            # One encoder call per member for all views: `(views, rows, width)`.
+            batch = torch.cat(views if rows is None else [view[rows] for view in views])
+            return self.members[index].encode_images(batch).view(len(views), -1, width)
+
+        embeds = {index: encode(index) for index in self.config.members_of(self.config.domains[0])}
+        if self.gate is not None:
+            general = torch.cat([embeds[index] for index in sorted(embeds)]).transpose(0, 1)
+            general_weights = self._gate_weights(general)
+            for domain_index, domain in enumerate(self.config.domains[1:], start=1):
+                rows = general_weights[:, domain_index] > 0
+                for index in self.config.members_of(domain):
+                    member_embeds = pixel_values.new_zeros(len(views), batch_size, width)
+                    if rows.any():
+                        member_embeds[:, rows] = encode(index, rows).to(member_embeds.dtype)
+                    embeds[index] = member_embeds
+        return torch.cat([embeds[index] for index in range(len(self.members))]).transpose(0, 1)
+
+    def _mix(self, per_view_log_probs: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
+        """log of the `log_weights`-weighted (`(batch, domains)`) average of each domain's mean probabilities."""
+        per_domain = [mean_of_probabilities([per_view_log_probs[view] for view in views]) for views in self.domain_views()]
+        return (torch.stack(per_domain) + log_weights.T[..., None]).logsumexp(0)
 
     def forward(
         self,
@@ -463,12 +512,13 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         if attribute_labels is not None or tag_ids is not None:
             raise ValueError("an ensemble is not trained: train its members, then combine them (train/ensemble.py)")
         image_embeds = self._image_embeds(pixel_values, image_embeds)
+        log_weights = self.domain_weights(image_embeds).log()
         per_view = [
             member(image_embeds=image_embeds[:, view]).attribute_logits
             for view, member in enumerate(self.view_members())
         ]
         attribute_logits = {
-            name: mean_of_probabilities([logits[name].float().log_softmax(-1) for logits in per_view])
+            name: self._mix([logits[name].float().log_softmax(-1) for logits in per_view], log_weights)
             for name in self.config.attributes
         }
         return FashionTaggerOutput(attribute_logits=attribute_logits, image_embeds=image_embeds)
@@ -479,12 +529,15 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
             state, step = member._decoding_start(image_embeds[:, view])
             states.append(state)
             steps.append(step)
+        # The weights travel with the states as `(1, batch, domains)`, so that beam search reorders their rows too.
+        log_weights = self.domain_weights(image_embeds).log()[None]
 
         def step(tokens, states, banned):
-            log_probs, states = zip(*(member_step(tokens, state, banned) for member_step, state in zip(steps, states)))
-            return mean_of_probabilities(list(log_probs)), list(states)
+            *member_states, log_weights = states
+            log_probs, member_states = zip(*(member_step(tokens, state, banned) for member_step, state in zip(steps, member_states)))
+            return self._mix(list(log_probs), log_weights[0]), [*member_states, log_weights]
 
-        return states, step
+        return [*states, log_weights], step
 
 
 __all__ = ["FashionTaggerEnsembleModel", "FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]
