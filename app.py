@@ -32,7 +32,7 @@ from pathlib import Path
 import gradio as gr
 
 from fashion_hf.explain import explained_attribute
-from fashion_hf.feedback import ANONYMOUS, FeedbackStore
+from fashion_hf.feedback import ANONYMOUS, FeedbackStore, Redactor
 from fashion_hf.runtime import keep_freed_memory, limit_malloc_arenas
 from serving.corrections import (
     MAX_TAGS,
@@ -42,7 +42,7 @@ from serving.corrections import (
     parse_attributes,
     parse_tags,
 )
-from serving.errors import FeedbackError, Redactor, RequestError, UploadError
+from serving.errors import FeedbackError, RequestError, UploadError
 from serving.model_card import model_card_markdown
 from serving.service import TOP_K, TaggerService
 from serving.settings import Settings

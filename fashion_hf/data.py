@@ -1,5 +1,5 @@
-"""Training data for the fashion tagger: loaders that all return the same shape, tag mining from product names, and
-the vocabulary the model config is built from.
+"""Training data for the fashion tagger: loaders that all return the same shape, tag sequences (with the detail tags
+that `tag_mining` finds in product names), and the vocabulary the model config is built from.
 
 Every loader returns a `datasets.Dataset` with
 - `image`: an `Image()` column,
@@ -14,6 +14,11 @@ Typical use:
     train = apply_vocabulary(train, attributes, tags)
     validation = apply_vocabulary(load_fashion_product_images(split="validation", with_brand=True), attributes, tags)
     config = FashionTaggerConfig(attributes=attributes, tags=tags)
+
+The local copies of the built-in data sets live in one data folder, each in a subfolder named as the data set
+(`fashion-product-images/`, `clothing-user-photos/`, `fashion-mnist/`): the folder that the environment variable
+`FASHION_DATA_DIR` names, else `shared/data` beside the repository (`data_dir()`). A loader given no `source` reads its
+subfolder there, and the Hub copy where there is none.
 """
 
 import atexit
@@ -39,6 +44,7 @@ from huggingface_hub import constants as hub_constants
 from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
 from .feedback.schema import ANONYMOUS, ATTRIBUTE_STATUSES, CHANGED, CONFIRMED, METADATA_NAME, record_attribute_status
 from .feedback.schema import DATA_DIR as FEEDBACK_DATA_DIR
+from .tag_mining import brand_key, canonical_detail_tag, detail_tag_order, extract_brand, mine_detail_tags
 
 PRODUCT_IMAGES_HUB_ID = "ashraq/fashion-product-images-small"
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
@@ -55,8 +61,9 @@ TAGS_KNOWN_COLUMN = "tags_known"  # False: the row's tag sequence is unknown (on
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
 
-_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-_FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"), _SHARED_DATA / "fashion-mnist")
+# Without FASHION_DATA_DIR: the `shared/data` folder beside the repository, where a checkout finds its data sets.
+_DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+_SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # `apt-get install dataset-fashion-mnist`
 _FASHION_MNIST_PREFIXES = {"train": "train", "test": "t10k"}
 FASHION_MNIST_SPLITS = ("train", "validation", "train+validation", "test")
 FASHION_MNIST_HOLDOUT = "int(sha256(the 784 pixel bytes), 16) % 100 < 10"
@@ -74,216 +81,6 @@ _RESERVED_COLUMNS = ("image", NAME_COLUMN, TAGS_COLUMN, SPLIT_COLUMN)  # never a
 
 _STRING = Value("string")
 _TAG_LIST = List(Value("string"))
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Tag mining: a curated lexicon, kept as data.
-# ---------------------------------------------------------------------------------------------------------------------
-
-# Canonical detail tag -> other spellings that mean the same. Matching is whole-word and case-insensitive, spaces and
-# hyphens are interchangeable ("V Neck" = "v-neck"), and the longest phrase wins ("non-padded" before "padded").
-# Built from the words shoppers filter on in the product names of the train split. Words that an attribute head
-# already predicts (colours, article types, usage such as "casual" or "formal", gender) are left out on purpose: a
-# detail tag should say something the heads do not. The order here is the order of detail tags in every vocabulary.
-DETAIL_LEXICON: dict[str, tuple[str, ...]] = {
-    # pattern and finish
-    "printed": ("print", "prints"),
-    "solid": ("plain",),
-    "check": ("checks", "checked", "chequered", "checkered", "gingham", "plaid", "tartan"),
-    "striped": ("stripes", "stripe", "stripped", "pinstripe", "pinstriped", "pin stripe"),
-    "graphic": ("graphics",),
-    "floral": ("florals",),
-    "polka dot": ("polka dots", "polka"),
-    "logo": ("logos",),
-    "colourblocked": ("colour blocked", "colorblocked", "color blocked", "colourblock", "colorblock"),
-    "embroidered": ("embroidery",),
-    "camouflage": ("camo",),
-    "animal print": ("leopard print", "leopard", "zebra print"),
-    "paisley": (),
-    "abstract": (),
-    "melange": ("heather",),
-    "washed": ("stone washed", "stonewashed"),
-    "sequinned": ("sequined", "sequins", "sequin"),
-    "beaded": (),
-    "metallic": (),
-    "matte": ("matt",),
-    "shimmer": ("shimmery", "glitter"),
-    # material
-    "cotton": (),
-    "denim": (),
-    "leather": ("genuine leather",),
-    "faux leather": ("leatherette", "leatherite", "pu leather", "synthetic leather"),
-    "suede": (),
-    "canvas": (),
-    "silk": (),
-    "satin": (),
-    "linen": (),
-    "wool": ("woollen", "woolen"),
-    "fleece": (),
-    "knit": ("knitted", "knitwear"),
-    "lace": (),
-    "mesh": (),
-    "chiffon": (),
-    "georgette": (),
-    "crepe": (),
-    "chanderi": (),
-    "sterling silver": (),
-    "gold plated": (),
-    "pearl": ("pearls",),
-    "crystal": ("crystals",),
-    # fit and rise
-    "slim fit": ("slim",),
-    "skinny": ("skinny fit",),
-    "regular fit": (),
-    "relaxed fit": ("loose fit",),
-    "oversized": ("oversize",),
-    "stretch": ("stretchable",),
-    "low rise": (),
-    "mid rise": (),
-    "high rise": ("high waist", "high waisted"),
-    # neck, sleeve, build
-    "polo": ("polo neck",),
-    "round neck": ("crew neck", "crewneck"),
-    "v-neck": ("vneck",),
-    "mandarin collar": ("mandarin", "chinese collar"),
-    "hooded": ("hood", "hoodie"),
-    "sleeveless": (),
-    "short sleeve": ("short sleeves", "short sleeved", "half sleeve", "half sleeves", "half sleeved"),
-    "full sleeve": ("full sleeves", "full sleeved", "long sleeve", "long sleeves", "long sleeved"),
-    "reversible": (),
-    # footwear
-    "slip-on": ("slip ons",),
-    "lace-up": ("lace ups", "laceup"),
-    "peep toe": ("peep toes", "peeptoe"),
-    "stiletto": ("stilettos",),
-    "wedge": ("wedges",),
-    "ballerina": ("ballerinas", "ballet flats"),
-    # sport and activity
-    "running": ("run",),
-    "training": ("trainng", "trainer", "trainers"),
-    "football": ("soccer",),
-    "basketball": (),
-    "tennis": (),
-    "cricket": (),
-    "badminton": (),
-    "yoga": (),
-    "swimming": ("swim",),
-    "cycling": (),
-    "golf": (),
-    "hiking": ("trekking", "trek"),
-    "outdoor": ("outdoors",),
-    "skateboarding": ("skate", "skateboard"),
-    "motorsport": ("motorsports",),
-    # watches and eyewear
-    "analog": ("analogue",),
-    "digital": (),
-    "chronograph": (),
-    "multifunction": ("multi function",),
-    "aviator": ("aviators",),
-    "wayfarer": ("wayfarers",),
-    "polarized": ("polarised",),
-    "uv protection": ("uv protected", "uv"),
-    # lingerie
-    "padded": (),
-    "non-padded": (),
-    "push-up": (),
-    "full coverage": (),
-    "seamless": (),
-    # how it is sold, occasion
-    "multipack": ("pack of", "set of", "combo"),
-    "gift set": ("gift pack", "gift box"),
-    "wedding": ("bridal",),
-    "vintage": ("retro",),
-    "waterproof": ("water resistant",),
-}
-
-# Brands whose name holds a lexicon word but says nothing about the item ("U.S. Polo Assn." belts are not polos).
-# The name is mined without them. Product lines that do describe the item ("Turtle Check" shirts) are not listed.
-NON_DESCRIPTIVE_BRANDS = ("U.S. Polo Assn.", "U.S. Polo Assn. Denim Co.", "Regent Polo Club", "Classic Polo",
-                          "Urban Yoga", "Denim")
-
-# The word after the brand in a product name ("Puma Men Slim Fit Running Shoes"): brand = the words before it.
-GENDER_WORDS = frozenset(
-    {"men", "men's", "mens", "man", "man's", "women", "women's", "womens", "woman", "woman's", "ladies",
-     "boys", "boy's", "boys'", "boy", "girls", "girl's", "girls'", "girl", "unisex",
-     "kids", "kid's", "kids'", "kid", "kids-boys", "kids-girls", "infant", "infants", "teen", "teens"}
-)
-_TOKEN_PUNCTUATION = ".,;:()[]"
-
-
-def _brand_key(brand: str) -> str:
-    """Case, spaces and dots do not distinguish brands: "U.S.Polo Assn", "U.S. Polo Assn." -> "uspoloassn"."""
-    return re.sub(r"[\s.]+", "", brand.casefold())
-
-
-_NON_DESCRIPTIVE_BRAND_KEYS = frozenset(map(_brand_key, NON_DESCRIPTIVE_BRANDS))
-
-
-def _phrase_key(text: str) -> str:
-    """Case, spaces and hyphens do not distinguish phrases: "V-Neck", "v neck" -> "v neck"."""
-    return " ".join(re.split(r"[\s\-]+", text.casefold().strip()))
-
-
-def _compile_lexicon(lexicon: Mapping[str, Sequence[str]]) -> tuple[re.Pattern, dict[str, str]]:
-    """One alternation, longest phrase first, so that the regex engine prefers "slim fit" to "slim"."""
-    surface_to_tag = {}
-    for tag, spellings in lexicon.items():
-        for spelling in (tag, *spellings):
-            surface_to_tag[_phrase_key(spelling)] = tag
-    phrases = sorted(surface_to_tag, key=lambda phrase: (-len(phrase), phrase))
-    alternation = "|".join(r"[\s\-]+".join(map(re.escape, phrase.split(" "))) for phrase in phrases)
-    return re.compile(rf"(?<!\w)(?:{alternation})(?!\w)", re.IGNORECASE), surface_to_tag
-
-
-_DETAIL_PATTERN, _SURFACE_TO_TAG = _compile_lexicon(DETAIL_LEXICON)
-_LEXICON_RANK = {tag: rank for rank, tag in enumerate(DETAIL_LEXICON)}
-
-
-def detail_tag_order(tag: str) -> tuple[int, int, str]:
-    """Sort key of detail tags: lexicon order first, then tags from elsewhere (feedback) alphabetically."""
-    rank = _LEXICON_RANK.get(tag)
-    return (0, rank, "") if rank is not None else (1, 0, tag)
-
-
-def canonical_detail_tag(text: str) -> str:
-    """A typed tag in canonical form: a lexicon spelling maps to its tag ("Checked" -> "check"), else lower case."""
-    key = _phrase_key(text)
-    return _SURFACE_TO_TAG.get(key, " ".join(text.casefold().split()))
-
-
-def _split_brand(name: str, gender: str | None = None) -> tuple[str | None, str]:
-    """(brand, rest of the name from the gender word on); (None, name) when no gender word is found."""
-    words = GENDER_WORDS | {gender.casefold()} if gender else GENDER_WORDS
-    tokens = name.split()
-    for position, token in enumerate(tokens):
-        if token.casefold().strip(_TOKEN_PUNCTUATION) in words:
-            return " ".join(tokens[:position]) or None, " ".join(tokens[position:])
-    return None, name
-
-
-def extract_brand(name: str | None, gender: str | None = None) -> str | None:
-    """The words of a product name before its gender word ("Turtle Check Men Navy Blue Shirt" -> "Turtle Check").
-
-    Myntra names read "<brand> <gender> <description>". `gender` (the item's gender label) also counts as a gender
-    word, for catalogues that spell it differently. Returns None when no gender word is found: a guess would put
-    product words into the brand head.
-    """
-    return _split_brand(name, gender)[0] if name else None
-
-
-def mine_detail_tags(name: str | None) -> list[str]:
-    """Canonical detail tags found in a product name, in lexicon order.
-
-    >>> mine_detail_tags("Puma Men Slim Fit Running Shoes")
-    ['slim fit', 'running']
-    """
-    if not name:
-        return []
-    brand, rest = _split_brand(name)
-    if brand is not None and _brand_key(brand) in _NON_DESCRIPTIVE_BRAND_KEYS:
-        name = rest
-    found = {_SURFACE_TO_TAG[_phrase_key(match.group())] for match in _DETAIL_PATTERN.finditer(name)}
-    return sorted(found, key=detail_tag_order)
-
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Column plumbing: read columns without decoding images, swap whole columns without rewriting the rest.
@@ -415,8 +212,8 @@ def apply_vocabulary(
     changed = {}
     for attribute, labels in attributes.items():
         if attribute == BRAND:
-            spelling = {_brand_key(label): label for label in labels}
-            values = [spelling.get(_brand_key(label)) if label else None for label in columns[attribute]]
+            spelling = {brand_key(label): label for label in labels}
+            values = [spelling.get(brand_key(label)) if label else None for label in columns[attribute]]
         else:
             known = set(labels)
             values = [label if label in known else None for label in columns[attribute]]
@@ -441,14 +238,19 @@ def add_brand_column(dataset: Dataset) -> Dataset:
     spellings = Counter(brand for brand in brands if brand)
     canonical = {}
     for spelling, count in sorted(spellings.items(), key=lambda item: (-item[1], item[0])):
-        canonical.setdefault(_brand_key(spelling), spelling)
-    values = [canonical[_brand_key(brand)] if brand else None for brand in brands]
+        canonical.setdefault(brand_key(spelling), spelling)
+    values = [canonical[brand_key(brand)] if brand else None for brand in brands]
     return _replace_columns(dataset, {BRAND: (values, _STRING)})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loaders.
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def data_dir() -> Path:
+    """The data folder: $FASHION_DATA_DIR, else `shared/data` beside the repository; read at each call."""
+    return Path(os.environ.get(DATA_DIR_ENV) or _DEFAULT_DATA_DIR).expanduser()
 
 
 def _local_path(source: str | Path) -> Path | None:
@@ -563,18 +365,16 @@ def describe_split(dataset_name: str, split: str, dataset: Dataset | None = None
 
 
 def _default_product_images_source() -> str | Path:
-    """FASHION_DATA_DIR, else the shared data next to the repository, else the Hub."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV])
-    shared = _SHARED_DATA / "fashion-product-images"
-    return shared if shared.is_dir() else PRODUCT_IMAGES_HUB_ID
+    """The copy in the data folder, else the Hub's."""
+    folder = data_dir() / "fashion-product-images"
+    return folder if folder.is_dir() else PRODUCT_IMAGES_HUB_ID
 
 
 def load_fashion_product_images(source=None, split: str = "train", with_brand: bool = False) -> Dataset:
     """Myntra's Fashion Product Images (Small): photos with 7 attributes and a product name.
 
     `source` is a local folder in the Hub parquet layout (`data/<split>-*.parquet`, as in the shared data) or a Hub
-    id; None means the folder in $FASHION_DATA_DIR, else `<repo>/../shared/data/fashion-product-images`, else
+    id; None means `fashion-product-images` in the data folder (`data_dir()`), else
     `ashraq/fashion-product-images-small`. That Hub copy has a single split, so a Hub id is split by product id with
     the same hash as the local copy ("train", "validation", "test"): the same product never lands in two splits.
     `with_brand` adds a `brand` attribute mined from the names (see `add_brand_column`).
@@ -586,7 +386,10 @@ def load_fashion_product_images(source=None, split: str = "train", with_brand: b
     else:
         if split not in _SPLIT_BUCKETS:
             raise ValueError(f"split must be one of {list(_SPLIT_BUCKETS)}, got {split!r}")
-        hint = f"Set {DATA_DIR_ENV} to a local copy (a folder with data/{split}-*.parquet) or pass source=<folder>."
+        hint = (
+            f"No local copy in {data_dir()}: set {DATA_DIR_ENV} to a folder that holds "
+            f"fashion-product-images/data/{split}-*.parquet, or pass source=<folder>."
+        )
         dataset = _load_from_hub(source, "train", hint)
         _require_columns(dataset, ["id"], f"the Hub dataset {source}")
         ids = _read_columns(dataset, ["id"])["id"]
@@ -606,22 +409,13 @@ CLOTHING_USER_PHOTOS_ATTRIBUTES = ("subCategory", "articleType")
 CLOTHING_USER_PHOTOS_SPLITS = ("train", "validation")
 
 
-def _default_clothing_user_photos_source() -> Path:
-    """Beside the product images: $FASHION_DATA_DIR names the product images' own folder (`data/<split>-*.parquet`),
-    so the phone photos are its sibling, as in the shared data folder; without it, the shared data folder."""
-    if os.environ.get(DATA_DIR_ENV):
-        return Path(os.environ[DATA_DIR_ENV]).expanduser().parent / CLOTHING_USER_PHOTOS
-    return _SHARED_DATA / CLOTHING_USER_PHOTOS
-
-
 def load_clothing_user_photos(source=None, split: str = "validation") -> Dataset:
     """Real phone photos of clothes (CC0, `alexeygrigorev/clothing-dataset`), split by photographer: "train" (2,610
     photos) and "validation" (464, photographers never seen in train).
 
     `source` is a local folder in the Hub parquet layout (`data/<split>-*.parquet`) or a Hub id of a copy of it; None
-    means `clothing-user-photos` beside the folder in $FASHION_DATA_DIR, else
-    `<repo>/../shared/data/clothing-user-photos` (no public Hub copy holds this project's mapping of the labels, so
-    there is no Hub default).
+    means `clothing-user-photos` in the data folder (`data_dir()`; no public Hub copy holds this project's mapping of
+    the labels, so there is no Hub default).
 
     Columns: `image`, `label` (the photographer's own, 16 kinds), `sender_id` (the photographer), every product
     attribute with only `subCategory` and `articleType` known (the others all None, so that code expecting
@@ -631,12 +425,12 @@ def load_clothing_user_photos(source=None, split: str = "validation") -> Dataset
     if split not in CLOTHING_USER_PHOTOS_SPLITS:
         raise ValueError(f"{CLOTHING_USER_PHOTOS} has the splits {list(CLOTHING_USER_PHOTOS_SPLITS)}, got {split!r}")
     if source is None:
-        source = _default_clothing_user_photos_source()
+        source = data_dir() / CLOTHING_USER_PHOTOS
         if not source.is_dir():
             raise FileNotFoundError(
                 f"no local copy of {CLOTHING_USER_PHOTOS} at {source}: pass source=<folder with "
-                f"data/{split}-*.parquet> (train/evaluate.py: --data-source), or set {DATA_DIR_ENV} to the product "
-                f"images' folder that it sits beside"
+                f"data/{split}-*.parquet> (train/evaluate.py: --data-source), or set {DATA_DIR_ENV} to the folder "
+                f"that holds {CLOTHING_USER_PHOTOS}/"
             )
     path = _local_path(source)
     if path is None:
@@ -693,7 +487,8 @@ def _read_fashion_mnist(folder: Path, split: str) -> tuple[np.ndarray, np.ndarra
 
 
 def _default_fashion_mnist_source() -> str | Path:
-    return next((folder for folder in _FASHION_MNIST_DIRS if folder.is_dir()), FASHION_MNIST_HUB_ID)
+    folders = (data_dir() / "fashion-mnist", _SYSTEM_FASHION_MNIST)
+    return next((folder for folder in folders if folder.is_dir()), FASHION_MNIST_HUB_ID)
 
 
 def _pixel_holdout(images) -> list[str]:
@@ -704,8 +499,8 @@ def _pixel_holdout(images) -> list[str]:
 def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
     """Zalando's Fashion-MNIST (28x28 greyscale, 10 classes) as an `articleType` attribute.
 
-    `source` is a folder with the IDX .gz files or a Hub id; None means /usr/share/datasets/fashion-mnist, else
-    `<repo>/../shared/data/fashion-mnist`, else `zalando-datasets/fashion_mnist`. Splits: "validation" (about 10% of the
+    `source` is a folder with the IDX .gz files or a Hub id; None means `fashion-mnist` in the data folder
+    (`data_dir()`), else /usr/share/datasets/fashion-mnist, else `zalando-datasets/fashion_mnist`. Splits: "validation" (about 10% of the
     60,000 training images, those with `FASHION_MNIST_HOLDOUT`: to choose epochs and settings on), "train" (the other
     training images), "train+validation" (all 60,000) and "test" (the 10,000 test images: for final figures only).
     """

@@ -2,45 +2,29 @@
 person changed, confirmed or left untouched what the form showed. The store checks labels against the vocabulary."""
 
 import json
-import re
 
-from fashion_hf.feedback import CHANGED, CONFIRMED, UNTOUCHED, DuplicateAttributeError, unique_keys
+from fashion_hf import feedback
+from fashion_hf.feedback import (
+    CHANGED, CONFIRMED, UNTOUCHED, DuplicateAttributeError, FeedbackValidationError, unique_keys,
+)  # fmt: skip
 
 from .errors import FeedbackError, shown
 
-# A free tag is a short phrase: letters, digits, spaces and a little punctuation ("slim fit", "t-shirt", "3/4 sleeve").
-TAG_PATTERN = re.compile(r"^[^\W_][\w \-'&/.+]*$")
 MAX_TAG_CHARS = 50
 MAX_TAGS = 20
-MAX_TAGS_TEXT_CHARS = MAX_TAGS * (MAX_TAG_CHARS + 2)
+MAX_TAGS_TEXT_CHARS = MAX_TAGS * (MAX_TAG_CHARS + 2)  # the length of the page's tags box
 MAX_ATTRIBUTES_JSON_CHARS = 4096
 JSON_EXAMPLE = '{"articleType": "Tshirts"}'
 STATUS_EXAMPLE = '{"articleType": "changed"}'
 
 
 def parse_tags(values) -> list[str]:
-    """Free and detail tags from a comma-separated string or a list: short phrases, no markup."""
-    if values is None:
-        return []
-    if isinstance(values, str):
-        if len(values) > MAX_TAGS_TEXT_CHARS:
-            raise FeedbackError(f"tags: {len(values)} characters is over the limit of {MAX_TAGS_TEXT_CHARS}.")
-        values = values.split(",")
-    tags = []
-    for value in values:
-        tag = " ".join(str(value).split())
-        if not tag:
-            continue
-        if len(tag) > MAX_TAG_CHARS:
-            raise FeedbackError(f"tag {shown(tag, 40)} is over {MAX_TAG_CHARS} characters.")
-        if not TAG_PATTERN.match(tag):
-            allowed = "letters, digits, spaces and - ' &amp; / . +"
-            raise FeedbackError(f"tag {shown(tag, 40)} may only hold {allowed} (no markup).")
-        if tag.lower() not in {t.lower() for t in tags}:
-            tags.append(tag)
-    if len(tags) > MAX_TAGS:
-        raise FeedbackError(f"{len(tags)} tags is over the limit of {MAX_TAGS}.")
-    return tags
+    """Free and detail tags from a comma-separated string or a list: short phrases, no markup. The check is the
+    store's own (`fashion_hf.feedback.parse_tags`), within the app's limits."""
+    try:
+        return feedback.parse_tags(values, max_len=MAX_TAG_CHARS, max_tags=MAX_TAGS, phrases_only=True)
+    except FeedbackValidationError as error:
+        raise FeedbackError(shown(error, 300)) from None
 
 
 def parse_attributes(text) -> dict:

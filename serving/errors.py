@@ -39,15 +39,3 @@ def storage_problem(error: Exception) -> str:
     if code in (errno.EROFS, errno.EACCES, errno.EPERM):
         return "the server's feedback storage is read-only"
     return "the server's storage failed"
-
-
-class Redactor:
-    """Removes secrets (the Hub token) from anything shown: errors and status lines."""
-
-    def __init__(self, secrets):
-        self.secrets = [secret for secret in secrets if secret]
-
-    def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text

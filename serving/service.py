@@ -4,18 +4,19 @@ Every refusal is a `RequestError` (`errors.py`) whose message names the input an
 """
 
 import logging
-import re
 import threading
 import time
 from pathlib import Path
 
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP
 from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap, uncertainty
-from fashion_hf.feedback import UNTOUCHED, FeedbackStore, FeedbackStoreError, FeedbackValidationError
+from fashion_hf.feedback import (
+    UNTOUCHED, FeedbackStore, FeedbackStoreError, FeedbackValidationError, Redactor, is_record_id,
+)  # fmt: skip
 from fashion_hf.image_decoding import accepted_suffixes
 
 from .batching import PredictionCache, RequestBatcher
-from .errors import FeedbackError, Redactor, StorageError, UploadError, shown, storage_problem
+from .errors import FeedbackError, StorageError, UploadError, shown, storage_problem
 from .exports import Exports
 from .settings import Settings
 from .tagger import served_revision
@@ -51,7 +52,7 @@ class TaggerService:
 
     def read_upload(self, payload) -> Upload:
         """Decode one uploaded image safely, or raise `UploadError` naming the file and what would be valid."""
-        return read_upload(payload, self.tagger.image_processor.load_image, self.settings)
+        return read_upload(payload, self.tagger.image_processor.image_limits)
 
     def many_payloads(self, payloads) -> list:
         """The files of a several-images request, or `UploadError` when there are none or too many."""
@@ -205,7 +206,7 @@ class TaggerService:
 
     def delete_feedback(self, record_id) -> dict:
         record_id = str(record_id or "").strip().lower()
-        if not re.fullmatch(r"[0-9a-f]{32}", record_id):
+        if not is_record_id(record_id):
             expected = "the 32-character code shown when you submitted (digits and letters a-f)"
             raise FeedbackError(f"A record id is {expected}.")
         try:

@@ -1,16 +1,18 @@
-"""Uploads decoded safely: the user's file name for messages, the bytes' hash, an upright RGB image."""
+"""Uploads decoded safely: the user's file name for messages, the bytes' hash, an upright RGB image.
+
+Decoding is `fashion_hf.image_decoding.read_image`'s, the project's one safe decoder; what is left here is what only
+an upload has: Gradio's payloads and pasted data URLs.
+"""
 
 import base64
 import binascii
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fashion_hf import InvalidImageError
+from fashion_hf.image_decoding import ImageLimits, InvalidImageError, read_image
 
 from .errors import UploadError, shown
-from .settings import Settings
 
 
 @dataclass
@@ -34,30 +36,26 @@ def payload_parts(payload) -> tuple[str | None, str | None, str]:
     raise UploadError("Expected an image file.")
 
 
-def read_upload(payload, load_image, settings: Settings) -> Upload:
-    """Decode one uploaded image with `load_image` (the image processor's) within the settings' upload limit, or raise
-    `UploadError` naming the file and what would be valid."""
+def read_upload(payload, limits: ImageLimits) -> Upload:
+    """Decode one uploaded image within `limits` (the image processor's, which the app sets from its settings), or
+    raise `UploadError` naming the file and what would be valid."""
     if not payload:
         raise UploadError("No image: upload, paste or take a photo first.")
     path, data_url, name = payload_parts(payload)
-    limit, limit_mb = settings.max_upload_bytes, f"{settings.max_upload_mb:g} MB"
+    source = path
     if data_url is not None:
         encoded = data_url.partition(",")[2]
-        if len(encoded) * 3 // 4 > limit:
+        if len(encoded) * 3 // 4 > limits.max_file_bytes:  # refused before the text is decoded into bytes
+            limit_mb = f"{limits.max_file_bytes / 2**20:g} MB"
             raise UploadError(f"{shown(name)}: the pasted image is over the {limit_mb} upload limit.")
         try:
-            data = base64.b64decode(encoded)
+            source = base64.b64decode(encoded)
         except (ValueError, binascii.Error):
             raise UploadError(f"{shown(name)}: the pasted image could not be read.") from None
-    else:
-        if not path or not Path(path).is_file():
-            raise UploadError(f"{shown(name)}: the upload did not arrive; please upload it again.")
-        size = Path(path).stat().st_size
-        if size > limit:
-            raise UploadError(f"{shown(name)}: {size / 2**20:.1f} MB is over the {limit_mb} upload limit.")
-        data = Path(path).read_bytes()
+    elif not path:
+        raise UploadError(f"{shown(name)}: the upload did not arrive; please upload it again.")
     try:
-        image = load_image(data)
+        decoded = read_image(source, limits, name)
     except InvalidImageError as error:
-        raise UploadError(f"{shown(name)}: {shown(error, 400)}") from None
-    return Upload(name=name, path=path, sha256=hashlib.sha256(data).hexdigest(), image=image)
+        raise UploadError(shown(error, 600)) from None
+    return Upload(name=name, path=path, sha256=decoded.sha256, image=decoded.image)

@@ -14,9 +14,10 @@ from PIL import Image
 
 import fashion_hf
 from fashion_hf.configuration_fashion_tagger import EOS_TAG_ID
+from fashion_hf.data import data_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = data_dir()  # $FASHION_DATA_DIR, else ../shared/data
 PRODUCT_IMAGES = SHARED_DATA / "fashion-product-images"
 
 # The first lines of a subprocess script that must run as where fashion_hf is not installed: the package is

@@ -12,28 +12,30 @@ import numpy as np
 import pandas as pd
 import pytest
 from datasets import ClassLabel, Dataset, Features, Image, Value, load_dataset
-from helpers import PRODUCT_IMAGES, SHARED_DATA, encode, product_photo
+from helpers import PRODUCT_IMAGES, REPO, SHARED_DATA, encode, product_photo
 
-from fashion_hf import FashionTaggerConfig, data
+from fashion_hf import FashionTaggerConfig, data, tag_mining
 from fashion_hf.data import (
     BRAND,
-    DETAIL_LEXICON,
     PRODUCT_ATTRIBUTES,
     add_brand_column,
     add_tag_sequences,
     apply_vocabulary,
     build_vocabulary,
-    canonical_detail_tag,
-    detail_tag_order,
-    extract_brand,
     load_catalogue,
     load_fashion_mnist,
     load_fashion_product_images,
     load_feedback,
-    mine_detail_tags,
     read_idx,
 )
 from fashion_hf.feedback import FeedbackStore
+from fashion_hf.tag_mining import (
+    DETAIL_LEXICON,
+    canonical_detail_tag,
+    detail_tag_order,
+    extract_brand,
+    mine_detail_tags,
+)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Tiny fixtures, written in the layouts the loaders read.
@@ -189,7 +191,7 @@ def test_brands_that_name_a_tag_are_not_mined():
 
 
 def test_every_spelling_belongs_to_one_tag():
-    spellings = [data._phrase_key(spelling) for tag, more in DETAIL_LEXICON.items() for spelling in (tag, *more)]
+    spellings = [tag_mining._phrase_key(spelling) for tag, more in DETAIL_LEXICON.items() for spelling in (tag, *more)]
     assert len(spellings) == len(set(spellings))
     assert sorted(DETAIL_LEXICON, key=detail_tag_order) == list(DETAIL_LEXICON)
 
@@ -336,8 +338,20 @@ def test_product_images_with_brand(product_folder):
 
 
 def test_product_images_folder_from_the_environment(product_folder, monkeypatch):
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(product_folder))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(product_folder.parent))  # the data folder that holds it
     assert len(load_fashion_product_images(split="validation")) == 1
+
+
+def test_the_data_folder_is_FASHION_DATA_DIR_else_shared_data_beside_the_repository(mnist_folder, monkeypatch,
+                                                                                    tmp_path):  # fmt: skip
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert data.data_dir() == REPO.parent / "shared" / "data"
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    assert load_fashion_mnist(split="test")["articleType"] == ["Bag"]  # read from tmp_path / "fashion-mnist"
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(elsewhere))
+    with pytest.raises(FileNotFoundError, match=f"No local copy in {re.escape(str(elsewhere))}: set FASHION_DATA_DIR"):
+        load_fashion_product_images()  # offline, so the Hub copy cannot stand in
 
 
 def test_hub_copy_is_split_by_product_id_and_na_is_missing(monkeypatch):
@@ -353,8 +367,7 @@ def test_hub_copy_is_split_by_product_id_and_na_is_missing(monkeypatch):
 
 
 def test_offline_without_local_data_says_what_to_set(monkeypatch, tmp_path):
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "no-shared-data"))
     with pytest.raises(FileNotFoundError, match=data.DATA_DIR_ENV):
         load_fashion_product_images()
 
