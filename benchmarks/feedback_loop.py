@@ -42,6 +42,7 @@ from load_app import stored_ids
 from fashion_hf import data
 from fashion_hf.configuration_fashion_tagger import USER_PHOTOS_DOMAIN
 from fashion_hf.feedback import CHANGED, CONFIRMED
+from fashion_hf.training.recipe import WALL_TIME, read_key, read_recipe
 
 PHONE_PHOTOS = REPO.parent / "shared" / "data" / data.CLOTHING_USER_PHOTOS
 PHONE_HEADS = data.CLOTHING_USER_PHOTOS_ATTRIBUTES  # what a contributor knows about a phone photo
@@ -296,9 +297,8 @@ def retrain(model: str, train_config: str, store: str, workdir: Path) -> dict:
 
 def recipe_figures(model: str | Path) -> dict:
     """What the run's recipe.json says of itself: its own wall time, hardware and the feedback it learned from."""
-    path = Path(model) / "recipe.json"
-    recipe = json.loads(path.read_text()) if path.is_file() else {}
-    return {"recipe_wall_seconds": recipe.get("wall_time_seconds"), "hardware": recipe.get("hardware"),
+    recipe = read_recipe(model)
+    return {"recipe_wall_seconds": read_key(recipe, WALL_TIME), "hardware": recipe.get("hardware"),
             "feedback": recipe.get("feedback")}  # fmt: skip
 
 

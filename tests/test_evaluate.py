@@ -14,16 +14,9 @@ from helpers import PRODUCT_IMAGES, product_photo, tiny_config
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor, AutoModel
 
-from fashion_hf.training.evaluate import (
-    Predictions,
-    evaluate,
-    main,
-    most_frequent_classes,
-    plot_confusion_matrix,
-    predict,
-    scalars,
-    write_evaluation,
-)
+from fashion_hf.evaluation import Predictions, evaluate, predict, scalars
+from fashion_hf.training.evaluate import main, write_evaluation
+from fashion_hf.training.plots import most_frequent_classes, plot_confusion_matrix
 
 ATTRIBUTE_KEYS = {"top1", "top5", "macro_f1", "support", "num_labels", "out_of_vocabulary"}
 TAG_SCORE_KEYS = {"precision", "recall", "f1", "support", "predicted"}

@@ -15,8 +15,8 @@ from helpers import REPO
 from huggingface_hub import ModelCard
 
 from fashion_hf.data import CLOTHING_USER_PHOTOS, describe_split
+from fashion_hf.evaluation import Predictions, label_breakdown, score
 from fashion_hf.training.model_card import build_model_card
-from fashion_hf.training.evaluate import Predictions, label_breakdown, score
 
 DATASET_ID = "ashraq/fashion-product-images-small"
 BASE_MODEL = "timm/tf_efficientnet_lite0.in1k"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import subprocess
 import sys
 import time
 from unittest import mock
@@ -9,12 +10,14 @@ from unittest import mock
 import pytest
 import torch
 from card_figures import card_mismatches
-from helpers import COLOURS, TINY_FLAGS, product_photo, run_training, tiny_model
+from helpers import COLOURS, REPO, TINY_FLAGS, product_photo, run_training, tiny_model
 from transformers import AutoModel, pipeline
 
 import fashion_hf
 from fashion_hf import data
-from fashion_hf.training.train import TrainingTagger, parse_args, previous_stages, push_to_hub
+from fashion_hf.training.loop import TrainingTagger
+from fashion_hf.training.recipe import previous_stages, push_to_hub
+from fashion_hf.training.train import parse_args
 
 @pytest.mark.slow
 def test_accelerate_launch_trains_and_writes_a_loadable_model_folder(trained):
@@ -72,6 +75,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_catalogue, tmp_path):
     recipe = json.loads((tmp_path / "model" / "recipe.json").read_text())
     assert recipe["wall_time_seconds"] > first_session["seconds"]  # the card reports both sessions together
     assert (tmp_path / "checkpoints" / "checkpoint_1").exists()
+
+
+@pytest.mark.slow
+def test_resume_without_a_checkpoint_stops_with_a_message_and_no_traceback(tiny_catalogue, tmp_path):
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--output-dir", str(tmp_path), "--resume"]
+    result = subprocess.run([sys.executable, str(REPO / "train" / "train.py"), *flags], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--resume: no checkpoint in {tmp_path / 'checkpoints'}" in result.stderr
 
 
 @pytest.mark.slow
@@ -157,7 +169,7 @@ def test_push_to_hub_uploads_the_folder_as_one_model_commit(tmp_path):
 
 
 def _tiny_ensemble(member_folder, folder):
-    from fashion_hf.training.ensemble import combine, save
+    from fashion_hf.training.combine import combine, save
 
     ensemble = combine([str(member_folder), str(member_folder)], mirror_views=True)
     save(ensemble, fashion_hf.FashionTaggerImageProcessor.from_pretrained(member_folder), folder, torch.float16)
@@ -218,7 +230,7 @@ def test_init_from_an_ensemble_trains_user_photo_experts_beside_its_unchanged_ca
 
 
 def test_new_typed_tags_grow_the_vocabulary_and_keep_the_old_rows():
-    from fashion_hf.training.train import add_detail_tags
+    from fashion_hf.training.loop import add_detail_tags
 
     torch.manual_seed(0)
     model = tiny_model(tags=[["Shirts", "articleType"], ["check", "detail"]], attributes={"articleType": ["Shirts", "Tshirts"]})
@@ -235,7 +247,7 @@ def test_new_typed_tags_grow_the_vocabulary_and_keep_the_old_rows():
 
 
 def test_an_unknown_tag_sequence_trains_the_heads_and_not_the_decoder():
-    from fashion_hf.training.train import TaggingExamples, collate
+    from fashion_hf.training.examples import TaggingExamples, collate
 
     torch.manual_seed(0)
     model = tiny_model(tags=[["Shirts", "articleType"]], attributes={"articleType": ["Shirts", "Tshirts"]}).train()
@@ -258,11 +270,11 @@ def test_phone_photos_mixed_in_with_self_distillation_and_measured_for_the_card(
     from test_user_photos import write_user_photos
 
     first_stage, _ = trained
-    (tmp_path / "products").symlink_to(tiny_catalogue)
+    (tmp_path / "fashion-product-images").symlink_to(tiny_catalogue)
     rows = [("Shirt", "Shirts", "Topwear", 1), ("T-Shirt", "Tshirts", "Topwear", 2), ("Shirt", "Shirts", "Topwear", 3)]
     write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, "train", rows)
     write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, "validation", rows[:2])
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "products"))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))  # the data folder: product images and phone photos
     flags = [*TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run"), "--init-from", str(first_stage / "model")]
     log = run_training([*flags, "--mix-dataset", data.CLOTHING_USER_PHOTOS, "--mix-repeats", "2", "--distill-from-start",
                         "--eval-user-photos"], launcher=(sys.executable,))  # fmt: skip

@@ -10,7 +10,8 @@ import pytest
 from helpers import COLOURS, TINY_FLAGS, product_photo, run_training
 
 from fashion_hf.training.evaluate import main as evaluate
-from fashion_hf.training.train import default_min_tag_count, feedback_tags_to_keep, parse_args
+from fashion_hf.training.examples import default_min_tag_count, feedback_tags_to_keep
+from fashion_hf.training.train import parse_args
 
 _AT = TINY_FLAGS.index("--min-tag-count")
 FLAGS = TINY_FLAGS[:_AT] + TINY_FLAGS[_AT + 2 :]  # the default threshold is under test

@@ -16,7 +16,8 @@ from transformers import AutoImageProcessor, AutoModel, pipeline
 
 from fashion_hf import FashionTaggerImageProcessor, data
 from fashion_hf.pipeline_fashion_tagging import save_tagger
-from fashion_hf.training.evaluate import label_breakdown, main, predict, scalars
+from fashion_hf.evaluation import label_breakdown, predict, scalars
+from fashion_hf.training.evaluate import main
 
 USER_PHOTOS = SHARED_DATA / data.CLOTHING_USER_PHOTOS
 # A tiny model with the two heads the phone photos label, and one they do not.
@@ -89,15 +90,14 @@ def test_loader_refuses_an_unknown_split_and_says_where_missing_data_was_looked_
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"has no data/validation-\*\.parquet"):
         data.load_clothing_user_photos(tmp_path / "empty")
-    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
-    monkeypatch.setattr(data, "_SHARED_DATA", tmp_path / "no-shared-data")
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path / "no-shared-data"))
     with pytest.raises(FileNotFoundError, match="no local copy of clothing-user-photos at .*no-shared-data.*source="):
         data.load_clothing_user_photos()
 
 
-def test_loader_finds_the_photos_beside_the_product_images_of_the_environment(photos_folder, monkeypatch):
-    # FASHION_DATA_DIR names the product images' folder; the phone photos sit beside it, as in ../shared/data.
-    monkeypatch.setenv(data.DATA_DIR_ENV, str(photos_folder.parent / "fashion-product-images"))
+def test_loader_finds_the_photos_in_the_data_folder_of_the_environment(photos_folder, monkeypatch):
+    # FASHION_DATA_DIR names the data folder, as ../shared/data: the phone photos are its clothing-user-photos/.
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(photos_folder.parent))
     assert len(data.load_clothing_user_photos(split="train")) == len(TRAIN_ROWS)
 
 

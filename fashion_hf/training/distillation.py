@@ -15,6 +15,9 @@ from transformers import AutoModel
 from ..configuration_fashion_tagger import IGNORE_INDEX
 
 
+class TeacherMismatchError(ValueError):
+    """A teacher whose heads or labels are not the student's."""
+
 
 def load_teachers(folders: list[str | Path], student_config, device) -> list:
     """Frozen teachers in eval mode, single taggers or ensembles; each must have the student's heads and labels, in
@@ -23,7 +26,7 @@ def load_teachers(folders: list[str | Path], student_config, device) -> list:
     for folder in folders:
         teacher = AutoModel.from_pretrained(folder).eval().requires_grad_(False)
         if teacher.config.attributes != student_config.attributes:
-            raise SystemExit(f"--distill-from {folder}: its heads or labels differ from the model being trained")
+            raise TeacherMismatchError(f"--distill-from {folder}: its heads or labels differ from the model being trained")
         teachers.append(teacher.to(device))
     return teachers
 

@@ -9,8 +9,6 @@ evaluation written to the folder measures the stored weights, not the members' o
 """
 
 import argparse
-import json
-import platform
 import shlex
 import sys
 import time
@@ -18,15 +16,12 @@ from pathlib import Path
 
 import torch
 
-from .. import (
-    FashionTaggerEnsembleConfig,
-    FashionTaggerEnsembleModel,
-    FashionTaggerImageProcessor,
-    FashionTaggerModel,
-)
+from .. import FashionTaggerEnsembleModel, FashionTaggerImageProcessor
 from .. import data
-from ..pipeline_fashion_tagging import save_tagger
-from .train import previous_stages, push_to_hub
+from .combine import combine, save
+from .evaluate import load_eval_dataset, write_evaluation
+from .model_card import build_model_card
+from .recipe import combined_ensemble_recipe, push_to_hub, write_recipe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,34 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def combine(member_folders: list[str], mirror_views: bool = True) -> FashionTaggerEnsembleModel:
-    members = [FashionTaggerModel.from_pretrained(folder, dtype=torch.float32) for folder in member_folders]
-    return combine_models(members, mirror_views)
-
-
-def combine_models(members: list[FashionTaggerModel], mirror_views: bool = True, **domain_fields) -> FashionTaggerEnsembleModel:
-    """One ensemble of these trained taggers; `domain_fields` as `FashionTaggerEnsembleConfig.from_members` (the
-    gate of an ensemble with experts is then still to be fitted: `domain_gate`)."""
-    config = FashionTaggerEnsembleConfig.from_members([member.config for member in members], mirror_views, **domain_fields)
-    ensemble = FashionTaggerEnsembleModel(config)
-    for slot, member in zip(ensemble.members, members):
-        slot.load_state_dict(member.state_dict())
-    return ensemble.eval()
-
-
-def save(ensemble: FashionTaggerEnsembleModel, processor, folder: Path, weights_dtype: torch.dtype) -> None:
-    # Integer buffers (batch-norm counters) keep their dtype; the config keeps float32, the dtype it loads in.
-    state_dict = {
-        name: tensor.to(weights_dtype) if tensor.is_floating_point() else tensor
-        for name, tensor in ensemble.state_dict().items()
-    }
-    save_tagger(ensemble, processor, folder, state_dict=state_dict)
-
-
 def main(argv=None) -> Path:
-    from .model_card import build_model_card
-    from .evaluate import load_eval_dataset, write_evaluation
-
     args = parse_args(argv)
     started = time.time()
     ensemble = combine(args.members, args.mirror_views)
@@ -87,18 +55,9 @@ def main(argv=None) -> Path:
     metrics = write_evaluation(model, processor, eval_set, output_dir, dataset_name=args.dataset, split=args.eval_split)
     dataset_id = data.PRODUCT_IMAGES_HUB_ID if args.dataset == "fashion-product-images" else args.dataset
     base_models = [f"timm/{member['encoder_name']}" for member in model.config.members]
-    recipe = {
-        "command": shlex.join(["python", "train/ensemble.py", *(argv if argv is not None else sys.argv[1:])]),
-        "wall_time_seconds": round(time.time() - started, 1),
-        "hardware": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "dataset_id": dataset_id,
-        "base_model": base_models,
-        "members": [{"folder": folder, "stages": previous_stages(folder)} for folder in args.members],
-        # Each member's best epoch was chosen on its evaluation split; which members to combine is judged here.
-        "selected_on": {"split": args.eval_split, "choices": ["each member's best epoch", "the ensemble's members"]},
-        "arguments": vars(args),
-    }
-    (output_dir / "recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+    command = shlex.join(["python", "train/ensemble.py", *(argv if argv is not None else sys.argv[1:])])
+    recipe = combined_ensemble_recipe(args, command, time.time() - started, dataset_id, base_models)
+    write_recipe(output_dir, recipe)
     card = build_model_card(output_dir, metrics, recipe, dataset_id=dataset_id, base_model=base_models, repo_id=args.push_to_hub)
     card.save(output_dir / "README.md")
     print(f"model folder: {output_dir}")

@@ -7,15 +7,15 @@
 Everything is rendered offline: the card is never validated against, nor pushed to, the Hub here (upload the model
 folder, README.md included, with `HfApi.upload_folder`).
 
-`metrics` is what `train/evaluate.py` writes to metrics.json. `recipe` describes the training run:
-`{"command": "python train/train.py ...", "wall_time_s": 5400.0, "hardware": "1x NVIDIA H100 80GB",
-"hyperparameters": {"epochs": 10, ...}, "train_split": "train", "train_examples": 33315, "dataset_id": ...,
-"base_model": ...}`. Only `command` is required. A model trained in stages (`train.py --init-from` an earlier run)
-has `previous_stages`: the earlier runs' `{"command", "wall_time_seconds", "hardware"}`, first stage first. `wall_time_seconds`, `train_images` and `arguments` (a dict, as
-`vars(args)`) are read as `wall_time_s`, `train_examples` and `hyperparameters`; any other key is listed with the
-hyperparameters. A model that learned from the app's corrections has `feedback`: `{"source", "revision",
-"records_used", "attributes": {attribute: {"changed", "confirmed", "untouched"}}, "init_from"}`, shown in a
-"Community corrections" section.
+`metrics` is what `train/evaluate.py` writes to metrics.json. `recipe` is the training run's recipe.json
+(`recipe.py` describes its keys): `{"command": "accelerate launch train/train.py ...", "wall_time_seconds": 5400.0,
+"hardware": "1 x cuda (x86_64, 16 threads)", "arguments": {"epochs": 10, ...}, "train_split": "train",
+"train_images": 33315, "dataset_id": ..., "base_model": ...}`. Only `command` is required; the older spellings
+`wall_time_s`, `train_examples` and `hyperparameters` are read too. A model trained in stages (`train.py
+--init-from` an earlier run) has `previous_stages`: the earlier runs' `{"command", "wall_time_seconds",
+"hardware"}`, first stage first. Any other key is listed with the hyperparameters. A model that learned from the
+app's corrections has `feedback`: `{"source", "revision", "records_used", "attributes": {attribute: {"changed",
+"confirmed", "untouched"}}, "init_from"}`, shown in a "Community corrections" section.
 
 Real phone photos (`train/evaluate.py --dataset clothing-user-photos`, saved as `metrics-user-photos.json` in the
 model folder, where the command reads it by default) get a column of their own beside the product figures, and a
@@ -28,6 +28,8 @@ import shutil
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .recipe import ARGUMENTS, OLD_SPELLINGS, TRAIN_IMAGES, WALL_TIME, read_key, spellings
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TASK_TYPE = "image-classification"
@@ -47,12 +49,10 @@ HUB_DATASET_IDS = {  # evaluate.py's dataset names -> their Hub ids
     "fashion-product-images": "ashraq/fashion-product-images-small",
     "fashion-mnist": "zalando-datasets/fashion_mnist",
 }
-WALL_TIME_KEYS = ("wall_time_s", "wall_time_seconds")
-TRAIN_SIZE_KEYS = ("train_examples", "train_images")
-SETTINGS_KEYS = ("hyperparameters", "arguments")  # dicts of settings, listed one by one
+SETTINGS_KEYS = (*OLD_SPELLINGS[ARGUMENTS], ARGUMENTS)  # dicts of settings, listed one by one; today's key wins
 RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_split", "dataset_id", "base_model", "previous_stages", "members",
-               "dataset_name", "splits", "selected_on", "test_note", "feedback", *WALL_TIME_KEYS, *TRAIN_SIZE_KEYS,
-               *SETTINGS_KEYS}  # fmt: skip
+               "dataset_name", "splits", "selected_on", "test_note", "feedback", *spellings(WALL_TIME),
+               *spellings(TRAIN_IMAGES), *SETTINGS_KEYS}  # fmt: skip
 USER_PHOTO_METRICS_FILE = "metrics-user-photos.json"  # evaluate.py --dataset clothing-user-photos, in the model folder
 NOT_SCORED = "n/a"  # a head the real phone photos have no label for
 DETAIL_GROUP = "detail"
@@ -226,12 +226,8 @@ def _eval_results(metrics: dict, dataset_id: str, split: str | None, dataset_arg
     return results
 
 
-def _first(recipe: dict, keys):
-    return next((recipe[key] for key in keys if recipe.get(key) is not None), None)
-
-
 def _stage(stage: dict, heading: str | None) -> dict:
-    seconds = _first(stage, WALL_TIME_KEYS)
+    seconds = read_key(stage, WALL_TIME)
     return {
         "heading": heading,
         "command": stage["command"],
@@ -431,7 +427,7 @@ def build_model_card(
         dataset_link=dataset_link,
         is_product_images=dataset_name == DATASET_NAMES["fashion-product-images"],
         train_split=recipe.get("train_split"),
-        train_examples=_first(recipe, TRAIN_SIZE_KEYS),
+        train_examples=read_key(recipe, TRAIN_IMAGES),
         stages=stages,
         total_wall_time=total_wall_time,
         hyperparameters=_hyperparameters(recipe),
