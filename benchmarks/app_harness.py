@@ -21,7 +21,6 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "fashion-tagger"
-PRODUCT_IMAGES = REPO.parent / "shared" / "data" / "fashion-product-images"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
@@ -62,8 +61,10 @@ def model_attributes(folder: str) -> dict[str, list[str]]:
 
 def photo_files(count: int, folder: Path) -> tuple[list[str], str]:
     """`count` JPEG files: the first photos of the validation split of Fashion Product Images, else synthetic ones."""
+    from fashion_hf.data import data_dir  # here, not above, like tiny_model's imports: it loads torch and transformers
+
     folder.mkdir(parents=True, exist_ok=True)
-    files = sorted((PRODUCT_IMAGES / "data").glob("validation-*.parquet"))
+    files = sorted((data_dir() / "fashion-product-images" / "data").glob("validation-*.parquet"))
     if files:
         import pyarrow.parquet as pq
 

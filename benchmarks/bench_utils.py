@@ -21,9 +21,10 @@ transformers_logging.disable_progress_bar()
 
 from fashion_hf import FashionTaggerEnsembleModel  # noqa: E402  (after HF_HUB_OFFLINE is set)
 from fashion_hf.configuration_fashion_tagger import DETAIL_GROUP  # noqa: E402
+from fashion_hf.data import data_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRODUCT_IMAGES = REPO.parent / "shared" / "data" / "fashion-product-images"
+PRODUCT_IMAGES = data_dir() / "fashion-product-images"
 
 # Head sizes of the shipped model's vocabulary (train split of Fashion Product Images, train/configs/
 # fashion-product-images.yaml): 254 attribute labels, plus the 55 detail tags seen on >= 20 items = 309 tags.

@@ -3,10 +3,10 @@
 1. `python app.py` runs in its own process on 127.0.0.1 (`app_harness.AppServer`), serving `--model` with an empty
    feedback store in the work folder.
 2. `--threads` simulated contributors, one `gradio_client.Client` each, take the train split of the phone photos
-   (`../shared/data/clothing-user-photos`): each photo is tagged first (/tag: the prediction a person would see), then
-   sent to /feedback with the two fields its contributor knows, articleType and subCategory, set to the true labels,
-   each marked "changed" where the prediction's top label differs and "confirmed" where it matches. A failed call is
-   counted, not retried; the run stops only if every photo fails.
+   (`clothing-user-photos` in the data folder, `fashion_hf.data.data_dir()`): each photo is tagged first (/tag: the
+   prediction a person would see), then sent to /feedback with the two fields its contributor knows, articleType and
+   subCategory, set to the true labels, each marked "changed" where the prediction's top label differs and
+   "confirmed" where it matches. A failed call is counted, not retried; the run stops only if every photo fails.
 3. With the app stopped, the model is retrained from `--model` with that store (`--train-config`, a YAML for
    train/train.py), timed: `accelerate launch ... train/train.py --config CONFIG --feedback STORE --output-dir OUT`.
 4. Both models are evaluated (`train/evaluate.py`) on the phone validation split (photographers never seen in train)
@@ -42,9 +42,10 @@ from load_app import stored_ids
 from fashion_hf import data
 from fashion_hf.configuration_fashion_tagger import USER_PHOTOS_DOMAIN
 from fashion_hf.feedback import CHANGED, CONFIRMED
+from fashion_hf.feedback import dataset as feedback_dataset
 from fashion_hf.training.recipe import WALL_TIME, read_key, read_recipe
 
-PHONE_PHOTOS = REPO.parent / "shared" / "data" / data.CLOTHING_USER_PHOTOS
+PHONE_PHOTOS = data.data_dir() / data.CLOTHING_USER_PHOTOS
 PHONE_HEADS = data.CLOTHING_USER_PHOTOS_ATTRIBUTES  # what a contributor knows about a phone photo
 PRODUCTS = "fashion-product-images"
 SPLIT_NAMES = {"phone_validation": "phone validation", "product_validation": "product validation"}
@@ -254,7 +255,7 @@ def send(model: str, photos: list[Photo], threads: int, workdir: Path) -> dict:
         print(f"first error: {tally.errors[0]}")
     if not tally.ids:
         raise SystemExit(f"every /feedback call failed; app log: {server.log_path}")
-    summary = data.feedback_summary(store)
+    summary = feedback_dataset.feedback_summary(store)
     return {
         "store": str(store), "app_start_seconds": round(ready, 1), "threads": threads, "photos": len(photos),
         "sent": len(tally.ids), "failed": failed, "errors": len(tally.errors),

@@ -85,7 +85,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         feedback_tag_min_contributors (`int`, *optional*, defaults to 3):
             A detail tag typed into the app's feedback tab joins the tag vocabulary when training builds it
             (`train.py --feedback`) once at least this many people typed it, however rare it is among product
-            names (`fashion_hf.data.feedback_tag_contributors` says who counts as a person). Rarer typed tags are
+            names (`feedback.dataset.feedback_tag_contributors` says who counts as a person). Rarer typed tags are
             left out of the vocabulary and out of the training sequences; they stay in the feedback store and join
             in a later run once enough people type them. Older config.json files without it load with 3.
         attribute_order (`list[str]`, *optional*):

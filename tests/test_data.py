@@ -25,10 +25,11 @@ from fashion_hf.data import (
     load_catalogue,
     load_fashion_mnist,
     load_fashion_product_images,
-    load_feedback,
     read_idx,
 )
 from fashion_hf.feedback import FeedbackStore
+from fashion_hf.feedback import dataset as feedback_dataset
+from fashion_hf.feedback.dataset import load_feedback
 from fashion_hf.tag_mining import (
     DETAIL_LEXICON,
     canonical_detail_tag,
@@ -710,7 +711,7 @@ def test_feedback_learns_only_changed_and_confirmed_attributes(tmp_path):
     ]
     assert load_feedback(folder, attributes=["articleType"])["tags_known"].count(True) == 3  # all but the tag-only
 
-    summary = data.feedback_summary(folder)
+    summary = feedback_dataset.feedback_summary(folder)
     assert summary["records"] == 4
     assert summary["attributes"] == {
         "gender": {"changed": 1, "confirmed": 1, "untouched": 1},
@@ -718,11 +719,12 @@ def test_feedback_learns_only_changed_and_confirmed_attributes(tmp_path):
         "baseColour": {"changed": 0, "confirmed": 1, "untouched": 2},
     }
     assert re.fullmatch(r"[0-9a-f]{12}", summary["revision"])
-    assert data.feedback_summary(folder)["revision"] == summary["revision"]  # the same store state, the same name
+    same_state = feedback_dataset.feedback_summary(folder)
+    assert same_state["revision"] == summary["revision"]  # the same store state, the same name
     with FeedbackStore(folder) as store:
         store.add(product_photo(colour=(0, 90, 0)), predicted={}, corrected_attributes={"gender": "Women"},
                   corrected_tags=[], consent=True, model_id="tiny", model_revision="0")  # fmt: skip
-    assert data.feedback_summary(folder)["revision"] != summary["revision"]
+    assert feedback_dataset.feedback_summary(folder)["revision"] != summary["revision"]
 
 
 def test_a_hub_feedback_dataset_reports_the_commit_it_was_cached_at(tmp_path):
@@ -731,9 +733,10 @@ def test_a_hub_feedback_dataset_reports_the_commit_it_was_cached_at(tmp_path):
         return Dataset.from_dict({"id": ["a"]}).map(lambda row: row, cache_file_name=str(folder / "train.arrow"))
 
     commit = "0123456789abcdef0123456789abcdef01234567"  # datasets caches a Hub dataset in <...>/<version>/<commit>/
-    assert data._hub_commit(cached_in(tmp_path / "me___feedback" / "default" / "0.0.0" / commit)) == commit
-    assert data._hub_commit(cached_in(tmp_path / "elsewhere")) is None
-    assert data._hub_commit(Dataset.from_dict({"id": ["a"]})) is None  # in memory: unknown
+    hub_cache = tmp_path / "me___feedback" / "default" / "0.0.0" / commit
+    assert feedback_dataset._hub_commit(cached_in(hub_cache)) == commit
+    assert feedback_dataset._hub_commit(cached_in(tmp_path / "elsewhere")) is None
+    assert feedback_dataset._hub_commit(Dataset.from_dict({"id": ["a"]})) is None  # in memory: unknown
 
 
 def test_a_typed_tag_counts_the_people_who_typed_it(tmp_path):
@@ -759,7 +762,7 @@ def test_a_typed_tag_counts_the_people_who_typed_it(tmp_path):
               "model_id": "tiny", "model_revision": "0", "predicted": "{}", "corrected_attributes": "{}",
               "corrected_tags": ["denim"], "annotator": "dee", "consent": False}  # fmt: skip
     (shard / "metadata.jsonl").write_text(json.dumps(record) + "\n")
-    assert data.feedback_tag_contributors(folder) == {"tank": 3, "lace-up": 2, "boho": 2}
+    assert feedback_dataset.feedback_tag_contributors(folder) == {"tank": 3, "lace-up": 2, "boho": 2}
 
 
 def test_missing_feedback_folder(tmp_path):

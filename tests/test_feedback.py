@@ -845,4 +845,5 @@ def test_no_feedback_module_imports_one_that_imports_it_and_the_store_knows_noth
     loaded = {module: feedback_modules_loaded_by(module) for module in FEEDBACK_MODULES}
     circles = sorted({tuple(sorted((a, b))) for a in loaded for b in loaded[a] if b != a and a in loaded[b]})
     assert circles == []
-    assert "hub" not in loaded["store"] and {"schema", "validation", "files", "index", "store", "hub"} <= set(loaded)
+    assert "hub" not in loaded["store"]
+    assert {"schema", "validation", "files", "index", "store", "hub", "dataset"} <= set(loaded)

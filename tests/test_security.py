@@ -114,8 +114,11 @@ def test_the_scan_catches_unsafe_loads(tmp_path):
 
 def test_training_resume_reads_no_pickle():
     """accelerate unpickles registered checkpoint objects with weights_only=False; the run's progress is JSON instead."""
-    source = (REPO / "train" / "train.py").read_text(encoding="utf-8")
-    assert "register_for_checkpointing(" not in source
+    loop = REPO / "fashion_hf" / "training" / "loop.py"
+    assert "accelerator.load_state(" in loop.read_text(encoding="utf-8")  # the code that resumes a checkpoint
+    training = sorted((REPO / "fashion_hf" / "training").glob("*.py"))
+    assert [path.name for path in training if "register_for_checkpointing(" in path.read_text(encoding="utf-8")] == []
+    assert model_loading_problems(loop) == []
 
 
 def test_the_app_refuses_a_pickled_checkpoint_without_running_it(tmp_path):

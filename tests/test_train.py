@@ -311,3 +311,43 @@ def test_the_start_model_teaches_every_head_a_label_does_not_contradict():
     assert start_model_term(model, 1.0, 2.0, moved, {**batch, "attribute_labels": agreeing}) == everywhere
     gender_alone = start_model_term(model, 1.0, 2.0, {"articleType": start_logits["articleType"], "gender": moved["gender"]}, batch)
     assert 0 < only_gender < everywhere and torch.allclose(only_gender, gender_alone)
+
+
+@pytest.mark.slow
+def test_init_from_an_ensemble_with_experts_trains_only_its_experts_and_fits_the_gate_again(trained, tiny_catalogue,
+                                                                                           tmp_path):
+    """The next turn of the loop: the shipped ensemble already has user-photo experts. They continue on the new
+    corrections; the catalogue members stay as they are; the gate is fitted again."""
+    from fashion_hf.feedback import FeedbackStore
+    from fashion_hf.training.combine import combine_models, save
+
+    first_stage, _ = trained
+    member = fashion_hf.FashionTaggerModel.from_pretrained(first_stage / "model", dtype=torch.float32)
+    start = combine_models([member, member, member], domains=["catalogue", "user-photos"],
+                           member_domains=["catalogue", "catalogue", "user-photos"])  # fmt: skip
+    with torch.no_grad():
+        start.gate.weight.zero_()
+        start.gate.bias.copy_(torch.tensor([0.0, -9.0]))  # a gate that knows nothing yet
+    save(start, fashion_hf.FashionTaggerImageProcessor.from_pretrained(first_stage / "model"), tmp_path / "start", torch.float16)
+    start = AutoModel.from_pretrained(tmp_path / "start")
+    with FeedbackStore(tmp_path / "feedback") as store:
+        for colour in ("Red", "Blue"):
+            store.add(
+                product_photo(COLOURS[colour], size=(90, 70)), predicted={"attributes": {}, "tags": []},
+                corrected_attributes={"articleType": "Shirts"}, corrected_tags=[], consent=True, model_id="tiny",
+                model_revision="0",
+            )  # fmt: skip
+    flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    log = run_training([*flags, "--init-from", str(tmp_path / "start"), "--feedback", str(tmp_path / "feedback"),
+                        "--replay-images", "10"], launcher=(sys.executable,))  # fmt: skip
+    assert log.count("train 12 / eval 12 images") == 1  # only the expert trains: 10 replayed rows + 2 corrections
+    assert [path.name for path in (tmp_path / "run" / "members").iterdir()] == ["2"]
+
+    model = AutoModel.from_pretrained(tmp_path / "run" / "model")
+    assert model.config.member_domains == ["catalogue", "catalogue", "user-photos"]
+    for kept, before in zip(model.members[:2], start.members[:2]):
+        assert torch.equal(kept.heads["articleType"].weight, before.heads["articleType"].weight)
+    assert not torch.equal(model.members[2].heads["articleType"].weight, start.members[2].heads["articleType"].weight)
+    assert not torch.equal(model.gate.bias, start.gate.bias)  # fitted on this run's photos
+    recipe = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
+    assert recipe["gate"]["fitted_on"]["user-photos"] == 2

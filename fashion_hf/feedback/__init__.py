@@ -2,7 +2,9 @@
 
 `schema` says what a record is, `validation` checks a submission, `files` writes durably, `index` reads the records
 back, `store` keeps them in a local folder (layout and durability: its docstring) and `hub` pushes that folder to a
-Hub dataset. Each imports only those before it.
+Hub dataset. Each imports only those before it. `dataset` reads the store back as training examples with the data
+loaders of `fashion_hf.data`; the store needs none of them, so this package does not import it: `from
+fashion_hf.feedback import dataset`.
 """
 
 from .hub import FeedbackCommitScheduler, FeedbackStore, HubPushState, PushSnapshot, Redactor, state_file_name

@@ -1,6 +1,6 @@
 """What a feedback record is: its fields, the files that hold it, its id and file names, and the dataset card.
 
-The store writes records by these rules and `fashion_hf.data.load_feedback` reads them by the same ones.
+The store writes records by these rules and `dataset.load_feedback` reads them by the same ones.
 """
 
 from __future__ import annotations

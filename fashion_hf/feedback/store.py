@@ -250,7 +250,7 @@ class LocalFeedbackStore:
         session); the same submitter sending the same image and corrections again (a retry, a double click) gets
         the id it was given before, also after a restart. Without it, every call stores a new record. Identical
         corrections from different submitters are separate records; training drops the exact duplicates
-        (`fashion_hf.data.load_feedback`).
+        (`fashion_hf.feedback.dataset.load_feedback`).
 
         Raises `FeedbackValidationError` (a `ValueError`) for missing consent, a correction with neither a changed
         or confirmed attribute nor a tag, or invalid input, and `FeedbackStoreError` when the folder cannot be

@@ -13,6 +13,7 @@ from torch import nn
 
 from .. import data
 from ..configuration_fashion_tagger import BOS_TAG_ID, DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS, PAD_TAG_ID
+from ..feedback import dataset as feedback_dataset
 from .augment import AUGMENTATIONS
 
 
@@ -50,7 +51,8 @@ def replay_sample(dataset, images: int, seed: int):
 def append_examples(train_set, extra, attributes, repeats: int = 1):
     """Append `extra` rows (annotators' corrections, a second data set) `repeats` times, each copy augmented
     differently. Heads `extra` does not label are missing labels, masked in the loss; rows that do not label every
-    head have `tags_known` False (`data.load_feedback`), and their tag sequences stay out of the decoder's loss.
+    head have `tags_known` False (`feedback_dataset.load_feedback`), and their tag sequences stay out of the
+    decoder's loss.
     """
     columns = ["image", *attributes, data.TAGS_COLUMN, data.TAGS_KNOWN_COLUMN]
     train_set = with_tags_known(train_set)
@@ -112,7 +114,7 @@ def feedback_tags_to_keep(args, contributors=None) -> list[str]:
     """Typed feedback tags with at least `--feedback-tag-min-contributors` contributors (the config's default: 3)."""
     if not args.feedback:
         return []
-    contributors = data.feedback_tag_contributors(args.feedback) if contributors is None else contributors
+    contributors = feedback_dataset.feedback_tag_contributors(args.feedback) if contributors is None else contributors
     return sorted(tag for tag, people in contributors.items() if people >= feedback_tag_min_contributors(args))
 
 
@@ -131,7 +133,7 @@ def user_photo_sets(args) -> list:
     """The run's photos that are not the catalogue's: the feedback store's and --mix-dataset's train split."""
     sets = []
     if args.feedback:
-        sets.append(data.load_feedback(args.feedback))
+        sets.append(feedback_dataset.load_feedback(args.feedback))
     if args.mix_dataset:
         sets.append(mix_split(args))
     return sets

@@ -23,6 +23,7 @@ from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerMo
 from .. import data
 from ..configuration_fashion_tagger import DETAIL_GROUP, SPECIAL_TAGS
 from ..encoder_weights import load_pretrained_encoder
+from ..feedback import dataset as feedback_dataset
 from ..modeling_fashion_tagger import IGNORE_INDEX
 from ..pipeline_fashion_tagging import save_tagger
 from ..runtime import cpu_threads_per_process
@@ -276,7 +277,7 @@ def train_model(args, command: str, final: bool = True) -> Path:
     attributes = dataset_attributes(args, train_set)
     typed_tags = []
     if args.feedback:
-        feedback = data.load_feedback(args.feedback, attributes)
+        feedback = feedback_dataset.load_feedback(args.feedback, attributes)
         train_set = append_examples(train_set, feedback, attributes, args.feedback_repeats)
         typed_tags = feedback_tags_to_keep(args)
     if args.mix_dataset:

@@ -86,9 +86,9 @@ def hardware(devices: str) -> str:
 
 def feedback_lineage(args) -> dict:
     """Where the corrections came from: the store, its revision, how many records and fields were learned from."""
-    from .. import data
+    from ..feedback import dataset as feedback_dataset
 
-    summary = data.feedback_summary(args.feedback)
+    summary = feedback_dataset.feedback_summary(args.feedback)
     return {
         "source": str(args.feedback),
         "revision": summary["revision"],
