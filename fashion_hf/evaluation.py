@@ -19,6 +19,7 @@ from .configuration_fashion_tagger import DETAIL_GROUP, tag_key
 from .metrics import (
     IGNORE_INDEX,
     attribute_metrics,
+    calibration_error,
     head_tag_sets,
     restrict_to_groups,
     tag_group,
@@ -184,6 +185,7 @@ def score(predictions: Predictions, attributes: dict[str, list[str]]) -> dict:
     for name, label_ids in predictions.labels.items():
         per_attribute[name] = {
             **attribute_metrics(label_ids, predictions.probs[name], attributes[name]),
+            "ece": calibration_error(label_ids, predictions.probs[name]),
             "num_labels": len(attributes[name]),
             "out_of_vocabulary": predictions.out_of_vocabulary[name],
         }
@@ -222,7 +224,7 @@ def score(predictions: Predictions, attributes: dict[str, list[str]]) -> dict:
 def evaluate(model, processor, dataset, batch_size: int = 64, num_beams: int = 1, progress: bool = True) -> dict:
     """Score `model` on `dataset` (an `image` column, attribute string columns with None for missing, `tags`).
 
-    Returns `{"n_images", "attributes": {attr: {"top1", "top5", "macro_f1", "support", "num_labels",
+    Returns `{"n_images", "attributes": {attr: {"top1", "top5", "macro_f1", "ece", "support", "num_labels",
     "out_of_vocabulary"}}, "mean_top1", "mean_macro_f1", "heads_without_labels", "tags": {"groups",
     "out_of_vocabulary", "generated": {"overall", "per_group"}, "attribute_tags": {"groups", "generated", "heads"}}}`,
     JSON-ready (scores are None where nothing was labelled). Only heads with at least one label are scored; the others

@@ -17,6 +17,7 @@ from sklearn.metrics import accuracy_score, f1_score, top_k_accuracy_score
 from .configuration_fashion_tagger import IGNORE_INDEX  # the model's marker of a missing label
 
 TOP_K = 5
+CALIBRATION_BINS = 15
 
 
 def label_indices(y_true) -> np.ndarray:
@@ -62,6 +63,31 @@ def attribute_metrics(y_true, probs: np.ndarray, labels: Sequence[str]) -> dict:
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
         "support": support,
     }
+
+
+def calibration_error(y_true, probs: np.ndarray, bins: int = CALIBRATION_BINS) -> float | None:
+    """Expected calibration error of the top label (Guo et al., 2017): the items are binned by their top
+    probability into `bins` equal-width bins on [0, 1], and each bin's gap between mean confidence and accuracy is
+    weighted by its share of the items. 0 means a 90% answer is right 90% of the time. `probs` must be
+    probabilities (rows summing to 1); items without a label are left out; None when no item has one."""
+    y_true = label_indices(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or len(probs) != len(y_true):
+        raise ValueError(f"probs must have shape (n_items, n_labels) with n_items = {len(y_true)}, got {probs.shape}")
+    if len(probs) and not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3):
+        raise ValueError("calibration error needs probabilities (rows summing to 1), not logits or scores")
+    present = y_true != IGNORE_INDEX
+    if not present.any():
+        return None
+    confidence = probs[present].max(axis=1)
+    correct = probs[present].argmax(axis=1) == y_true[present]
+    # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins the first bin.
+    bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    gap = 0.0
+    for b in np.unique(bin_of):
+        members = bin_of == b
+        gap += members.sum() * abs(correct[members].mean() - confidence[members].mean())
+    return float(gap / len(confidence))
 
 
 def tag_group(key: str) -> str:

@@ -18,7 +18,7 @@ from fashion_hf.evaluation import Predictions, evaluate, predict, scalars
 from fashion_hf.training.evaluate import main, write_evaluation
 from fashion_hf.training.plots import most_frequent_classes, plot_confusion_matrix
 
-ATTRIBUTE_KEYS = {"top1", "top5", "macro_f1", "support", "num_labels", "out_of_vocabulary"}
+ATTRIBUTE_KEYS = {"top1", "top5", "macro_f1", "ece", "support", "num_labels", "out_of_vocabulary"}
 TAG_SCORE_KEYS = {"precision", "recall", "f1", "support", "predicted"}
 COLUMNS = ("gender", "articleType", "usage")  # a subset of the tiny model's heads, as a real catalogue might have
 ROWS = [
@@ -122,7 +122,7 @@ def test_evaluate_returns_the_documented_schema(model_and_processor):
     assert set(metrics["attributes"]) == set(COLUMNS)
     for values in metrics["attributes"].values():
         assert set(values) == ATTRIBUTE_KEYS
-        assert all(0.0 <= values[key] <= 1.0 for key in ("top1", "top5", "macro_f1"))
+        assert all(0.0 <= values[key] <= 1.0 for key in ("top1", "top5", "macro_f1", "ece"))
     assert metrics["heads_without_labels"] == [name for name in model.config.attributes if name not in COLUMNS]
     tags = metrics["tags"]
     assert set(tags) == {"groups", "out_of_vocabulary", "generated", "attribute_tags"}

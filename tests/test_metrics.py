@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fashion_hf.metrics import (
+    calibration_error,
     IGNORE_INDEX,
     attribute_metrics,
     head_tag_sets,
@@ -166,3 +167,30 @@ def test_head_tags_and_generated_tags_compare_on_the_same_groups():
 def test_head_tag_sets_refuse_an_unknown_head():
     with pytest.raises(ValueError, match="no attribute 'brand'"):
         head_tag_sets({"brand": np.ones((1, 2))}, {"gender": ["Men", "Women"]})
+
+
+# --- calibration_error ----------------------------------------------------------------------------------------------
+
+
+def test_calibration_error_is_the_item_weighted_gap_between_confidence_and_accuracy_per_bin():
+    # Two items at confidence 0.9 (one right: accuracy 0.5, gap 0.4) and two at 0.6 (both right: gap 0.4); by hand
+    # (2 x 0.4 + 2 x 0.4) / 4 = 0.4. A missing label is left out.
+    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6], [0.4, 0.6], [0.5, 0.5]])
+    assert calibration_error([0, 1, 1, 1, None], probs) == pytest.approx(0.4)
+
+
+def test_a_model_right_as_often_as_it_says_has_no_calibration_error_and_an_overconfident_one_has():
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.5, 1.0, 20000)
+    right = rng.uniform(size=confidence.size) < confidence  # right with exactly the stated probability
+    probs = np.stack([confidence, 1 - confidence], axis=1)
+    y_true = np.where(right, 0, 1)
+    assert calibration_error(y_true, probs) < 0.02
+    sharpened = np.stack([np.full_like(confidence, 0.99), np.full_like(confidence, 0.01)], axis=1)
+    assert calibration_error(y_true, sharpened) == pytest.approx(0.99 - right.mean(), abs=1e-9)
+
+
+def test_calibration_error_refuses_scores_that_are_not_probabilities_and_has_none_without_labels():
+    with pytest.raises(ValueError, match="probabilities"):
+        calibration_error([0, 1], np.array([[2.0, -1.0], [0.5, 3.0]]))
+    assert calibration_error([None, -100], np.array([[0.5, 0.5], [0.2, 0.8]])) is None

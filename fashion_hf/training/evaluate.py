@@ -248,7 +248,7 @@ def summary(metrics: dict) -> str:
     for name, values in metrics["attributes"].items():
         if values["support"]:
             lines.append(f"  {name:<16} top-1 {values['top1']:.3f}  top-5 {values['top5']:.3f}  "
-                         f"macro-F1 {values['macro_f1']:.3f}  (n={values['support']})")  # fmt: skip
+                         f"macro-F1 {values['macro_f1']:.3f}  ECE {values['ece']:.3f}  (n={values['support']})")  # fmt: skip
     if metrics.get("heads_without_labels"):
         lines.append(f"  not scored (no label in the data): {', '.join(metrics['heads_without_labels'])}")
     if metrics.get("per_label"):
