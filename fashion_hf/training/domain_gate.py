@@ -17,14 +17,12 @@ def gate_inputs(model: FashionTaggerEnsembleModel, processor, dataset, batch_siz
     """`(len(dataset), width)`: per photo of `dataset` (an `image` column), the mean of the general members' views
     of it, which is what the gate reads."""
     general = model.config.members_of(model.config.domains[0])
-    views = model.views_per_member
     dtype = next(model.parameters()).dtype
     chunks = []
     batches = dataset.with_format(None).select_columns(["image"]).iter(batch_size=batch_size)
     for batch in tqdm(batches, desc="gate inputs", total=-(-len(dataset) // batch_size), disable=not progress):
         pixel_values = processor(batch["image"], return_tensors="pt")["pixel_values"].to(dtype)
-        stacked = torch.cat([pixel_values, pixel_values.flip(-1)] if views == 2 else [pixel_values])
-        embeds = [model.members[index].encode_images(stacked).view(views, len(pixel_values), -1) for index in general]
+        embeds = [model.encode_member_views(index, pixel_values) for index in general]
         chunks.append(torch.cat(embeds).float().mean(0))
     return torch.cat(chunks)
 

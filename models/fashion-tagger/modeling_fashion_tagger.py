@@ -468,25 +468,23 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         weights = torch.cat([weights[:, :1], experts.masked_fill(experts < self.config.expert_min_weight, 0.0)], 1)
         return weights / weights.sum(-1, keepdim=True)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_member_views(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Member `index`'s embeddings of each view of each photo, `(views, batch, width)`: one encoder call."""
         views = [pixel_values, pixel_values.flip(-1)] if self.config.mirror_views else [pixel_values]
-        batch_size, width = pixel_values.shape[0], encoder_output_width(self.members[0].encoder)
+        return self.members[index].encode_images(torch.cat(views)).view(len(views), pixel_values.shape[0], -1)
 
-        def encode(index: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-            # One encoder call per member for all views: `(views, rows, width)`.
-            batch = torch.cat(views if rows is None else [view[rows] for view in views])
-            return self.members[index].encode_images(batch).view(len(views), -1, width)
-
-        embeds = {index: encode(index) for index in self.config.members_of(self.config.domains[0])}
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        general_members = self.config.members_of(self.config.domains[0])
+        embeds = {index: self.encode_member_views(index, pixel_values) for index in general_members}
         if self.gate is not None:
-            general = torch.cat([embeds[index] for index in sorted(embeds)]).transpose(0, 1)
+            general = torch.cat([embeds[index] for index in general_members]).transpose(0, 1)
             general_weights = self._gate_weights(general)
             for domain_index, domain in enumerate(self.config.domains[1:], start=1):
                 rows = general_weights[:, domain_index] > 0
                 for index in self.config.members_of(domain):
-                    member_embeds = pixel_values.new_zeros(len(views), batch_size, width)
+                    member_embeds = general.new_zeros(self.views_per_member, *general.shape[::2])
                     if rows.any():
-                        member_embeds[:, rows] = encode(index, rows).to(member_embeds.dtype)
+                        member_embeds[:, rows] = self.encode_member_views(index, pixel_values[rows]).to(member_embeds.dtype)
                     embeds[index] = member_embeds
         return torch.cat([embeds[index] for index in range(len(self.members))]).transpose(0, 1)
 
