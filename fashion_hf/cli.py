@@ -5,6 +5,7 @@
     fashion-hf ensemble MEMBER [MEMBER ...] --output-dir DIR
     fashion-hf model-card MODEL_FOLDER --metrics metrics.json --recipe recipe.json
     fashion-hf refresh-code MODEL_FOLDER       # its code copies rewritten by save_pretrained, weights untouched
+    fashion-hf calibrate MODEL_FOLDER --output DIR --in-place   # calibrated scores, "not sure", off-distribution
 
 Each subcommand's `--help` lists its flags.
 """
@@ -19,6 +20,7 @@ COMMANDS = {
     "ensemble": "fashion_hf.training.ensemble",
     "model-card": "fashion_hf.training.model_card",
     "refresh-code": "fashion_hf.training.refresh_code",
+    "calibrate": "fashion_hf.training.calibrate",
 }
 
 

@@ -48,6 +48,8 @@ class Predictions:
     tags_known: bool = True
     # An ensemble with experts: per photo, the domains whose members it reached (`domain_weights` above zero).
     domains_reached: dict[str, np.ndarray] | None = None
+    # A calibrated model (`config.attribute_temperatures`): the probabilities before calibration, for "before" figures.
+    uncalibrated_probs: dict[str, np.ndarray] | None = None
 
 
 def _read_labels(dataset, attributes: dict[str, list[str]], keep_unlabelled: bool = False) -> tuple[dict, dict, list]:
@@ -128,6 +130,7 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
 
     device, dtype = model_device_and_dtype(model)
     probs = {name: [] for name in config.attributes}
+    uncalibrated = {name: [] for name in config.attributes} if config.attribute_temperatures else None
     generated = []
     domains = getattr(config, "domains", None) or []
     reached = {domain: [] for domain in domains} if len(domains) > 1 else None
@@ -141,6 +144,9 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
                 outputs = model(image_embeds=image_embeds)
                 for name in config.attributes:
                     probs[name].append(outputs.attribute_logits[name].float().softmax(-1).cpu().numpy())
+                if uncalibrated is not None:
+                    for name, logits in model(image_embeds=image_embeds, calibrated=False).attribute_logits.items():
+                        uncalibrated[name].append(logits.float().softmax(-1).cpu().numpy())
                 if reached is not None:
                     weights = model.domain_weights(image_embeds).cpu().numpy()
                     for index, domain in enumerate(domains):
@@ -164,6 +170,7 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
         tag_groups=_labelled_groups(dataset, labels, reference),
         tags_known=_tags_known(dataset),
         domains_reached=reached and {domain: np.concatenate(rows) for domain, rows in reached.items()},
+        uncalibrated_probs=uncalibrated and {name: np.concatenate(chunks) for name, chunks in uncalibrated.items() if chunks},
     )
 
 
@@ -186,6 +193,8 @@ def score(predictions: Predictions, attributes: dict[str, list[str]]) -> dict:
         per_attribute[name] = {
             **attribute_metrics(label_ids, predictions.probs[name], attributes[name]),
             "ece": calibration_error(label_ids, predictions.probs[name]),
+            **({"ece_uncalibrated": calibration_error(label_ids, predictions.uncalibrated_probs[name])}
+               if predictions.uncalibrated_probs else {}),  # fmt: skip
             "num_labels": len(attributes[name]),
             "out_of_vocabulary": predictions.out_of_vocabulary[name],
         }
@@ -270,6 +279,7 @@ def select_predictions(predictions: Predictions, dataset, rows: list[int], confi
         tag_groups=predictions.tag_groups,  # the groups of the whole split: both sets of figures score the same ones
         tags_known=predictions.tags_known,
         domains_reached=predictions.domains_reached and {d: r[index] for d, r in predictions.domains_reached.items()},
+        uncalibrated_probs=predictions.uncalibrated_probs and {n: p[index] for n, p in predictions.uncalibrated_probs.items()},
     )
 
 

@@ -15,6 +15,7 @@ from PIL import Image
 import fashion_hf
 from fashion_hf.configuration_fashion_tagger import EOS_TAG_ID
 from fashion_hf.data import data_dir
+from fashion_hf.pipeline_fashion_tagging import save_tagger
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = data_dir()  # $FASHION_DATA_DIR, else ../shared/data
@@ -90,6 +91,34 @@ def write_product_parquet(folder, split, rows):
     features = datasets.Features({**{k: datasets.Value("string") for k in records[0]}, "id": datasets.Value("int64"),
                                   "year": datasets.Value("int32"), "image": datasets.Image()})
     datasets.Dataset.from_list(records, features=features).to_parquet(folder / "data" / f"{split}-00000-of-00001.parquet")
+
+
+# --- a model that says "not sure" and flags what is not a product photo (test_app.py, test_browser.py) ----------
+
+def flat_colour(colour=(30, 120, 200), size=(60, 80)) -> Image.Image:
+    """A photo of nothing: one colour, no product."""
+    return Image.new("RGB", size, colour)
+
+
+def save_model_with_detector(folder: Path, confidence_thresholds: dict[str, float]) -> Path:
+    """A tiny tagging model whose out-of-distribution detector was fitted on `product_photo()` alone: its mean is
+    that photo's features, its precision the identity (the distance is the one to those features), and its distance
+    limit half way to a flat colour photo's. So `product_photo()` (sent losslessly) passes and `flat_colour()` is
+    flagged; the heads' uncertainty never decides (an untrained model's heads are all uncertain)."""
+    never = 1e9
+    limits = {"distance": never, "uncertainty": never, "turned": never}
+    model = tagging_model(ood_thresholds=limits, confidence_thresholds=confidence_thresholds)
+    processor = fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config)
+    with torch.no_grad():
+        pixels = processor([product_photo(), flat_colour()], return_tensors="pt")["pixel_values"]
+        product, flat = model.ood_features(model.encode_images(pixels))
+        model.ood_means.copy_(product[None])
+        model.ood_precision.copy_(torch.eye(len(product)))
+    distance = float((flat - product).norm())
+    assert distance > 1e-4, "the tiny encoder must tell a flat colour from a product photo, or these tests mean nothing"
+    model.config.ood_thresholds = {**limits, "distance": distance / 2}
+    save_tagger(model, processor, folder)
+    return folder
 
 
 # --- train/train.py end to end (test_train.py, test_distillation.py) -------------------------------------------

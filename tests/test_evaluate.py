@@ -229,7 +229,7 @@ def test_cli_on_a_parquet_file_writes_metrics_and_plots(tiny_model_dir, tmp_path
     main([str(tiny_model_dir), "--dataset", str(parquet), "--output", str(output), "--batch-size", "2",
           "--limit", "4", "--logs", str(tmp_path / "runs"), "--no-progress"])  # fmt: skip
     metrics = json.loads((output / "metrics.json").read_text())
-    files = ["metrics.json", "confusion_matrix.png", "attribute_accuracy.png", "training_curves.png"]
+    files = ["metrics.json", "confusion_matrix.png", "attribute_accuracy.png", "reliability.png", "training_curves.png"]
     assert metrics["files"] == files
     assert all((output / file).is_file() for file in files)
     assert metrics["n_images"] == 4 and metrics["limit"] == 4

@@ -178,7 +178,8 @@ def test_card_states_the_command_wall_time_and_hardware(model_folder, metrics, n
 def test_card_shows_results_usage_limitations_and_citations(model_folder, metrics, no_network):
     text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, repo_id="someone/tagger").text
     assert "| gender | 0.750 | 1.000 |" in text
-    assert "| usage | 1.000 | 1.000 | 1.000 | 3 |" in text  # the missing label is not counted
+    assert "| usage | 1.000 | 1.000 | 1.000 | 0.000 | 3 |" in text  # the missing label is not counted
+    assert "| gender | 0.750 | 1.000 | 0.667 | 0.250 | 4 |" in text  # ECE: right 75% of the time at 100% confidence
     assert 'pipeline("fashion-tagging", model="someone/tagger")' in text
     assert 'AutoModel.from_pretrained("someone/tagger", trust_remote_code=True)' in text
     assert "Myntra" in text and "licence" in text

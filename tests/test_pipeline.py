@@ -21,8 +21,10 @@ def tagger(tiny_model_dir):
 
 
 def assert_contract(result, config, top_k):
-    assert set(result) == {"attributes", "tags"}
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
     assert list(result["attributes"]) == list(config.attributes)
+    assert result["not_sure"] == {name: False for name in config.attributes}  # no thresholds in the config
+    assert result["out_of_distribution"] is None  # no detector
     for name, predictions in result["attributes"].items():
         assert len(predictions) == min(top_k, len(config.attributes[name]))
         scores = [p["score"] for p in predictions]

@@ -174,7 +174,7 @@ def test_cli_on_phone_photos_scores_two_heads_no_tags_and_draws_a_confusion_matr
     assert list(metrics["per_label"]["labels"]) == ["T-Shirt", "Pants", "Dress", "Longsleeve"]
     assert metrics["confusion_matrix_attributes"] == ["subCategory", "articleType"]
     files = ["metrics.json", "confusion_matrix_subCategory.png", "confusion_matrix_articleType.png",
-             "attribute_accuracy.png"]  # fmt: skip
+             "attribute_accuracy.png", "reliability.png"]  # fmt: skip
     assert metrics["files"] == files and all((output / file).is_file() for file in files)
     assert json.loads((output / "metrics.json").read_text()) == metrics
     json.dumps(metrics, allow_nan=False)

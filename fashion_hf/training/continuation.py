@@ -44,7 +44,7 @@ def continue_ensemble(args, command: str) -> Path:
     member it was training); the result is stored as the ensemble was (float16), measured and written like any
     trained model."""
     output_dir = Path(args.output_dir)
-    ensemble = FashionTaggerEnsembleModel.from_pretrained(args.init_from, dtype=torch.float32)
+    ensemble = FashionTaggerEnsembleModel.from_pretrained(args.init_from, dtype=torch.float32).drop_calibration()
     processor = FashionTaggerImageProcessor.from_pretrained(args.init_from)
     config = ensemble.config
     earlier = read_recipe(args.init_from)

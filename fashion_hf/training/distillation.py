@@ -24,7 +24,7 @@ def load_teachers(folders: list[str | Path], student_config, device) -> list:
     the same order."""
     teachers = []
     for folder in folders:
-        teacher = AutoModel.from_pretrained(folder).eval().requires_grad_(False)
+        teacher = AutoModel.from_pretrained(folder).drop_calibration().eval().requires_grad_(False)
         if teacher.config.attributes != student_config.attributes:
             raise TeacherMismatchError(f"--distill-from {folder}: its heads or labels differ from the model being trained")
         teachers.append(teacher.to(device))

@@ -42,15 +42,17 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from .. import data
-from ..evaluation import label_breakdown, model_device_and_dtype, predict, score, select_predictions
+from ..calibration import reliability_bins
+from ..evaluation import Predictions, label_breakdown, model_device_and_dtype, predict, score, select_predictions
+from ..metrics import IGNORE_INDEX, calibration_error
 from .augment import phone_photo_shift
-from .plots import plot_attribute_accuracy, plot_confusion_matrix, plot_training_curves
+from .plots import plot_attribute_accuracy, plot_confusion_matrix, plot_reliability, plot_training_curves
 
 CONFUSION_PREDICTED_COLUMNS = 8  # per-head plots: columns for the classes photos are most often mistaken for
 CONFUSION_HEAD_FILE = "confusion_matrix_{head}.png"
 BREAKDOWN_COLUMN = "label"  # the phone photos' own label, finer than articleType (Longsleeve and Polo are Tshirts)
-METRICS_FILE, CONFUSION_FILE, ACCURACY_FILE, CURVES_FILE = (
-    "metrics.json", "confusion_matrix.png", "attribute_accuracy.png", "training_curves.png",
+METRICS_FILE, CONFUSION_FILE, ACCURACY_FILE, CURVES_FILE, RELIABILITY_FILE = (
+    "metrics.json", "confusion_matrix.png", "attribute_accuracy.png", "training_curves.png", "reliability.png",
 )  # fmt: skip
 
 
@@ -194,6 +196,10 @@ def write_evaluation(
         metrics["confusion_matrix_attributes"] = drawn
     if plot_attribute_accuracy(metrics, output_dir / ACCURACY_FILE):
         files.append(ACCURACY_FILE)
+    metrics["reliability"] = reliability(predictions)
+    if metrics["reliability"]:
+        plot_reliability(metrics["reliability"], output_dir / RELIABILITY_FILE, title=f"{dataset_name} {split}")
+        files.append(RELIABILITY_FILE)
     if logs_dir is not None:
         if plot_training_curves(logs_dir, output_dir / CURVES_FILE):
             files.append(CURVES_FILE)
@@ -202,6 +208,24 @@ def write_evaluation(
     metrics["files"] = [METRICS_FILE, *files]
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def reliability(predictions: Predictions) -> dict:
+    """Per labelled head, the reliability diagram's bins and ECE of the scores as served ("after") and, for a
+    calibrated model, before its calibration ("before")."""
+    heads = {}
+    for name, labels in predictions.labels.items():
+        present = labels != IGNORE_INDEX
+        if not present.any():
+            continue
+        heads[name] = {}
+        for when, probs in (("before", predictions.uncalibrated_probs), ("after", predictions.probs)):
+            if probs is not None:
+                head_probs = probs[name][present]
+                correct = head_probs.argmax(1) == labels[present]
+                heads[name][when] = {"ece": calibration_error(labels, probs[name]),
+                                     "reliability": reliability_bins(head_probs.max(1), correct)}  # fmt: skip
+    return heads
 
 
 def shift_like_phone_photos(dataset, processor):
@@ -247,8 +271,9 @@ def summary(metrics: dict) -> str:
     lines = [f"{metrics['n_images']} images of {metrics['dataset']} ({metrics['split']})"]
     for name, values in metrics["attributes"].items():
         if values["support"]:
+            before = f" (uncalibrated {values['ece_uncalibrated']:.3f})" if "ece_uncalibrated" in values else ""
             lines.append(f"  {name:<16} top-1 {values['top1']:.3f}  top-5 {values['top5']:.3f}  "
-                         f"macro-F1 {values['macro_f1']:.3f}  ECE {values['ece']:.3f}  (n={values['support']})")  # fmt: skip
+                         f"macro-F1 {values['macro_f1']:.3f}  ECE {values['ece']:.3f}{before}  (n={values['support']})")  # fmt: skip
     if metrics.get("heads_without_labels"):
         lines.append(f"  not scored (no label in the data): {', '.join(metrics['heads_without_labels'])}")
     if metrics.get("per_label"):

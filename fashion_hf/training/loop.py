@@ -74,7 +74,7 @@ class TrainingTagger(nn.Module):
 def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> FashionTaggerModel:
     """A new model with the vocabulary of `train_dataset` (plus `keep_detail_tags`), or `--init-from`'s model."""
     if args.init_from:
-        model = FashionTaggerModel.from_pretrained(args.init_from)
+        model = FashionTaggerModel.from_pretrained(args.init_from).drop_calibration()
         if args.image_size:  # the encoder is convolutional and globally pooled: it runs at any size
             model.config.image_size = list(args.image_size)
         if args.decoder_matmul_dtype:
@@ -326,7 +326,8 @@ def train_model(args, command: str, final: bool = True) -> Path:
         distill = partial(distillation_term, teachers, args.distill_weight, args.distill_temperature)
     elif args.distill_from_start:
         # From its folder, not a copy of the weights now: a resumed run must still compare with where it started.
-        start = FashionTaggerModel.from_pretrained(args.init_from).to(accelerator.device).eval().requires_grad_(False)
+        start = FashionTaggerModel.from_pretrained(args.init_from).drop_calibration()
+        start = start.to(accelerator.device).eval().requires_grad_(False)
         start_model = TrainingTagger(start, frozen_stages if cached else 0).to(memory_format=torch.channels_last)
         distill = partial(start_model_term, start_model, args.distill_weight, args.distill_temperature)
     if cached and progress.epoch < args.epochs:

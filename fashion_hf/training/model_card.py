@@ -54,6 +54,14 @@ RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_spli
                "dataset_name", "splits", "selected_on", "test_note", "feedback", *spellings(WALL_TIME),
                *spellings(TRAIN_IMAGES), *SETTINGS_KEYS}  # fmt: skip
 USER_PHOTO_METRICS_FILE = "metrics-user-photos.json"  # evaluate.py --dataset clothing-user-photos, in the model folder
+CALIBRATION_FILE = "calibration.json"  # fashion-hf calibrate's report, in the model folder
+CALIBRATION_PLOTS = (
+    ("reliability_product.png", "Reliability diagrams, product photos (held-out half)"),
+    ("reliability_phone.png", "Reliability diagrams, phone photos (held-out half)"),
+    ("coverage_product.png", "Coverage against accuracy, product photos"),
+    ("coverage_phone.png", "Coverage against accuracy, phone photos"),
+    ("ood_scores.png", "Out-of-distribution scores"),
+)
 NOT_SCORED = "n/a"  # a head the real phone photos have no label for
 DETAIL_GROUP = "detail"
 # Splits the Hub copy of a data set has itself; any other split is this project's own (a hash of ids or bytes).
@@ -137,6 +145,63 @@ def _user_photos_section(user_photos: dict | None) -> dict | None:
         "heads": [name for name, values in user_photos["attributes"].items() if values.get("support")],
         "breakdown_heads": heads,
         "rows": rows,
+    }
+
+
+OOD_SET_NAMES = {
+    "product": "held-out product photos",
+    "phone": "held-out phone photos",
+    "photos": "real photos of other things",
+    "generated": "generated images (flat colours, noise, tiny images, text)",
+}
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _calibration_section(report: dict | None, model_folder: Path) -> dict | None:
+    """The card's calibration section from `fashion-hf calibrate`'s report, or None for an uncalibrated model."""
+    if not report:
+        return None
+    heads, sources = report["heads"], list(report["heads"])
+    rows, phone_rows = [], []
+    for name in heads.get("product", {}):
+        temperatures = [values[name] for values in report["attribute_temperatures"].values() if name in values]
+        entries = [heads[source].get(name) for source in sources]
+        threshold = heads["product"][name].get("threshold")
+        rows.append({
+            "name": name,
+            "temperatures": " / ".join(f"{value:.2f}" for value in temperatures),
+            "ece": " / ".join(f"{e['before']['ece']:.3f} → {e['after']['ece']:.3f}" if e else "n/a" for e in entries),
+            "threshold": f"{threshold['value']:.2f}" if threshold else "none",
+            "coverage": _percent(threshold["coverage"]) if threshold else "100%",
+            "accuracy": _percent(threshold["accuracy_answered"]) if threshold else "n/a",
+        })
+    for name, entry in heads.get("phone", {}).items():
+        if entry.get("threshold"):
+            phone_rows.append({"name": name, "coverage": _percent(entry["threshold"]["coverage"]),
+                               "accuracy": _percent(entry["threshold"]["accuracy_answered"])})  # fmt: skip
+    ood = report["ood"]
+    rotated = report.get("rotated", {}).get("sources", {})
+    return {
+        "date": report["date"][:10],
+        "fitted_on": ", ".join(f"{n} {k}" for k, n in report["fitted_on"].items()),
+        "measured_on": ", ".join(f"{n} {k}" for k, n in report["measured_on"].items()),
+        "sources": sources,
+        "domains": list(report["attribute_temperatures"]),
+        "rows": rows,
+        "phone_rows": phone_rows,
+        "tags_before": f"{report['tags']['overall']['ece_before']:.3f}",
+        "tags_after": f"{report['tags']['overall']['ece_after']:.3f}",
+        "fitting_budget": _percent(ood.get("fitting_budget")).replace(".0%", "%"),
+        "flagged": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {_percent(share)}" for name, share in ood["flagged"].items()),
+        "auroc": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {value:.3f}" for name, value in ood["auroc"].items()),
+        "rotated": "; ".join(
+            f"{source} " + ", ".join(f"{degrees}° {_percent(entry['handled'])}" for degrees, entry in turns.items())
+            for source, turns in rotated.items()
+        ),
+        "plots": [{"file": file, "title": title} for file, title in CALIBRATION_PLOTS if (model_folder / file).is_file()],
     }
 
 
@@ -342,6 +407,7 @@ def build_model_card(
     *,
     shifted_metrics: dict | None = None,
     user_photo_metrics: dict | None = None,
+    calibration: dict | None = None,
     license: str = "other",
     template_path: str | Path = TEMPLATE,
     title: str | None = None,
@@ -353,6 +419,7 @@ def build_model_card(
     `user_photo_metrics`: evaluate.py's metrics.json on real phone photos (`--dataset clothing-user-photos`): their
     top-1 becomes a column beside the product figures ("n/a" for heads they have no label for), with a table of
     top-1 per photographer's label. A recipe with `feedback` gets a "Community corrections" section.
+    `calibration`: `fashion-hf calibrate`'s report (calibration.json), shown in a section of its own.
     Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
     `model_folder`. `title`: the card's heading and model-index name (default: the repo's name, else the folder's).
     `dataset_id` is a Hub id, or a local catalogue's name (never its absolute path). Nothing here touches the
@@ -444,6 +511,7 @@ def build_model_card(
         attribute_rows=[
             {"name": name, **{key: _score(values[key]) for key in ("top1", "top5", "macro_f1")},
              "support": values["support"], "out_of_vocabulary": values.get("out_of_vocabulary", 0),
+             "ece": _score(values.get("ece")),
              **({"top1_deduplicated": _score(deduplicated["attributes"][name]["top1"]),
                  "macro_f1_deduplicated": _score(deduplicated["attributes"][name]["macro_f1"])}
                 if deduplicated else {}),
@@ -461,6 +529,7 @@ def build_model_card(
         robustness_rows=_robustness_rows(metrics, shifted_metrics),
         user_photos=user_photos,
         community=_community_section(recipe),
+        calibration=_calibration_section(calibration, model_folder),
     )
 
 
@@ -487,6 +556,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--user-photo-metrics", type=Path, default=None,
                         help="metrics.json of evaluate.py --dataset clothing-user-photos (default: the model folder's "
                         f"{USER_PHOTO_METRICS_FILE} when it has one)")  # fmt: skip
+    parser.add_argument("--calibration", type=Path, default=None,
+                        help=f"fashion-hf calibrate's report (default: the model folder's {CALIBRATION_FILE} if any)")
     parser.add_argument("--license", default="other")
     parser.add_argument("--output", type=Path, default=None, help="the card's path (default MODEL_FOLDER/README.md)")
     parser.add_argument("--no-copy-plots", action="store_true", help="do not copy the plots next to metrics.json")
@@ -508,9 +579,11 @@ def main(argv=None) -> Path:
     user_photo_path = args.user_photo_metrics or args.model_folder / USER_PHOTO_METRICS_FILE
     read_user_photos = args.user_photo_metrics is not None or user_photo_path.is_file()  # a named file must exist
     user_photos = json.loads(user_photo_path.read_text()) if read_user_photos else None
+    calibration_path = args.calibration or args.model_folder / CALIBRATION_FILE
+    calibration = json.loads(calibration_path.read_text()) if args.calibration or calibration_path.is_file() else None
     card = build_model_card(
         args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted,
-        user_photo_metrics=user_photos, license=args.license,
+        user_photo_metrics=user_photos, calibration=calibration, license=args.license,
     )
     output = args.output or args.model_folder / "README.md"
     card.save(output)

@@ -148,3 +148,59 @@ def plot_training_curves(log_dir: str | Path, path: Path) -> bool:
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return True
+
+
+def plot_reliability(heads: dict, path: Path, title: str = "") -> None:
+    """Reliability diagrams, one panel per head: accuracy against mean confidence per bin, before and after
+    calibration (`{head: {"before": {"ece", "reliability"}, "after": ...}}`, as `fashion-hf calibrate` and
+    `evaluate` report them; either may be missing); the diagonal is perfect."""
+    columns = min(4, len(heads))
+    rows = -(-len(heads) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for axis in axes.flat[len(heads):]:
+        axis.set_visible(False)
+    for axis, (name, entry) in zip(axes.flat, heads.items()):
+        axis.plot([0, 1], [0, 1], color="0.7", linewidth=1)
+        for when, style in (("before", "o--"), ("after", "s-")):
+            if when not in entry:
+                continue
+            bins = entry[when]["reliability"]
+            axis.plot(bins["confidence"], bins["accuracy"], style, markersize=3, label=f"{when} (ECE {entry[when]['ece']:.3f})")
+        axis.set(title=name, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+        axis.legend(fontsize=7, loc="upper left")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def plot_coverage(heads: dict, path: Path, title: str = "") -> None:
+    """Coverage against accuracy per head: answering only above a threshold trades answers for precision; the dot
+    is the "not sure" threshold the model uses."""
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for name, entry in heads.items():
+        curve = entry["coverage_curve"]
+        points = [(c, a) for c, a in zip(curve["coverage"], curve["accuracy"]) if a is not None]
+        line, = axis.plot(*zip(*points), label=name)
+        if "threshold" in entry and entry["threshold"]["accuracy_answered"] is not None:
+            axis.plot(entry["threshold"]["coverage"], entry["threshold"]["accuracy_answered"], "o", color=line.get_color())
+    axis.axhline(0.95, color="0.7", linewidth=1, linestyle="--")
+    axis.set(xlabel="share of photos answered", ylabel="accuracy of the answers", title=title, xlim=(0, 1.02))
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+
+
+def plot_ood_scores(scores: dict[str, np.ndarray], path: Path) -> None:
+    """Histogram of the out-of-distribution score per set of photos; the line at 1 is the flagging limit."""
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    edges = np.linspace(0, max(2.5, max(float(np.percentile(v, 99)) for v in scores.values())), 50)
+    for name, values in scores.items():
+        axis.hist(np.clip(values, 0, edges[-1]), bins=edges, density=True, histtype="step", label=f"{name} ({len(values)})")
+    axis.axvline(1.0, color="black", linewidth=1)
+    axis.set(xlabel="out-of-distribution score (1 = limit)", ylabel="density")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)

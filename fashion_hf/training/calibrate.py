@@ -1,0 +1,469 @@
+"""Calibrate a saved fashion tagger on held-out photos, and measure what it changed.
+
+    fashion-hf calibrate models/fashion-tagger --output outputs/calibration [--save-to DIR | --in-place] \
+        [--ood-photos /work/ood-photos/images] [--train-photos 4000] [--rotated-photos 200]
+
+Fits, on one half of the held-out photos, and measures on the other half:
+- per head and per domain of photos, a temperature (`attribute_temperatures`): the catalogue domain's on product
+  validation photos (without the byte-identical copies of training photos), the user-photo domain's on the real
+  phone photos of `clothing-user-photos` validation, halved by photographer. Heads the phone photos do not label
+  (colour, gender, season, usage) take the catalogue temperature there;
+- per tag group, Platt scaling of the decoder's tag scores (`tag_score_scaling`), on product photos;
+- per head, the "not sure" threshold (`confidence_thresholds`): the lowest score whose answers were right at least
+  95% of the time, on each labelled source; the stricter of the two;
+- the out-of-distribution detector (`ood_thresholds` and its statistics): see `fit_ood`.
+
+Writes `calibration.json` (every figure: ECE and reliability diagrams before and after, coverage against accuracy,
+the detector's AUROC and flag rates on real non-fashion photos, generated images and rotated photos) and its plots to
+`--output`; with `--save-to` or `--in-place`, the calibrated model folder (stored weights unchanged) with that report
+beside it, where `fashion-hf model-card` reads it.
+"""
+
+import argparse
+import hashlib
+from dataclasses import dataclass
+import json
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, Image as ImageFeature
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file
+from transformers import AutoModel
+
+from .. import data
+from ..calibration import (
+    FeatureDensity,
+    HeldOutScores,
+    binary_auroc,
+    collect,
+    coverage_curve,
+    fit_feature_density,
+    fit_tag_score_scaling,
+    fit_temperature,
+    fit_turned_probe,
+    joint_limits,
+    precision_threshold,
+    reliability_bins,
+    scale_tag_scores,
+    turned_probability,
+)
+from ..configuration_fashion_tagger import DEFAULT_DOMAIN, USER_PHOTOS_DOMAIN
+from ..image_decoding import accepted_suffixes
+from ..image_processing_fashion_tagger import FashionTaggerImageProcessor
+from ..metrics import CALIBRATION_BINS, IGNORE_INDEX, calibration_error
+from ..pipeline_fashion_tagging import save_tagger
+from .evaluate import duplicate_rows
+from .plots import plot_coverage, plot_ood_scores, plot_reliability
+
+CALIBRATION_FILE = "calibration.json"
+WEIGHTS_FILE = "model.safetensors"
+IN_DISTRIBUTION_FLAGGED = 0.03  # the detector flags at most this share of each kind of fitting photo
+ROTATIONS = (90, 180, 270)
+
+
+def halves(keys) -> tuple[np.ndarray, np.ndarray]:
+    """Rows split in two by a hash of their key (an image digest, a photographer): `(fit, held out)`, stable across
+    runs and machines, and one photographer's photos all on one side."""
+    side = np.asarray([int(hashlib.sha256(str(key).encode()).hexdigest(), 16) % 2 for key in keys])
+    return np.flatnonzero(side == 0), np.flatnonzero(side == 1)
+
+
+def generated_non_photos(seed: int = 0) -> list[tuple[str, Image.Image]]:
+    """Images no one would call a product photo, `(kind, image)`: flat colours, noise, gradients, 8x8 images and
+    screenshots of text, the cases a tagger should not answer with confidence."""
+    rng = np.random.default_rng(seed)
+    images = [("flat colour", Image.new("RGB", (300, 400), tuple(int(v) for v in rng.integers(0, 256, 3)))) for _ in range(16)]
+    images += [("uniform noise", Image.fromarray(rng.integers(0, 256, (400, 300, 3), dtype=np.uint8))) for _ in range(8)]
+    for _ in range(8):
+        coarse = np.clip(rng.normal(128, 60, (40, 30, 3)), 0, 255).astype(np.uint8)
+        images.append(("smooth noise", Image.fromarray(coarse).resize((300, 400), Image.BICUBIC)))
+    images += [("tiny image", Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))) for _ in range(8)]
+    ramp = np.linspace(0, 1, 400)[:, None, None] * np.ones((400, 300, 1))
+    for _ in range(8):
+        start, end = rng.integers(0, 256, (2, 3))
+        images.append(("gradient", Image.fromarray((start + (end - start) * ramp).astype(np.uint8))))
+    words = "order shipping account password checkout basket invoice settings help privacy terms return".split()
+    font = ImageFont.load_default(size=18)
+    for _ in range(12):
+        screen = Image.new("RGB", (360, 640), "white")
+        draw = ImageDraw.Draw(screen)
+        for line in range(24):
+            draw.text((12, 10 + 26 * line), " ".join(rng.choice(words, 4)), fill=(30, 30, 30), font=font)
+        images.append(("text screenshot", screen))
+    return images
+
+
+def image_dataset(images: list[Image.Image]) -> Dataset:
+    return Dataset.from_dict({"image": images}).cast_column("image", ImageFeature())
+
+
+def photos_in(folder: Path) -> list[Image.Image]:
+    suffixes = accepted_suffixes()
+    return [Image.open(path).convert("RGB") for path in sorted(folder.iterdir()) if path.suffix.lower() in suffixes]
+
+
+def rotated(dataset, degrees: int) -> Dataset:
+    images = [image.convert("RGB").rotate(degrees, expand=True) for image in dataset.with_format(None)["image"]]
+    return image_dataset(images)
+
+
+# -- fitting ---------------------------------------------------------------------------------------------------------
+
+
+def fit_temperatures(model, sources: dict[str, HeldOutScores]) -> dict[str, dict[str, float]]:
+    """Per domain of the model, per head: fitted on that domain's own source where it labels the head (the
+    catalogue domain on product photos, user-photos on phone photos), else the catalogue domain's value."""
+    domains = model.config.photo_domains()
+    source_of = {DEFAULT_DOMAIN: "product", USER_PHOTOS_DOMAIN: "phone"}
+    temperatures = {}
+    for index, domain in enumerate(domains):
+        scores = sources.get(source_of.get(domain, ""))
+        temperatures[domain] = {}
+        for name in model.config.attributes:
+            if scores is not None and name in scores.labels and (scores.labels[name] != IGNORE_INDEX).any():
+                temperatures[domain][name] = fit_temperature(scores.domain_log_probs[name][index], scores.labels[name])
+            elif domain != domains[0] and name in temperatures[domains[0]]:
+                temperatures[domain][name] = temperatures[domains[0]][name]
+    return temperatures
+
+
+def answers(scores: HeldOutScores, name: str, temperatures: list[float] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-label confidence and correctness of head `name` on its labelled rows."""
+    probabilities = scores.probabilities(name, temperatures)
+    labelled = scores.labels[name] != IGNORE_INDEX
+    probabilities, labels = probabilities[labelled], scores.labels[name][labelled]
+    return probabilities.max(1), probabilities.argmax(1) == labels
+
+
+def fit_thresholds(config, sources: dict[str, HeldOutScores], temperatures) -> dict[str, float]:
+    """Per head, the stricter of the thresholds each labelled source asks for."""
+    thresholds = {}
+    for name in config.attributes:
+        per_source = [
+            precision_threshold(*answers(scores, name, [temperatures.get(d, {}).get(name, 1.0) for d in config.photo_domains()]))
+            for scores in sources.values()
+            if name in scores.labels and (scores.labels[name] != IGNORE_INDEX).sum() >= 20
+        ]
+        if per_source:
+            thresholds[name] = max(per_source)
+    return thresholds
+
+
+def fit_tag_scaling(scores: HeldOutScores) -> dict[str, list[float]]:
+    return {
+        str(group): fit_tag_score_scaling(scores.tag_scores[scores.tag_groups == group], scores.tag_correct[scores.tag_groups == group])
+        for group in np.unique(scores.tag_groups)
+    }
+
+
+# -- measuring -------------------------------------------------------------------------------------------------------
+
+
+def head_report(config, scores: HeldOutScores, temperatures, thresholds) -> dict:
+    """Per labelled head of a held-out set: ECE and reliability bins before and after, and what the threshold does."""
+    report = {}
+    for name, labels in scores.labels.items():
+        if not (labels != IGNORE_INDEX).any():
+            continue
+        after = [temperatures.get(domain, {}).get(name, 1.0) for domain in config.photo_domains()]
+        entry = {"n": int((labels != IGNORE_INDEX).sum())}
+        for when, head_temperatures in (("before", None), ("after", after)):
+            confidence, correct = answers(scores, name, head_temperatures)
+            entry[when] = {
+                "ece": calibration_error(labels, scores.probabilities(name, head_temperatures)),
+                "accuracy": float(correct.mean()),
+                "mean_confidence": float(confidence.mean()),
+                "reliability": reliability_bins(confidence, correct),
+            }
+        confidence, correct = answers(scores, name, after)
+        if name in thresholds:
+            answered = confidence >= thresholds[name]
+            entry["threshold"] = {
+                "value": thresholds[name],
+                "coverage": float(answered.mean()),
+                "accuracy_answered": float(correct[answered].mean()) if answered.any() else None,
+            }
+        entry["coverage_curve"] = coverage_curve(confidence, correct)
+        report[name] = entry
+    return report
+
+
+def tag_report(scores: HeldOutScores, scaling: dict[str, list[float]]) -> dict:
+    """ECE of the generated tags' scores against whether each tag was right, per group and overall."""
+    scaled = np.empty_like(scores.tag_scores)
+    groups = {}
+    for group in np.unique(scores.tag_groups):
+        rows = scores.tag_groups == group
+        scaled[rows] = scale_tag_scores(scores.tag_scores[rows], scaling.get(str(group)))
+        groups[str(group)] = {
+            "n": int(rows.sum()),
+            "precision": float(scores.tag_correct[rows].mean()),
+            "ece_before": _top_score_ece(scores.tag_scores[rows], scores.tag_correct[rows]),
+            "ece_after": _top_score_ece(scaled[rows], scores.tag_correct[rows]),
+        }
+    overall = {
+        "n": len(scaled),
+        "ece_before": _top_score_ece(scores.tag_scores, scores.tag_correct),
+        "ece_after": _top_score_ece(scaled, scores.tag_correct),
+    }
+    return {"overall": overall, "per_group": groups}
+
+
+def _top_score_ece(confidence, correct) -> float | None:
+    """ECE of scores that claim "this is right" with probability `confidence` (the 15 bins of `calibration_error`)."""
+    if not len(confidence):
+        return None
+    bins = reliability_bins(confidence, correct, CALIBRATION_BINS)
+    gaps = np.abs(np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))
+    return float((gaps * np.asarray(bins["count"])).sum() / len(confidence))
+
+
+# -- the out-of-distribution detector --------------------------------------------------------------------------------
+
+
+def uncertainty_of(scores: HeldOutScores, config, temperatures) -> np.ndarray:
+    """Per photo, the summed entropy of its calibrated heads (what `modeling.summed_entropy` computes)."""
+    total = np.zeros(len(scores.domain_weights))
+    for name in config.attributes:
+        probabilities = scores.probabilities(name, [temperatures.get(d, {}).get(name, 1.0) for d in config.photo_domains()])
+        total -= (probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(1)
+    return total
+
+
+@dataclass
+class Detector:
+    density: FeatureDensity  # Gaussians of the training photos' normalised embeddings, one per domain
+    turned_probe: np.ndarray  # (width + 1,): a linear probe for photos on their side or upside down
+
+
+def fit_ood(config, training: list[np.ndarray], turned: np.ndarray, fitting: list[HeldOutScores], temperatures) -> tuple:
+    """The detector and its limits. `training`: the training photos' normalised embeddings, one array per domain of
+    the model (catalogue photos, then phone photos); `turned`: some of them turned by 90, 180 and 270 degrees.
+    Three signals, because each misses what another sees: a flat colour sits far from every photo but can look
+    certain, a landscape can sit near some product photos but leaves every head unsure, and a shirt on its side is
+    near the shirts and can look certain, but its layout is wrong. Their limits share `IN_DISTRIBUTION_FLAGGED`
+    of each kind of held-out fitting photo (`joint_limits`)."""
+    detector = Detector(fit_feature_density(training), fit_turned_probe(np.concatenate(training), turned))
+    signals = [raw_signals(scores, config, temperatures, detector) for scores in fitting]
+    return detector, joint_limits(signals, IN_DISTRIBUTION_FLAGGED)
+
+
+def raw_signals(scores: HeldOutScores, config, temperatures, detector: Detector) -> dict[str, np.ndarray]:
+    """Per photo, each signal before its limit (what `modeling.ood_signals` computes)."""
+    return {
+        "distance": detector.density.scores(scores.ood_features),
+        "uncertainty": uncertainty_of(scores, config, temperatures),
+        "turned": turned_probability(scores.ood_features, detector.turned_probe),
+    }
+
+
+def ood_scores(scores: HeldOutScores, config, temperatures, detector: Detector, limits) -> np.ndarray:
+    signals = raw_signals(scores, config, temperatures, detector)
+    return np.max([signals[name] / limits[name] for name in signals], axis=0)
+
+
+# -- the command -----------------------------------------------------------------------------------------------------
+
+
+def held_out_sources(model, processor, args) -> tuple[dict, dict]:
+    """`(fitting, held out)` scores per source: product validation photos without the copies of training photos,
+    halved by image digest, and (when the data is there) the phone photos, halved by photographer."""
+    product = data.load_fashion_product_images(args.data_source, split="validation")
+    copies = set(duplicate_rows(product, data.load_fashion_product_images(args.data_source, split="train")))
+    product = product.select([row for row in range(len(product)) if row not in copies])
+    sources = {"product": (product, data.image_sha256s(product))}
+    if args.user_photos:
+        phone = data.load_clothing_user_photos(args.user_photos_source, split="validation")
+        sources["phone"] = (phone, phone.with_format(None)["sender_id"])
+    fitting, held_out = {}, {}
+    for name, (dataset, keys) in sources.items():
+        if args.limit:
+            dataset, keys = dataset.select(range(min(args.limit, len(dataset)))), keys[: args.limit]
+        scores = collect(model, processor, dataset, args.batch_size, with_tags=name == "product", progress=not args.no_progress)
+        fit_rows, held_out_rows = halves(keys)
+        fitting[name], held_out[name] = scores.rows(fit_rows), scores.rows(held_out_rows)
+    return fitting, held_out
+
+
+def training_features(model, processor, args) -> tuple[list[np.ndarray], np.ndarray]:
+    """Normalised embeddings of training photos per domain of the model (a seeded sample of the product train split,
+    and the phone train split for a model with a user-photo domain; all pooled into one for a single model), and of
+    the first `--turned-photos` of each turned by 90, 180 and 270 degrees."""
+    def embeddings(dataset):
+        return collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress).ood_features
+
+    product = data.load_fashion_product_images(args.data_source, split="train")
+    rows = np.random.default_rng(0).choice(len(product), min(args.train_photos, len(product)), replace=False)
+    sets = [product.select(sorted(rows))]
+    if args.user_photos:
+        phone = data.load_clothing_user_photos(args.user_photos_source, split="train")
+        sets.append(phone.select(range(min(args.limit, len(phone)))) if args.limit else phone)
+    features = [embeddings(dataset) for dataset in sets]
+    turned = np.concatenate([
+        embeddings(rotated(dataset.select(range(min(args.turned_photos, len(dataset)))), degrees))
+        for dataset in sets for degrees in ROTATIONS
+    ])  # fmt: skip
+    if len(model.config.photo_domains()) == 1:
+        return [np.concatenate(features)], turned
+    return features, turned
+
+
+def set_calibration(model, temperatures, tag_scaling, thresholds, detector: Detector, limits) -> None:
+    config = model.config
+    config.attribute_temperatures, config.tag_score_scaling = temperatures, tag_scaling
+    config.confidence_thresholds, config.ood_thresholds = thresholds, limits
+    if not hasattr(model, "ood_means"):
+        model._add_ood_detector(detector.density.means.shape[1])
+    model.ood_means.copy_(torch.as_tensor(detector.density.means))
+    model.ood_precision.copy_(torch.as_tensor(detector.density.precision))
+    model.ood_turned.copy_(torch.as_tensor(detector.turned_probe))
+
+
+DETECTOR_BUFFERS = ("ood_means", "ood_precision", "ood_turned")
+
+
+def save_calibrated(model, source_folder: Path, output_folder: Path) -> None:
+    """The folder with the calibrated config and detector, its other weights exactly as stored (float16 stays)."""
+    stored = {key: value for key, value in load_file(source_folder / WEIGHTS_FILE).items() if not key.startswith("ood_")}
+    detector = {name: getattr(model, name).float().contiguous() for name in DETECTOR_BUFFERS}
+    processor = FashionTaggerImageProcessor.from_pretrained(source_folder)
+    save_tagger(model, processor, output_folder, state_dict={**stored, **detector})
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="model folder saved by train.py or train/ensemble.py")
+    parser.add_argument("--output", required=True, type=Path, help="folder for calibration.json and the plots")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--save-to", type=Path, default=None, help="write the calibrated model folder here")
+    where.add_argument("--in-place", action="store_true", help="write the calibration into the model folder itself")
+    parser.add_argument("--data-source", default=None, help="local folder or Hub id of the product photos")
+    parser.add_argument("--user-photos-source", default=None, help="local folder of clothing-user-photos")
+    parser.add_argument("--no-user-photos", dest="user_photos", action="store_false",
+                        help="product photos only (no phone photos: the user-photo domain keeps catalogue values)")
+    parser.add_argument("--ood-photos", type=Path, default=None,
+                        help="a folder of real photos that are not clothing (benchmarks/ood_photos.py builds one)")
+    parser.add_argument("--train-photos", type=int, default=4000, help="product training photos the detector fits on")
+    parser.add_argument("--turned-photos", type=int, default=800,
+                        help="training photos per kind turned by 90, 180 and 270 degrees, for the turned-photo probe")
+    parser.add_argument("--rotated-photos", type=int, default=200, help="held-out photos per source to rotate")
+    parser.add_argument("--limit", type=int, default=None, help="at most N photos per split (a quick run)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def rotation_report(model, processor, args, config, temperatures, detector, limits) -> dict:
+    """Rotated held-out photos: how often each is tagged like its upright twin on the category heads, flagged, or
+    either (handled)."""
+    report = {}
+    sources = {"product": data.load_fashion_product_images(args.data_source, split="validation")}
+    if args.user_photos:
+        sources["phone"] = data.load_clothing_user_photos(args.user_photos_source, split="validation")
+    heads = [name for name in ("subCategory", "articleType") if name in config.attributes]
+    for name, dataset in sources.items():
+        dataset = dataset.select(range(min(args.rotated_photos, len(dataset))))
+        upright = collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress)
+        upright_top = {head: upright.probabilities(head).argmax(1) for head in heads}
+        report[name] = {}
+        for degrees in ROTATIONS:
+            turned = collect(model, processor, rotated(dataset, degrees), args.batch_size, with_tags=False, progress=not args.no_progress)
+            flagged = ood_scores(turned, config, temperatures, detector, limits) > 1
+            same = np.all([turned.probabilities(head).argmax(1) == upright_top[head] for head in heads], axis=0)
+            report[name][str(degrees)] = {
+                "n": len(flagged),
+                "same_as_upright": float(same.mean()),
+                "flagged": float(flagged.mean()),
+                "handled": float((same | flagged).mean()),
+            }
+    return {"heads": heads, "sources": report}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
+    processor = FashionTaggerImageProcessor.from_pretrained(args.model)
+    model.config.without_calibration()  # fitted on the model's own scores, never on an earlier calibration's
+    fitting, held_out = held_out_sources(model, processor, args)
+    temperatures = fit_temperatures(model, fitting)
+    thresholds = fit_thresholds(model.config, fitting, temperatures)
+    tag_scaling = fit_tag_scaling(fitting["product"])
+    training, turned = training_features(model, processor, args)
+    detector, limits = fit_ood(model.config, training, turned, list(fitting.values()), temperatures)
+
+    config = model.config
+    report = {
+        "model": str(args.model),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "fitted_on": {name: len(scores.domain_weights) for name, scores in fitting.items()},
+        "measured_on": {name: len(scores.domain_weights) for name, scores in held_out.items()},
+        "attribute_temperatures": temperatures,
+        "confidence_thresholds": thresholds,
+        "tag_score_scaling": tag_scaling,
+        "ood_thresholds": limits,
+        "heads": {name: head_report(config, scores, temperatures, thresholds) for name, scores in held_out.items()},
+        "tags": tag_report(held_out["product"], tag_scaling),
+    }
+    images = {"generated": image_dataset([image for _, image in generated_non_photos()])}
+    if args.ood_photos:
+        images["photos"] = image_dataset(photos_in(args.ood_photos))
+    outside_scores = {name: collect(model, processor, found, args.batch_size, with_tags=False, progress=False)
+                      for name, found in images.items()}  # fmt: skip
+    signals = {name: raw_signals(scores, config, temperatures, detector) for name, scores in {**held_out, **outside_scores}.items()}
+    scored = {name: np.max([values[s] / limits[s] for s in values], axis=0) for name, values in signals.items()}
+    inside = np.concatenate([scored[name] for name in held_out])
+    report["ood"] = {
+        "fitting_budget": IN_DISTRIBUTION_FLAGGED,
+        "flagged": {name: float((values > 1).mean()) for name, values in scored.items()},
+        "flagged_by": {name: {s: float((v / limits[s] > 1).mean()) for s, v in values.items()} for name, values in signals.items()},
+        "auroc": {name: binary_auroc(inside, scored[name]) for name in outside_scores},
+        "auroc_all": binary_auroc(inside, np.concatenate([scored[name] for name in outside_scores])),
+        "generated_kinds": sorted({kind for kind, _ in generated_non_photos()}),
+    }
+    if args.rotated_photos:
+        set_calibration(model, temperatures, tag_scaling, thresholds, detector, limits)
+        report["rotated"] = rotation_report(model, processor, args, config, temperatures, detector, limits)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    report["files"] = [CALIBRATION_FILE]
+    for name, heads in report["heads"].items():
+        for plot, draw in ((f"reliability_{name}.png", plot_reliability), (f"coverage_{name}.png", plot_coverage)):
+            draw(heads, args.output / plot, title=f"{name} photos, held-out half")
+            report["files"].append(plot)
+    plot_ood_scores(scored, args.output / "ood_scores.png")
+    report["files"].append("ood_scores.png")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (args.output / CALIBRATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    destination = args.model if args.in_place else args.save_to
+    if destination is not None:
+        set_calibration(model, temperatures, tag_scaling, thresholds, detector, limits)
+        save_calibrated(model, args.model, destination)
+        for file in report["files"]:  # beside the model, where its card (`fashion-hf model-card`) reads them
+            shutil.copy2(args.output / file, Path(destination) / file)
+    print(summary(report))
+    return report
+
+
+def summary(report: dict) -> str:
+    lines = []
+    for source, heads in report["heads"].items():
+        for name, entry in heads.items():
+            threshold = entry.get("threshold", {})
+            lines.append(
+                f"{source:8s} {name:15s} ECE {entry['before']['ece']:.3f} -> {entry['after']['ece']:.3f}"
+                + (f"  not sure below {threshold['value']:.2f}: answers {threshold['coverage']:.0%}, right "
+                   f"{threshold['accuracy_answered']:.1%}" if threshold else "")  # fmt: skip
+            )
+    tags = report["tags"]["overall"]
+    lines.append(f"tag scores ECE {tags['ece_before']:.3f} -> {tags['ece_after']:.3f}")
+    ood = report["ood"]
+    lines.append("out of distribution: AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in ood["auroc"].items())
+                 + "; flagged " + ", ".join(f"{k} {v:.1%}" for k, v in ood["flagged"].items()))  # fmt: skip
+    return "\n".join(lines)

@@ -1,0 +1,305 @@
+"""Calibrated scores, "not sure" and the out-of-distribution flag: the fitting, the model, the pipeline and the
+`fashion-hf calibrate` command on a tiny model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import tagging_model, tiny_config, write_product_parquet
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import pipeline
+
+import fashion_hf
+from fashion_hf import FashionTaggerImageProcessor
+from fashion_hf.calibration import (
+    FeatureDensity,
+    apply_temperature,
+    fit_feature_density,
+    fit_tag_score_scaling,
+    fit_temperature,
+    precision_threshold,
+    scale_tag_scores,
+)
+from fashion_hf.configuration_fashion_tagger import DEFAULT_DOMAIN, USER_PHOTOS_DOMAIN
+from fashion_hf.metrics import calibration_error
+from fashion_hf.pipeline_fashion_tagging import save_tagger
+from fashion_hf.training import calibrate
+
+
+def sampled_labels(logits: np.ndarray, temperature: float, seed: int = 0) -> np.ndarray:
+    """Labels drawn from softmax(logits / temperature): data on which that temperature is the calibrated one."""
+    probabilities = apply_temperature(logits, temperature)
+    rng = np.random.default_rng(seed)
+    return np.array([rng.choice(len(row), p=row) for row in probabilities])
+
+
+def test_fit_temperature_recovers_the_temperature_the_labels_were_drawn_with():
+    logits = np.random.default_rng(1).normal(0, 3, (6000, 5))
+    for true_temperature in (0.5, 2.0):
+        labels = sampled_labels(logits, true_temperature)
+        fitted = fit_temperature(logits, labels)
+        assert fitted == pytest.approx(true_temperature, rel=0.1)
+        before = calibration_error(labels, apply_temperature(logits, 1.0))
+        after = calibration_error(labels, apply_temperature(logits, fitted))
+        assert after < before and after < 0.03
+
+
+def test_fit_temperature_skips_missing_labels_and_keeps_1_without_any():
+    logits = np.random.default_rng(2).normal(0, 3, (4000, 4))
+    labels = sampled_labels(logits, 2.0)
+    with_missing = np.where(np.arange(4000) % 2 == 0, labels, -100)
+    assert fit_temperature(logits, with_missing) == pytest.approx(2.0, rel=0.15)
+    assert fit_temperature(logits, [-100] * 4000) == 1.0
+
+
+def test_precision_threshold_keeps_the_largest_set_of_answers_that_is_right_often_enough():
+    # 100 answers right at confidence 0.9 and above, then a band where only half are right.
+    confidence = np.r_[np.linspace(0.9, 1.0, 100), np.linspace(0.5, 0.89, 100)]
+    correct = np.r_[np.ones(100, bool), np.arange(100) % 2 == 0]
+    threshold = precision_threshold(confidence, correct, precision=0.95)
+    answered = confidence >= threshold
+    assert correct[answered].mean() >= 0.95
+    assert 0.8 < threshold < 0.9  # some of the mixed band is still affordable, not all of it
+    assert precision_threshold(confidence, np.zeros(200, bool)) == 1.0  # never right: nothing is answered
+
+
+def test_tag_score_scaling_makes_scores_match_how_often_tags_are_right():
+    rng = np.random.default_rng(3)
+    scores = rng.uniform(0.05, 0.99, 5000)
+    correct = rng.uniform(size=5000) < scores**2  # the decoder claims more than it delivers
+    scaling = fit_tag_score_scaling(scores, correct)
+    scaled = scale_tag_scores(scores, scaling)
+    gap_before = abs(scores.mean() - correct.mean())
+    assert abs(scaled.mean() - correct.mean()) < gap_before / 5
+    assert fit_tag_score_scaling(scores, np.ones(5000, bool)) == [1.0, 0.0]
+
+
+def test_a_calibrated_heads_scores_are_a_temperature_scaled_softmax_of_its_logits():
+    model = tagging_model()
+    torch.manual_seed(0)
+    embeds = torch.randn(3, model.encoder.num_features)
+    raw = model(image_embeds=embeds).attribute_logits
+    model.config.attribute_temperatures = {DEFAULT_DOMAIN: {"articleType": 0.5, "gender": 3.0}}
+    calibrated = model(image_embeds=embeds).attribute_logits
+    for name, temperature in (("articleType", 0.5), ("gender", 3.0), ("season", 1.0)):
+        expected = (raw[name] / temperature).softmax(-1)
+        torch.testing.assert_close(calibrated[name].softmax(-1), expected)
+
+
+def test_the_loss_is_computed_on_the_heads_own_logits_whatever_the_temperature():
+    model = tagging_model()
+    embeds = torch.randn(4, model.encoder.num_features)
+    labels = torch.zeros(4, len(model.config.attributes), dtype=torch.long)
+    before = model(image_embeds=embeds, attribute_labels=labels).loss
+    model.config.attribute_temperatures = {DEFAULT_DOMAIN: {name: 0.2 for name in model.config.attributes}}
+    assert model(image_embeds=embeds, attribute_labels=labels).loss.item() == pytest.approx(before.item())
+
+
+def ensemble_of_two(domains=(DEFAULT_DOMAIN, USER_PHOTOS_DOMAIN)):
+    torch.manual_seed(0)
+    members = [tagging_model(), tagging_model()]
+    config = fashion_hf.FashionTaggerEnsembleConfig.from_members(
+        [member.config for member in members], mirror_views=False, domains=list(domains), member_domains=list(domains)
+    )
+    ensemble = fashion_hf.FashionTaggerEnsembleModel(config).eval()
+    for target, member in zip(ensemble.members, members):
+        target.load_state_dict(member.state_dict())
+    return ensemble
+
+
+def test_an_ensemble_scales_each_domain_by_its_own_temperature_before_mixing():
+    ensemble = ensemble_of_two()
+    embeds = torch.randn(5, 2, ensemble.members[0].encoder.num_features)
+    with torch.no_grad():
+        ensemble.gate.weight.zero_()
+        ensemble.gate.bias.copy_(torch.tensor([0.0, 0.5]))  # every photo: weights 0.38 and 0.62
+    weights = ensemble.domain_weights(embeds)
+    per_domain = ensemble.domain_attribute_log_probs(embeds)["articleType"]
+    ensemble.config.attribute_temperatures = {DEFAULT_DOMAIN: {"articleType": 0.5}, USER_PHOTOS_DOMAIN: {"articleType": 2.0}}
+    mixed = ensemble(image_embeds=embeds).attribute_logits["articleType"].softmax(-1)
+    expected = weights[:, :1] * (per_domain[0] / 0.5).softmax(-1) + weights[:, 1:] * (per_domain[1] / 2.0).softmax(-1)
+    torch.testing.assert_close(mixed, expected)
+
+
+def test_training_starts_from_the_model_as_trained():
+    limits = {"distance": 1.0, "uncertainty": 2.0, "turned": 0.5}
+    model = tagging_model(confidence_thresholds={"season": 0.9}, ood_thresholds=limits,
+                          attribute_temperatures={DEFAULT_DOMAIN: {"season": 0.5}})  # fmt: skip
+    assert {"ood_means", "ood_precision", "ood_turned"} <= set(model.state_dict())
+    model.drop_calibration()
+    assert not model.config.attribute_temperatures and model.config.ood_thresholds is None
+    assert model.config.confidence_thresholds == {}
+    assert not {"ood_means", "ood_precision", "ood_turned"} & set(model.state_dict())
+    members = fashion_hf.FashionTaggerEnsembleConfig.from_members(
+        [tiny_config(confidence_thresholds={"season": 0.9})]
+    ).member_configs()
+    assert members[0].confidence_thresholds == {}  # a member never inherits the ensemble's calibration
+
+
+def test_calibration_fields_are_checked():
+    with pytest.raises(ValueError, match="temperature"):
+        tiny_config(attribute_temperatures={DEFAULT_DOMAIN: {"season": 0.0}})
+    with pytest.raises(ValueError, match="threshold"):
+        tiny_config(confidence_thresholds={"season": 1.5})
+    with pytest.raises(ValueError, match="ood_thresholds"):
+        tiny_config(ood_thresholds={"distance": 1.0})
+
+
+def tagger_of(model):
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    return pipeline("fashion-tagging", model=model, image_processor=processor)
+
+
+def test_a_threshold_from_the_config_changes_the_not_sure_flag():
+    model = tagging_model()
+    tagger = tagger_of(model)
+    image = Image.new("RGB", (48, 64), (200, 30, 30))
+    result = tagger(image)
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
+    assert result["out_of_distribution"] is None  # no detector
+    assert not any(result["not_sure"].values())  # no thresholds: nothing is marked
+    top = result["attributes"]["season"][0]["score"]
+    model.config.confidence_thresholds = {"season": min(1.0, top + 0.01), "usage": 0.0}
+    result = tagger(image)
+    assert result["not_sure"]["season"] is True and result["not_sure"]["usage"] is False
+    model.config.confidence_thresholds = {"season": top - 0.01}
+    assert tagger(image)["not_sure"]["season"] is False
+
+
+def detector_around(model, images):
+    """A detector whose in-distribution mean is these images' embedding, and whose limits sit just beyond them."""
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    with torch.no_grad():
+        embeds = model.encode_images(processor(images, return_tensors="pt")["pixel_values"])
+        features = model.ood_features(embeds).numpy()
+        density = fit_feature_density([features], shrinkage=0.5)
+        model.config.ood_thresholds = {"distance": 1.0, "uncertainty": 1e9, "turned": 1e9}  # buffers registered below
+        model._add_ood_detector(features.shape[1])
+        model.ood_means.copy_(torch.as_tensor(density.means))
+        model.ood_precision.copy_(torch.as_tensor(density.precision))
+        distances = model.ood_distance(embeds)
+    model.config.ood_thresholds = {"distance": float(distances.max()) * 1.5, "uncertainty": 1e9, "turned": 1e9}
+
+
+def test_an_off_distribution_image_is_flagged_through_the_pipeline():
+    from helpers import product_photo
+
+    model = tagging_model()
+    products = [product_photo(colour, size=(48, 64)) for colour in ((200, 30, 30), (30, 30, 200), (30, 160, 60), (120, 90, 40))]
+    detector_around(model, products)
+    tagger = tagger_of(model)
+    assert not tagger(product_photo((180, 40, 40), size=(48, 64)))["out_of_distribution"]["flagged"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8))
+    flagged = tagger(noise)
+    assert flagged["out_of_distribution"]["flagged"] and flagged["out_of_distribution"]["score"] > 1.0
+    assert flagged["out_of_distribution"]["reason"] == "distance"
+    assert flagged["attributes"]["articleType"]  # the best guess is still there
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory):
+    """`fashion-hf calibrate` on a tiny model and a tiny product catalogue, into a new folder."""
+    import helpers
+
+    root = tmp_path_factory.mktemp("calibrate")
+    write_product_parquet(root / "data", "train", 24)
+    plain_encode = helpers.encode
+    helpers.encode = lambda image, format="JPEG", **options: plain_encode(image, "PNG")  # validation: no train copies
+    try:
+        write_product_parquet(root / "data", "validation", 40)
+    finally:
+        helpers.encode = plain_encode
+    save_tagger(tagging_model(), FashionTaggerImageProcessor(size={"height": 64, "width": 48}), root / "model")
+    photos = root / "photos"
+    photos.mkdir()
+    for index in range(4):
+        Image.new("RGB", (80, 60), (40 * index, 200, 90)).save(photos / f"{index}.jpg")
+    report = calibrate.main([str(root / "model"), "--output", str(root / "out"), "--save-to", str(root / "calibrated"),
+                             "--data-source", str(root / "data"), "--no-user-photos", "--ood-photos", str(photos),
+                             "--rotated-photos", "6", "--turned-photos", "8", "--no-progress"])  # fmt: skip
+    return root, report
+
+
+def test_calibrate_writes_its_report_and_plots(calibrated_run):
+    root, report = calibrated_run
+    written = json.loads((root / "out" / "calibration.json").read_text())
+    assert written["files"] == report["files"]
+    for file in report["files"]:
+        assert (root / "out" / file).stat().st_size > 0
+    assert report["fitted_on"]["product"] + report["measured_on"]["product"] == 40
+    heads = report["heads"]["product"]
+    assert {"before", "after", "coverage_curve"} <= set(heads["baseColour"])
+    assert set(report["ood"]["auroc"]) == {"generated", "photos"}
+    assert set(report["rotated"]["sources"]["product"]) == {"90", "180", "270"}
+
+
+def test_the_calibrated_folder_keeps_the_weights_and_loads_with_its_calibration(calibrated_run):
+    root, report = calibrated_run
+    before, after = load_file(root / "model" / "model.safetensors"), load_file(root / "calibrated" / "model.safetensors")
+    assert set(after) - set(before) == {"ood_means", "ood_precision", "ood_turned"}
+    for key, value in before.items():
+        assert torch.equal(after[key], value)
+    tagger = pipeline("fashion-tagging", model=str(root / "calibrated"))
+    config = tagger.model.config
+    assert config.attribute_temperatures == report["attribute_temperatures"]
+    assert config.ood_thresholds == report["ood_thresholds"]
+    result = tagger(Image.new("RGB", (48, 64), "white"))
+    assert result["out_of_distribution"]["threshold"] == 1.0
+    # The distance the limits were fitted with (numpy, `FeatureDensity`) is the one the model serves.
+    model = tagger.model
+    with torch.no_grad():
+        embeds = model.encode_images(torch.randn(3, 3, 64, 48))
+        density = FeatureDensity(means=model.ood_means.numpy(), precision=model.ood_precision.numpy())
+        served = model.ood_distance(embeds).numpy()
+    np.testing.assert_allclose(density.scores(model.ood_features(embeds).numpy()), served, rtol=1e-4)
+    assert set(result["not_sure"]) == set(config.attributes)
+
+
+def test_generated_non_photos_cover_the_cases_users_upload_by_mistake():
+    kinds = {kind for kind, _ in calibrate.generated_non_photos()}
+    assert {"flat colour", "tiny image", "text screenshot", "uniform noise"} <= kinds
+
+
+def test_halves_keep_a_photographer_on_one_side():
+    keys = ["ann", "bob", "ann", "cy", "bob", "dee"] * 5
+    fit, held_out = calibrate.halves(keys)
+    assert not {keys[row] for row in fit} & {keys[row] for row in held_out}
+    assert sorted([*fit, *held_out]) == list(range(len(keys)))
+
+
+def test_evaluate_and_the_model_card_show_the_calibration(calibrated_run):
+    from fashion_hf.training import evaluate, model_card
+
+    root, report = calibrated_run
+    folder = root / "calibrated"
+    metrics = evaluate.main([str(folder), "--dataset", "fashion-product-images", "--data-source", str(root / "data"),
+                             "--output", str(root / "eval"), "--no-progress"])  # fmt: skip
+    gender = metrics["attributes"]["gender"]
+    assert gender["ece"] != gender["ece_uncalibrated"]  # scored as served and as the model was before calibration
+    assert set(metrics["reliability"]["gender"]) == {"before", "after"}
+    assert (root / "eval" / "reliability.png").is_file()
+    recipe = root / "recipe.json"
+    recipe.write_text(json.dumps({"command": "train.py --tiny"}))
+    card = model_card.main([str(folder), "--metrics", str(root / "eval" / "metrics.json"), "--recipe", str(recipe),
+                            "--dataset-id", "fashion-product-images", "--base-model", "none"]).read_text()  # fmt: skip
+    assert "### Calibrated scores" in card
+    temperature = report["attribute_temperatures"][DEFAULT_DOMAIN]["gender"]
+    assert f"| gender | {temperature:.2f} |" in card
+    assert "![Reliability diagrams, product photos (held-out half)](reliability_product.png)" in card
+
+
+def test_the_turned_probe_and_the_joint_limits():
+    from fashion_hf.calibration import fit_turned_probe, joint_limits, turned_probability
+
+    rng = np.random.default_rng(4)
+    upright, turned = rng.normal(0, 1, (400, 8)), rng.normal(0, 1, (400, 8))
+    turned[:, 0] += 3  # turned photos differ along one direction
+    probe = fit_turned_probe(upright, turned)
+    assert turned_probability(turned, probe).mean() > 0.8 > 0.2 > turned_probability(upright, probe).mean()
+    signals = [{"a": rng.uniform(size=1000), "b": rng.uniform(size=1000)} for _ in range(2)]
+    limits = joint_limits(signals, budget=0.03)
+    for source in signals:
+        flagged = (source["a"] > limits["a"]) | (source["b"] > limits["b"])
+        assert 0.02 <= flagged.mean() <= 0.03  # the two signals share the budget, and spend it
