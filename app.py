@@ -9,7 +9,8 @@ Configuration is read from the environment (see `serving.settings.Settings`); Gr
 `GRADIO_SERVER_PORT` are honoured by `launch()`. Tests build the app with `build_app(model=..., feedback_dir=...)`.
 
 Named API endpoints (gradio_client):
-    client.predict(handle_file("photo.jpg"), api_name="/tag")         -> {"attributes": {...}, "tags": [...]}
+    client.predict(handle_file("photo.jpg"), api_name="/tag")         -> {"attributes": {...}, "tags": [...],
+                                                                          "not_sure": {...}, "out_of_distribution": ...}
     client.predict([handle_file(...), ...], api_name="/tag_many")      -> (table, CSV file, JSON file)
     client.predict(handle_file("photo.jpg"), '{"articleType": "Tshirts"}', "check, slim fit", True,
                    api_name="/feedback")                               -> {"id": "<record id>", "status": "saved"}
@@ -51,8 +52,10 @@ from serving.uploads import payload_parts
 from serving.views import (
     feedback_form,
     gallery_value,
-    label_values,
+    label_panels,
+    ood_notice,
     saved_note,
+    table_headers,
     table_row,
     tag_chips,
     timing_text,
@@ -74,6 +77,12 @@ CSS = """
 .chip .group { opacity: 0.65; font-size: 0.85em; margin-left: 4px; }
 .chip .score { font-weight: 600; margin-left: 4px; }
 .chip .head { font-style: italic; opacity: 0.75; margin-left: 6px; }
+/* A guess is not shown as an answer: a not-sure chip or label panel, and a flagged photo's chips and panels, are
+   muted. */
+.chip.not-sure { background: none; border-style: dashed; opacity: 0.75; }
+.chips.muted, #labels .muted, #labels .not-sure { opacity: 0.6; }
+.ood-notice { margin: 0; padding: var(--size-2) var(--size-3); border-radius: var(--radius-md); font-weight: 600;
+              background: var(--color-yellow-50, #fefce8); border: 1px solid var(--color-yellow-500, #eab308); }
 /* Seven label panels share a row, each at least 160 px wide: the longest label ("Moisturisers 100%") must fit
    whole, not be clipped by the panel ("Accessories 86%" showed "86"). */
 #labels .output-class { padding: var(--size-6) var(--size-1) var(--size-4); font-size: var(--text-lg);
@@ -151,7 +160,8 @@ class Handlers:
     def __init__(self, service: TaggerService):
         self.service = service
         self.attributes = list(service.config.attributes)
-        self.panels = len(self.attributes) + 4  # the Tag tab: a label per attribute, chips, heatmap, timing, raw
+        # The Tag tab: a label per attribute, chips, heatmap, timing, the out-of-distribution notice, raw prediction.
+        self.panels = len(self.attributes) + 5
         # The feedback form: image, a dropdown per attribute, details, text, confirmed, consent, note, what was shown.
         self.form_size = len(self.attributes) + 7
 
@@ -190,10 +200,11 @@ class Handlers:
     # -- the Tag tab --------------------------------------------------------------------------------------------------
 
     def tag_results(self, images):
-        """The Tag tab, batched: per request the values of its panels (labels, tag chips, heatmap, timing, raw
-        prediction), or the reason its upload was refused. One bad upload fails neither the others in its batch nor
-        the panels: `show_tagged` shows the values, `refuse_tagged` the refusal."""
-        results = [{"values": [None] * self.panels} for _ in images]  # no image: empty panels
+        """The Tag tab, batched: per request the values of its panels (`label_panels`, tag chips, heatmap, timing,
+        out-of-distribution notice, raw prediction), or the reason its upload was refused. One bad upload fails
+        neither the others in its batch nor the panels: `show_tagged` shows the values, `refuse_tagged` the
+        refusal."""
+        results = [{"values": self.empty_panels()} for _ in images]  # no image: empty panels
         uploads = {}
         for index, payload in enumerate(images):
             if payload:
@@ -206,12 +217,23 @@ class Handlers:
             overlays, attribute, cam_seconds = self.service.heatmaps(list(uploads.values()), predictions)
             timing = timing_text(predict_seconds, cam_seconds, len(uploads), attribute)
             for index, prediction, overlay in zip(uploads, predictions, overlays):
-                labels = label_values(prediction, self.attributes)
-                results[index] = {"values": [*labels, tag_chips(prediction), overlay, timing, prediction]}
+                labels = label_panels(prediction, self.attributes)
+                notice = ood_notice(prediction)
+                results[index] = {"values": [*labels, tag_chips(prediction), overlay, timing, notice, prediction]}
         return (results,)
 
+    def empty_panels(self) -> list:
+        return [*label_panels(None, self.attributes), None, None, None, "", None]
+
+    def panel_updates(self, values: list) -> list:
+        """`tag_results`' values as the panels take them: each label panel a `gr.Label` update, since a "not sure"
+        caption and a muted look are its props, not its value."""
+        count = len(self.attributes)
+        return [*(gr.Label(**panel) for panel in values[:count]), *values[count:]]
+
     def show_tagged(self, result):
-        return result["values"] if "values" in result else [None] * self.panels  # a refused upload: nothing stale
+        values = result["values"] if "values" in result else self.empty_panels()  # a refused upload: nothing stale
+        return self.panel_updates(values)
 
     @shows_refusals
     def refuse_tagged(self, result):
@@ -224,7 +246,7 @@ class Handlers:
         results = self.tag_results(images)[0]
         for result in results:
             self.refuse_tagged(result)
-        return tuple(map(list, zip(*(result["values"] for result in results))))
+        return tuple(map(list, zip(*(self.panel_updates(result["values"]) for result in results))))
 
     @shows_refusals
     def check_many(self, images):
@@ -241,7 +263,7 @@ class Handlers:
             except UploadError as error:
                 errors[index] = (payload_parts(payload)[2], html.unescape(str(error)))
         results = dict(zip(uploads, self.service.predict(list(uploads.values()))[0])) if uploads else {}
-        headers = ["file", *self.attributes, "tags", "error"]
+        headers = table_headers(self.attributes)
         table, rows = [], []
         for index in range(len(payloads)):
             name, error = (uploads[index].name, None) if index in uploads else errors[index]
@@ -345,6 +367,7 @@ class TagTab:
     chips: gr.HTML
     heatmap: gr.Image
     timing: gr.Markdown
+    notice: gr.HTML
     prediction: gr.JSON
     many_images: gr.File
     many_button: gr.Button
@@ -355,7 +378,7 @@ class TagTab:
     @property
     def panels(self) -> list:
         """What one tagged image shows, in the order of `Handlers.tag_results`' values."""
-        return [*self.labels, self.chips, self.heatmap, self.timing, self.prediction]
+        return [*self.labels, self.chips, self.heatmap, self.timing, self.notice, self.prediction]
 
 
 @dataclass
@@ -444,6 +467,7 @@ def tag_tab(service: TaggerService) -> TagTab:
                 elem_id="heatmap",
             )
             chips = gr.HTML(label="Generated tags", elem_id="tag-chips")
+    notice = gr.HTML(elem_id="ood-notice")  # empty unless the photo does not look like a clothing photo
     with gr.Row(elem_id="labels"):
         labels = [gr.Label(num_top_classes=TOP_K, label=name, elem_id=f"label-{name}") for name in attributes]
     with gr.Accordion("Raw prediction (the /tag API output)", open=False):
@@ -456,17 +480,16 @@ def tag_tab(service: TaggerService) -> TagTab:
                 with gr.Row():
                     csv_file = gr.File(label="CSV", interactive=False, height=80)
                     json_file = gr.File(label="JSON", interactive=False, height=80)
-        headers = ["file", *attributes, "tags", "error"]
-        table = gr.Dataframe(headers=headers, label="Results", interactive=False, wrap=True)
+        table = gr.Dataframe(headers=table_headers(attributes), label="Results", interactive=False, wrap=True)
     return TagTab(
-        image, labels, chips, heatmap, timing, prediction, many_images, many_button, table, csv_file, json_file
+        image, labels, chips, heatmap, timing, notice, prediction, many_images, many_button, table, csv_file, json_file
     )
 
 
 def feedback_tab(service: TaggerService) -> FeedbackTab:
     gr.Markdown(
         "Correct what the model got wrong, and tick the labels you checked and found right. Pick an image "
-        "from the queue (the model is least sure about those first) or tag your own photo first. "
+        "from the queue (those the model is not sure about come first) or tag your own photo first. "
         "**Nothing is stored unless you tick the consent box.**"
     )
     if oauth_enabled():
@@ -514,7 +537,7 @@ def feedback_tab(service: TaggerService) -> FeedbackTab:
             )
             submit = gr.Button("Submit correction", variant="primary", elem_id="submit-feedback")
             confirmation = gr.Markdown(elem_id="confirmation")
-    gr.Markdown("### Needs labels (least certain first)")
+    gr.Markdown('### Needs labels ("not sure" first, then least certain)')
     queue = gr.Gallery(
         label="Annotation queue",
         columns=8,

@@ -21,6 +21,7 @@ from .exports import Exports
 from .settings import Settings
 from .tagger import served_revision
 from .uploads import Upload, read_upload
+from .views import needs_a_second_look, queue_caption
 
 logger = logging.getLogger("fashion_hf.app")
 
@@ -28,6 +29,11 @@ TOP_K = 5
 MAX_EXAMPLES = 64
 QUEUE_SIZE = 24
 RECENT_UPLOADS = 12
+
+
+def annotation_priority(item: dict) -> tuple[bool, float]:
+    """Queue order, highest first: "not sure" (or flagged) before sure, then the more uncertain."""
+    return item["not_sure"], item["uncertainty"]
 
 
 class TaggerService:
@@ -128,12 +134,12 @@ class TaggerService:
         return items
 
     def queue_item(self, upload: Upload, prediction: dict, source: str) -> dict:
-        top = prediction["attributes"][explained_attribute(self.config)][0]
         return {
             "path": str(Path(upload.path).resolve()) if upload.path else None,
             "sha256": upload.sha256,
+            "not_sure": needs_a_second_look(prediction),
             "uncertainty": uncertainty(prediction),
-            "caption": f"{source}: {top['label']}? ({top['score']:.0%})",
+            "caption": queue_caption(source, prediction, explained_attribute(self.config)),
         }
 
     def with_recent(self, recent: list[dict], upload: Upload, prediction: dict) -> list[dict]:
@@ -142,7 +148,9 @@ class TaggerService:
         return [item, *[old for old in recent or [] if old["sha256"] != item["sha256"]]][:RECENT_UPLOADS]
 
     def annotation_queue(self, recent: list[dict], labelled: list[str]) -> list[dict]:
-        """The examples and this session's own uploads, least certain first, less what this session labelled.
+        """The examples and this session's own uploads, less what this session labelled: first those with a head
+        "not sure" or flagged as not a clothing photo (the calibrated thresholds say these answers are guesses), then
+        the rest, each part least certain first.
 
         Uploads stay private to their session: one user's photos never reach another user's queue.
         """
@@ -151,7 +159,7 @@ class TaggerService:
         # Uploads leave Gradio's cache after an hour (delete_cache): such entries leave the queue too.
         items = [item for item in items if item["sha256"] not in done and item["path"] and Path(item["path"]).is_file()]
         unique = {item["sha256"]: item for item in reversed(items)}  # an upload of an example counts once
-        return sorted(unique.values(), key=lambda item: item["uncertainty"], reverse=True)[:QUEUE_SIZE]
+        return sorted(unique.values(), key=annotation_priority, reverse=True)[:QUEUE_SIZE]
 
     # -- feedback -------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """The Gradio app end to end through gradio_client: tagging, feedback, withdrawal and hostile input."""
 
 import base64
+import copy
 import csv
 import hashlib
 import io
@@ -21,12 +22,13 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from gradio_server import FAKE_TOKEN, example_folder, import_app, serving
-from helpers import encode, product_photo
+from gradio_server import FAKE_TOKEN, example_folder, import_app, served_app, serving
+from helpers import encode, flat_colour, product_photo, save_model_with_detector
 from PIL import Image
 
 from fashion_hf.explain import explained_attribute, grad_cam, overlay_heatmap
 from serving.batching import RequestBatcher
+from serving.views import OOD_NOTICE, TURNED_NOTICE, label_panels, ood_notice, table_row, tag_chips
 
 MAX_UPLOAD_MB = 1
 MAX_IMAGE_PIXELS = 1_000_000
@@ -110,7 +112,12 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def assert_contract(result, config):
-    assert set(result) == {"attributes", "tags"}
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
+    assert result["not_sure"] == {name: result["not_sure"][name] for name in config.attributes}
+    assert all(isinstance(unsure, bool) for unsure in result["not_sure"].values())
+    ood = result["out_of_distribution"]  # None: the model has no detector
+    if ood is not None:
+        assert set(ood) == {"score", "threshold", "flagged"} and ood["flagged"] == (ood["score"] > ood["threshold"])
     assert list(result["attributes"]) == list(config.attributes)
     for name, predictions in result["attributes"].items():
         assert [p["label"] for p in predictions] and all(p["label"] in config.attributes[name] for p in predictions)
@@ -187,9 +194,11 @@ def test_a_bad_upload_fails_only_its_own_request_among_concurrent_ones(served, f
 def test_tag_image_event_gives_labels_chips_heatmap_and_timing(client, service, files):
     outputs = client.predict(handle_file(files("photo.webp", encode(product_photo(), "WEBP"))), api_name="/tag_image")
     attributes = list(service.config.attributes)
-    labels, (chips, heatmap, timing, prediction) = outputs[: len(attributes)], outputs[len(attributes) :]
-    for name, label in zip(attributes, labels):
-        assert label["label"] == prediction["attributes"][name][0]["label"] and label["confidences"]
+    labels, (chips, heatmap, timing, notice, prediction) = outputs[: len(attributes)], outputs[len(attributes) :]
+    for name, label in zip(attributes, labels):  # each panel an update: its value, and its caption
+        assert label["value"]["label"] == prediction["attributes"][name][0]["label"] and label["value"]["confidences"]
+        assert label["label"] == name  # no threshold in this model's config: no head is "not sure"
+    assert notice == ""  # this model has no out-of-distribution detector
     assert 'class="chip"' in chips
     with Image.open(heatmap) as overlay:
         assert max(overlay.size) == 384  # the photo at display size, heatmap blended in
@@ -216,8 +225,9 @@ def test_several_images_give_a_table_with_csv_and_json(client, service, files):
     good = [files(f"item-{i}.jpg", encode(product_photo(colour=(i * 90, 40, 40)))) for i in range(2)]
     bad = files("notes.txt", b"not an image")
     table, csv_path, json_path = client.predict([handle_file(p) for p in [*good, bad]], api_name="/tag_many")
-    assert table["headers"] == ["file", *service.config.attributes, "tags", "error"]
+    assert table["headers"] == ["file", *service.config.attributes, "tags", "note", "error"]
     assert [row[0] for row in table["data"]] == ["item-0.jpg", "item-1.jpg", "notes.txt"]
+    assert [row[-2] for row in table["data"]] == ["", "", ""]  # no detector: no photo is noted as not clothing
     assert [bool(row[-1]) for row in table["data"]] == [False, False, True]
     with open(csv_path, newline="", encoding="utf-8") as handle:
         assert list(csv.reader(handle)) == [table["headers"], *[[str(v) for v in row] for row in table["data"]]]
@@ -618,3 +628,158 @@ def test_tag_chips_show_the_heads_label_where_the_decoder_differs(app_module):
 def test_annotator_is_the_oauth_username_or_anonymous(app_module):
     assert app_module.annotator_name({"preferred_username": "ada", "name": "Ada L."}) == "ada"
     assert app_module.annotator_name(None) == "anonymous"
+
+
+# --- "not sure" heads and photos that are not clothing ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unsure_app(app_module, tmp_path_factory):
+    """An app serving a model with a detector whose articleType head is never sure (threshold 1.0: no top score
+    reaches it) and whose other heads have no threshold."""
+    folder = tmp_path_factory.mktemp("unsure-app")
+    model = save_model_with_detector(folder / "model", confidence_thresholds={"articleType": 1.0})
+    settings = app_module.Settings(model=str(model), feedback_dir=str(folder / "feedback"), examples_dir=None)
+    with served_app(settings) as (client, service):
+        yield client, service
+
+
+def tagged_panels(client, service, path) -> dict:
+    """The Tag tab's panels for one photo through the served app (/tag_image), by name."""
+    outputs = client.predict(handle_file(path), api_name="/tag_image")
+    attributes = list(service.config.attributes)
+    chips, heatmap, timing, notice, prediction = outputs[len(attributes) :]
+    return {"labels": dict(zip(attributes, outputs)), "chips": chips, "notice": notice, "prediction": prediction}
+
+
+def unsure_prediction(**changes) -> dict:
+    """A pipeline output whose articleType head is "not sure"; `changes` replace its top-level keys."""
+    prediction = {
+        "attributes": {
+            "articleType": [{"label": "Shirts", "score": 0.41}, {"label": "Tshirts", "score": 0.38},
+                            {"label": "Tops", "score": 0.1}],
+            "gender": [{"label": "Men", "score": 0.97}, {"label": "Boys", "score": 0.02}],
+        },
+        "tags": [{"tag": "Tshirts", "group": "articleType", "score": 0.5},
+                 {"tag": "Men", "group": "gender", "score": 0.96}],
+        "not_sure": {"articleType": True, "gender": False},
+        "out_of_distribution": {"score": 12.0, "threshold": 30.0, "flagged": False},
+    }  # fmt: skip
+    return {**prediction, **changes}
+
+
+def test_a_not_sure_head_is_captioned_not_sure_and_its_chip_asks_between_its_candidates():
+    prediction = unsure_prediction()
+    article_type, gender = label_panels(prediction, ["articleType", "gender"])
+    assert (article_type["label"], gender["label"]) == ("articleType: not sure", "gender")
+    assert article_type["value"] == {"Shirts": 0.41, "Tshirts": 0.38, "Tops": 0.1}  # the candidates stay visible
+    assert article_type["elem_classes"] == ["not-sure"] and gender["elem_classes"] == []
+    chips = tag_chips(prediction)
+    assert (
+        '<span class="chip not-sure">Shirts or Tshirts?<span class="group">articleType</span>'
+        '<span class="score">not sure</span></span>'
+    ) in chips
+    assert '<span class="chip">Men<span class="group">gender</span>' in chips and '<div class="chips">' in chips
+    row = table_row("a.jpg", prediction, None, ["articleType", "gender"])
+    assert row[1:3] == ["Shirts (41%, not sure)", "Men (97%)"]
+    assert ood_notice(prediction) == ""
+
+
+def test_a_not_sure_chip_escapes_its_candidates():
+    markup = [{"label": "<img src=x onerror=alert(1)>", "score": 0.4}, {"label": "<b>Tops</b>", "score": 0.3}]
+    prediction = unsure_prediction(attributes={**unsure_prediction()["attributes"], "articleType": markup})
+    chips = tag_chips(prediction)
+    assert "<img" not in chips and "<b>" not in chips
+    assert "&lt;img src=x onerror=alert(1)&gt; or &lt;b&gt;Tops&lt;/b&gt;?" in chips
+
+
+def test_a_flagged_photo_gets_the_notice_and_its_best_guess_muted():
+    flagged = unsure_prediction(
+        not_sure={"articleType": False, "gender": False},
+        out_of_distribution={"score": 52.0, "threshold": 30.0, "flagged": True},
+    )
+    assert OOD_NOTICE in ood_notice(flagged) and OOD_NOTICE == "This does not look like a clothing or accessory photo"
+    chips = tag_chips(flagged)
+    assert chips.startswith('<div class="chips muted">') and '<span class="chip">Tshirts' in chips  # still shown
+    panels = label_panels(flagged, ["articleType", "gender"])
+    assert [panel["label"] for panel in panels] == ["articleType", "gender"]
+    assert all(panel["elem_classes"] == ["muted"] and panel["value"] for panel in panels)
+    assert OOD_NOTICE in table_row("a.jpg", flagged, None, ["articleType", "gender"])[-2]
+    for unflagged in ({"score": 12.0, "threshold": 30.0, "flagged": False}, None):  # passed, or no detector
+        shown = unsure_prediction(out_of_distribution=unflagged)
+        assert ood_notice(shown) == "" and "muted" not in tag_chips(shown)
+        assert table_row("a.jpg", shown, None, ["articleType", "gender"])[-2] == ""
+
+
+def test_a_photo_flagged_as_turned_is_asked_to_be_turned_upright():
+    turned = unsure_prediction(out_of_distribution={"score": 1.4, "threshold": 1.0, "flagged": True, "reason": "turned"})
+    assert TURNED_NOTICE in ood_notice(turned) and OOD_NOTICE not in ood_notice(turned)
+    far = unsure_prediction(out_of_distribution={"score": 1.4, "threshold": 1.0, "flagged": True, "reason": "distance"})
+    assert OOD_NOTICE in ood_notice(far)
+
+
+def test_the_app_tells_a_flat_colour_photo_is_not_clothing_and_a_product_photo_is(unsure_app, files):
+    client, service = unsure_app
+    flat = files("flat.png", encode(flat_colour(), "PNG"))
+    product = files("product.png", encode(product_photo(), "PNG"))  # lossless: the photo the detector was fitted on
+    assert client.predict(handle_file(flat), api_name="/tag")["out_of_distribution"]["flagged"] is True
+    assert client.predict(handle_file(product), api_name="/tag")["out_of_distribution"]["flagged"] is False
+
+    shown = tagged_panels(client, service, flat)
+    assert OOD_NOTICE in shown["notice"] and 'class="chips muted"' in shown["chips"]
+    assert all(label["value"]["confidences"] for label in shown["labels"].values())  # the best guess, still shown
+    assert all("muted" in label["elem_classes"] for label in shown["labels"].values())
+    shown = tagged_panels(client, service, product)
+    assert shown["notice"] == "" and 'class="chips"' in shown["chips"]
+    assert not any("muted" in label["elem_classes"] for label in shown["labels"].values())
+
+
+def test_a_head_under_its_confidence_threshold_shows_not_sure_in_the_app(unsure_app, files):
+    client, service = unsure_app
+    shown = tagged_panels(client, service, files("product.png", encode(product_photo(), "PNG")))
+    assert shown["prediction"]["not_sure"] == {name: name == "articleType" for name in service.config.attributes}
+    captions = {name: label["label"] for name, label in shown["labels"].items()}
+    assert captions == {name: f"{name}: not sure" if name == "articleType" else name for name in captions}
+    candidates = [item["label"] for item in shown["prediction"]["attributes"]["articleType"]]
+    assert [item["label"] for item in shown["labels"]["articleType"]["value"]["confidences"]] == candidates
+
+
+def test_the_several_images_table_notes_a_photo_that_is_not_clothing(unsure_app, files):
+    client, service = unsure_app
+    photos = [files("flat.png", encode(flat_colour(), "PNG")), files("product.png", encode(product_photo(), "PNG"))]
+    table, _, json_path = client.predict([handle_file(path) for path in photos], api_name="/tag_many")
+    assert [row[table["headers"].index("note")] for row in table["data"]] == [f"{OOD_NOTICE}: best guess", ""]
+    assert all(row[table["headers"].index("articleType")].endswith(", not sure)") for row in table["data"])
+    rows = json.loads(Path(json_path).read_text(encoding="utf-8"))
+    assert [row["result"]["out_of_distribution"]["flagged"] for row in rows] == [True, False]
+
+
+def scored(prediction: dict, top_score: float, **changes) -> dict:
+    """`prediction` with every head's top score set to `top_score` (uncertainty 1 - top_score), keys replaced."""
+    prediction = copy.deepcopy(prediction)
+    for ranked in prediction["attributes"].values():
+        ranked[0]["score"] = top_score
+    return {**prediction, **changes}
+
+
+def test_the_annotation_queue_puts_not_sure_photos_first_then_the_least_certain(service, files):
+    photos = [files(f"q{i}.png", encode(product_photo(colour=(i, 99, 9)), "PNG")) for i in range(3)]
+    uploads = [service.read_upload(photo) for photo in photos]
+    prediction = service.prediction_for(uploads[0])
+    unsure = {name: name == "season" for name in service.config.attributes}
+    flagged = {"score": 52.0, "threshold": 30.0, "flagged": True}
+    predictions = {
+        "sure, least certain": scored(prediction, 0.0),  # uncertainty 1: more than any example
+        "not sure of season": scored(prediction, 0.9, not_sure=unsure),
+        "not clothing": scored(prediction, 0.8, out_of_distribution=flagged),
+    }
+    recent = [service.queue_item(upload, shown, "your upload") for upload, shown in zip(uploads, predictions.values())]
+    names = {item["sha256"]: name for item, name in zip(recent, predictions)}
+
+    queue = service.annotation_queue(recent, [])
+    first = [names.get(item["sha256"]) for item in queue[:3]]
+    assert first == ["not clothing", "not sure of season", "sure, least certain"]  # before every example, too
+    captions = {names[item["sha256"]]: item["caption"] for item in queue if item["sha256"] in names}
+    assert captions["not clothing"].startswith("your upload, not sure it is clothing: ")
+    assert captions["not sure of season"].startswith("your upload, not sure of season: ")
+    assert "not sure" not in captions["sure, least certain"]

@@ -1,5 +1,6 @@
 """A real browser (Debian's Chromium driven by Playwright) tags a photo, corrects it and submits the feedback; refused
-input shows one error and leaves the page working; long labels fit their panels."""
+input shows one error and leaves the page working; long labels fit their panels; a photo that is not clothing gets a
+notice and an unsure head says so."""
 
 import json
 import os
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from gradio_server import example_folder, import_app, serving
-from helpers import REPO, encode, product_photo
+from helpers import REPO, encode, flat_colour, product_photo, save_model_with_detector
+
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -53,8 +55,21 @@ def served(tiny_model_dir, tmp_path_factory):
         yield demo.service, url
 
 
+@pytest.fixture(scope="module")
+def served_unsure(tmp_path_factory):
+    """An app on a tiny model whose detector flags `flat_colour()` and whose articleType head is never sure."""
+    app = import_app()
+    folder = tmp_path_factory.mktemp("browser-unsure-app")
+    model = save_model_with_detector(folder / "model", confidence_thresholds={"articleType": 1.0})
+    settings = app.Settings(model=str(model), feedback_dir=str(folder / "feedback"), examples_dir=None)
+    demo = app.build_app(settings)
+    with serving(demo, settings) as url:
+        yield demo.service, url
+    demo.service.store.close(push=False)
+
+
 @pytest.fixture
-def page(served):
+def page():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -173,3 +188,22 @@ def test_long_labels_fit_their_panels(served, page):
             .map(e => panel.id + ': ' + e.textContent.trim()))""")
     assert clipped == []
     assert page.locator("#label-masterCategory dd").first.inner_text().endswith("%")
+
+
+def test_a_photo_that_is_not_clothing_gets_a_notice_and_an_unsure_head_says_not_sure(served_unsure, page, tmp_path):
+    _, url = served_unsure
+    flat, product = tmp_path / "flat.png", tmp_path / "product.png"
+    flat.write_bytes(encode(flat_colour(), "PNG"))
+    product.write_bytes(encode(product_photo(), "PNG"))  # lossless: the photo the detector was fitted on
+    page.goto(url)
+    notice = page.locator("#ood-notice")
+    page.locator("#tag-image input[type=file]").set_input_files(str(flat))
+    notice.get_by_text("This does not look like a clothing or accessory photo").wait_for()
+    page.locator("#label-articleType").get_by_text("articleType: not sure").wait_for()
+    page.locator("#tag-chips .chips.muted").wait_for()  # the best guess is still shown, muted
+    assert page.locator("#label-gender").get_by_text("gender: not sure").count() == 0  # no threshold: sure
+    page.screenshot(path=tmp_path / "not-clothing.png", full_page=True)
+
+    page.locator("#tag-image input[type=file]").set_input_files(str(product))
+    page.locator("#tag-chips .chips:not(.muted)").wait_for()
+    assert notice.inner_text().strip() == ""  # the next photo's page says nothing stale
