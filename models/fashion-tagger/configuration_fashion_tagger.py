@@ -88,6 +88,24 @@ class FashionTaggerConfig(PreTrainedConfig):
             names (`feedback.dataset.feedback_tag_contributors` says who counts as a person). Rarer typed tags are
             left out of the vocabulary and out of the training sequences; they stay in the feedback store and join
             in a later run once enough people type them. Older config.json files without it load with 3.
+        attribute_temperatures (`dict[str, dict[str, float]]`, *optional*):
+            Calibration (`fashion-hf calibrate`): per domain (a single model's only domain is `"catalogue"`), per
+            head, the temperature its probabilities are divided by, `softmax(logits / T)`, fitted on held-out photos
+            so that a 90% answer is right 90% of the time. A missing domain or head keeps its scores (T = 1).
+        tag_score_scaling (`dict[str, list[float]]`, *optional*):
+            Calibration: per tag group (an attribute or `"detail"`), `[a, b]` such that a generated tag's score is
+            `sigmoid(a * logit(p) + b)` of the decoder's step probability `p` (Platt scaling, fitted on how often
+            that group's tags were right). Decoding is unchanged; a group without an entry keeps `p`.
+        confidence_thresholds (`dict[str, float]`, *optional*):
+            Per head, the top-label score under which the pipeline marks the attribute "not sure" (`not_sure`);
+            `fashion-hf calibrate` chooses each so that answers at or above it were right at least 95% of the time
+            on held-out photos. A head without a threshold is never marked.
+        ood_thresholds (`dict[str, float]`, *optional*):
+            The out-of-distribution detector's limits, set with its statistics by `fashion-hf calibrate`: `distance`
+            (of the photo's normalised embedding to the photos the model was trained on, a Mahalanobis distance),
+            `uncertainty` (the summed entropy of the calibrated heads) and `turned` (the probability that the photo
+            is on its side or upside down, from a linear probe of the embedding). A photo beyond any of them does not
+            look like an upright clothing or accessory photo (`ood_scores`). None: no detector.
         attribute_order (`list[str]`, *optional*):
             Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
@@ -121,6 +139,10 @@ class FashionTaggerConfig(PreTrainedConfig):
         label_smoothing: float = 0.0,
         decoder_matmul_dtype: str = "float32",
         feedback_tag_min_contributors: int = DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS,
+        attribute_temperatures: dict[str, dict[str, float]] | None = None,
+        tag_score_scaling: dict[str, list[float]] | None = None,
+        confidence_thresholds: dict[str, float] | None = None,
+        ood_thresholds: dict[str, float] | None = None,
         attribute_order: list[str] | None = None,
         **kwargs,
     ):
@@ -163,6 +185,11 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.label_smoothing = label_smoothing
         self.decoder_matmul_dtype = decoder_matmul_dtype
         self.feedback_tag_min_contributors = feedback_tag_min_contributors
+        self.attribute_temperatures = {domain: dict(heads) for domain, heads in (attribute_temperatures or {}).items()}
+        self.tag_score_scaling = {group: list(scaling) for group, scaling in (tag_score_scaling or {}).items()}
+        self.confidence_thresholds = dict(confidence_thresholds or {})
+        self.ood_thresholds = dict(ood_thresholds) if ood_thresholds else None
+        self._check_calibration()
         if registered_locally(type(self)):
             # A saved folder names its pipeline in `custom_pipelines` for trust_remote_code users, and transformers
             # then refuses that task without trust_remote_code, even where this package registers it. Loaded by
@@ -170,6 +197,33 @@ class FashionTaggerConfig(PreTrainedConfig):
             # pipeline (`save_tagger`) writes the entry again.
             kwargs.pop("custom_pipelines", None)
         super().__init__(**kwargs)
+
+    def _check_calibration(self) -> None:
+        for domain, heads in self.attribute_temperatures.items():
+            for name, temperature in heads.items():
+                if name not in self.attributes or not temperature > 0:
+                    raise ValueError(f"attribute_temperatures[{domain!r}][{name!r}] = {temperature!r}: a head's temperature is > 0")
+        for name, threshold in self.confidence_thresholds.items():
+            if name not in self.attributes or not 0.0 <= threshold <= 1.0:
+                raise ValueError(f"confidence_thresholds[{name!r}] = {threshold!r}: a head's threshold is in [0, 1]")
+        if self.ood_thresholds is not None and sorted(self.ood_thresholds) != sorted(OOD_LIMITS):
+            raise ValueError(f"ood_thresholds has the limits {list(OOD_LIMITS)}, got {self.ood_thresholds!r}")
+        for group, scaling in self.tag_score_scaling.items():
+            if len(scaling) != 2:
+                raise ValueError(f"tag_score_scaling[{group!r}] is [a, b], got {scaling!r}")
+
+    def photo_domains(self) -> list[str]:
+        """The kinds of photo the model tells apart: a single model knows one, an ensemble its `domains`."""
+        return getattr(self, "domains", None) or [DEFAULT_DOMAIN]
+
+    def temperatures(self, name: str) -> list[float]:
+        """Head `name`'s temperature in each of `photo_domains()`, 1.0 where it is not calibrated."""
+        return [self.attribute_temperatures.get(domain, {}).get(name, 1.0) for domain in self.photo_domains()]
+
+    def without_calibration(self) -> None:
+        """Forget every fitted calibration value: they belong to these weights, and training changes them."""
+        self.attribute_temperatures, self.tag_score_scaling, self.confidence_thresholds = {}, {}, {}
+        self.ood_thresholds = None
 
     @property
     def encoder_description(self) -> str:
@@ -206,12 +260,15 @@ class FashionTaggerConfig(PreTrainedConfig):
 
 
 ENSEMBLE_FIELDS = ("members", "mirror_views", "domains", "member_domains", "expert_min_weight")
+# Fitted to one model's weights by `fashion-hf calibrate`: a member or a retrained model does not inherit them.
+CALIBRATION_FIELDS = ("attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds")
+OOD_LIMITS = ("distance", "uncertainty", "turned")
 
 
 def _shared_fields(config: FashionTaggerConfig) -> dict:
     """The config's fields, without those that name its class or the members, to build another config from."""
     fields = config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", *ENSEMBLE_FIELDS):
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", *ENSEMBLE_FIELDS, *CALIBRATION_FIELDS):
         fields.pop(key, None)
     return fields
 

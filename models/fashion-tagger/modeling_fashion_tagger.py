@@ -82,6 +82,15 @@ def tag_conflicts(config: FashionTaggerConfig, device=None) -> torch.Tensor:
     return conflicts
 
 
+def summed_entropy(attribute_logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`(batch,)`: the entropy of every head's distribution, summed: high when the heads spread their belief."""
+    entropies = []
+    for logits in attribute_logits.values():
+        log_probs = logits.float().log_softmax(-1)
+        entropies.append(-(log_probs.exp() * log_probs).sum(-1))
+    return torch.stack(entropies).sum(0)
+
+
 def select_rows(state, rows: torch.Tensor):
     """Batch rows of a decoder state: a `(layers, batch, hidden)` tensor, or tuples and lists of them (an LSTM's
     `(h, c)`, an ensemble's member states)."""
@@ -116,6 +125,68 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
                 else:
                     nn.init.orthogonal_(weight)
 
+    def _add_ood_detector(self, width: int) -> None:
+        """Buffers of the out-of-distribution detector, when the config has one (`ood_thresholds`), fitted by
+        `fashion-hf calibrate`: a mean of the normalised embeddings per domain, the inverse of their pooled
+        covariance, and a linear probe (weights, then bias) telling a turned photo from an upright one."""
+        if self.config.ood_thresholds is not None:
+            self.register_buffer("ood_means", torch.zeros(len(self.config.photo_domains()), width))
+            self.register_buffer("ood_precision", torch.zeros(width, width))
+            self.register_buffer("ood_turned", torch.zeros(width + 1))
+
+    def drop_calibration(self) -> "FashionTaggerPreTrainedModel":
+        """The model as trained: no temperatures, tag scaling, thresholds or detector (training starts from here,
+        and a calibration fitted to these weights would not fit the next ones)."""
+        self.config.without_calibration()
+        for name in ("ood_means", "ood_precision", "ood_turned"):
+            self._buffers.pop(name, None)
+        return self
+
+    def ood_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, width)`: the embedding the out-of-distribution signals read, L2-normalised (a flat colour and a
+        photo differ in direction more than in length)."""
+        raise NotImplementedError
+
+    def ood_distance(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch,)`: the smallest Mahalanobis distance of `ood_features` to a domain's mean (Lee et al., 2018)."""
+        centred = self.ood_features(image_embeds).float()[:, None] - self.ood_means.float()[None]
+        squared = torch.einsum("bdw,wv,bdv->bd", centred, self.ood_precision.float(), centred)
+        return squared.clamp_min(0).sqrt().min(1).values
+
+    def turned_probability(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch,)`: how likely each photo is turned by 90, 180 or 270 degrees (the probe in `ood_turned`)."""
+        probe = self.ood_turned.float()
+        return torch.sigmoid(self.ood_features(image_embeds).float() @ probe[:-1] + probe[-1])
+
+    def ood_signals(self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """Each out-of-distribution signal (`config.ood_thresholds`' keys) divided by its limit, `(batch,)` each:
+        above 1 is beyond what held-out product and phone photos reach. None without a detector."""
+        limits = self.config.ood_thresholds
+        if limits is None:
+            return None
+        signals = {
+            "distance": self.ood_distance(image_embeds),
+            "uncertainty": summed_entropy(attribute_logits),
+            "turned": self.turned_probability(image_embeds),
+        }
+        return {name: value / limits[name] for name, value in signals.items()}
+
+    def ood_scores(self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """`(batch,)`: how far each photo is beyond what the model knows, 1 at the edge: the largest of
+        `ood_signals` (its embedding's distance to the training photos, its heads' summed entropy from `forward`'s
+        `attribute_logits`, the chance it is turned). Above 1: not an upright product photo. None without a detector."""
+        signals = self.ood_signals(image_embeds, attribute_logits)
+        return None if signals is None else torch.stack(list(signals.values())).amax(0)
+
+    def scaled_tag_score(self, log_prob: float, group: str) -> float:
+        """A generated tag's score: its step probability, Platt-scaled by `config.tag_score_scaling[group]` if set."""
+        scaling = self.config.tag_score_scaling.get(group)
+        if scaling is None:
+            return math.exp(log_prob)
+        a, b = scaling
+        probability = min(max(math.exp(log_prob), 1e-6), 1 - 1e-6)  # the clipping `calibration` fitted with
+        return 1.0 / (1.0 + math.exp(-(a * math.log(probability / (1 - probability)) + b)))
+
     def _image_embeds(self, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """The given embeddings (cached, or shared between `forward` and `generate_tags`), else the encoder's."""
         if image_embeds is not None:
@@ -140,7 +211,7 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
 
         Returns, per image, its hypotheses sorted by score (one for greedy, up to `num_beams` for beam search):
         `{"tags": [{"tag", "group", "score"}, ...], "tag_ids": [...], "score": total log-probability}`, where a tag's
-        score is its probability at the step it was emitted.
+        score is its probability at the step it was emitted (calibrated by `config.tag_score_scaling` where set).
         """
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         max_length = self.config.max_tag_length if max_length is None else max_length
@@ -224,7 +295,7 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
                     if tag_id in (EOS_TAG_ID, PAD_TAG_ID):
                         break
                     text, group = self.config.id_to_tag(tag_id)
-                    tags.append({"tag": text, "group": group, "score": math.exp(log_prob)})
+                    tags.append({"tag": text, "group": group, "score": self.scaled_tag_score(log_prob, group)})
                     kept_ids.append(tag_id)
                 hypotheses.append({"tags": tags, "tag_ids": kept_ids, "score": score})
             results.append(sorted(hypotheses, key=lambda hypothesis: hypothesis["score"], reverse=True))
@@ -253,6 +324,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         self.tag_classifier = nn.Linear(hidden, config.tag_vocab_size)
         self._encoder_module_ids = {id(module) for module in self.encoder.modules()}
         self._input_gates_cache = None
+        self._add_ood_detector(embed_dim)
         self.post_init()
 
     def _init_weights(self, module):
@@ -266,12 +338,25 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         # tensor cores want; the weights keep theirs, so checkpoints do not change.
         return self.encoder(pixel_values.contiguous(memory_format=torch.channels_last))
 
+    def ood_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return F.normalize(image_embeds.float(), dim=-1)
+
+    def domain_weights(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, 1)` ones: a single model has one domain (see the ensemble's)."""
+        return image_embeds.new_ones(image_embeds.shape[0], 1, dtype=torch.float32)
+
+    def domain_attribute_log_probs(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attribute -> `(1, batch, C)` log-probabilities of the heads, before calibration (what it is fitted on)."""
+        features = self.dropout(image_embeds)
+        return {name: head(features).float().log_softmax(-1)[None] for name, head in self.heads.items()}
+
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         attribute_labels: torch.Tensor | None = None,
         tag_ids: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        calibrated: bool = True,
         **kwargs,
     ) -> FashionTaggerOutput:
         r"""
@@ -281,6 +366,10 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
             Label index per attribute, in `config.attributes` order; `-100` where the label is missing.
         tag_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             `<bos> tag ... tag <eos>` padded with `<pad>`, for teacher forcing.
+
+        The loss is computed on the heads' own logits; the `attribute_logits` returned are divided by each head's
+        calibrated temperature (`config.attribute_temperatures`, 1 until `fashion-hf calibrate` sets it), unless
+        `calibrated=False` (evaluation's "before" figures).
         """
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         features = self.dropout(image_embeds)
@@ -290,6 +379,8 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         loss = None
         if attribute_labels is not None or tag_ids is not None:
             loss = self._loss(attribute_logits, attribute_labels, tag_logits, tag_ids)
+        if calibrated and self.config.attribute_temperatures:
+            attribute_logits = {name: logits / self.config.temperatures(name)[0] for name, logits in attribute_logits.items()}
         return FashionTaggerOutput(
             loss=loss, attribute_logits=attribute_logits, tag_logits=tag_logits, image_embeds=image_embeds
         )
@@ -433,7 +524,9 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         widths = {encoder_output_width(member.encoder) for member in self.members}
         if len(widths) > 1:
             raise ValueError(f"ensemble members must pool to one embedding width, got {sorted(widths)}")
-        self.gate = nn.Linear(widths.pop(), len(config.domains)) if len(config.domains) > 1 else None
+        width = widths.pop()
+        self.gate = nn.Linear(width, len(config.domains)) if len(config.domains) > 1 else None
+        self._add_ood_detector(width)
         self.post_init()
 
     def _init_weights(self, module):
@@ -462,6 +555,9 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
             return image_embeds.new_ones(image_embeds.shape[0], 1, dtype=torch.float32)
         return self._gate_weights(image_embeds[:, self.domain_views()[0]])
 
+    def ood_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return F.normalize(image_embeds[:, self.domain_views()[0]].float().mean(1), dim=-1)  # every photo has the gate's input
+
     def _gate_weights(self, general_views: torch.Tensor) -> torch.Tensor:
         weights = self.gate(general_views.mean(1).to(self.gate.weight.dtype)).float().softmax(-1)
         experts = weights[:, 1:]
@@ -488,10 +584,28 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
                     embeds[index] = member_embeds
         return torch.cat([embeds[index] for index in range(len(self.members))]).transpose(0, 1)
 
-    def _mix(self, per_view_log_probs: list[torch.Tensor], log_weights: torch.Tensor) -> torch.Tensor:
-        """log of the `log_weights`-weighted (`(batch, domains)`) average of each domain's mean probabilities."""
-        per_domain = [mean_of_probabilities([per_view_log_probs[view] for view in views]) for views in self.domain_views()]
-        return (torch.stack(per_domain) + log_weights.T[..., None]).logsumexp(0)
+    def domain_attribute_log_probs(self, image_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Attribute -> `(domains, batch, C)`: each domain's averaged head probabilities, as logs, before
+        calibration (what it is fitted on); `forward` mixes them by `domain_weights`."""
+        per_view = [
+            member(image_embeds=image_embeds[:, view]).attribute_logits
+            for view, member in enumerate(self.view_members())
+        ]
+        return {
+            name: self.domain_log_probs([logits[name].float().log_softmax(-1) for logits in per_view])
+            for name in self.config.attributes
+        }
+
+    def domain_log_probs(self, per_view_log_probs: list[torch.Tensor]) -> torch.Tensor:
+        """`(domains, batch, C)`: per domain, the log of its members' views' averaged probabilities."""
+        return torch.stack([mean_of_probabilities([per_view_log_probs[view] for view in views]) for views in self.domain_views()])
+
+    def _mix(self, per_domain: torch.Tensor, log_weights: torch.Tensor, temperatures: list[float] | None = None) -> torch.Tensor:
+        """log of the `log_weights`-weighted (`(batch, domains)`) average of each domain's probabilities, each
+        domain's first divided by its temperature."""
+        if temperatures is not None and any(temperature != 1.0 for temperature in temperatures):
+            per_domain = (per_domain / per_domain.new_tensor(temperatures)[:, None, None]).log_softmax(-1)
+        return (per_domain + log_weights.T[..., None]).logsumexp(0)
 
     def forward(
         self,
@@ -499,25 +613,24 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         attribute_labels: torch.Tensor | None = None,
         tag_ids: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
+        calibrated: bool = True,
         **kwargs,
     ) -> FashionTaggerOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
             Images from [`FashionTaggerImageProcessor`]. Not needed when `image_embeds` (from `encode_images`) are given.
 
-        `attribute_logits` are the log of the averaged probabilities: their softmax is that average.
+        `attribute_logits` are the log of the averaged probabilities: their softmax is that average. With
+        `config.attribute_temperatures`, each domain's averaged probabilities are first temperature-scaled (unless
+        `calibrated=False`).
         """
         if attribute_labels is not None or tag_ids is not None:
             raise ValueError("an ensemble is not trained: train its members, then combine them (train/ensemble.py)")
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         log_weights = self.domain_weights(image_embeds).log()
-        per_view = [
-            member(image_embeds=image_embeds[:, view]).attribute_logits
-            for view, member in enumerate(self.view_members())
-        ]
         attribute_logits = {
-            name: self._mix([logits[name].float().log_softmax(-1) for logits in per_view], log_weights)
-            for name in self.config.attributes
+            name: self._mix(per_domain, log_weights, self.config.temperatures(name) if calibrated else None)
+            for name, per_domain in self.domain_attribute_log_probs(image_embeds).items()
         }
         return FashionTaggerOutput(attribute_logits=attribute_logits, image_embeds=image_embeds)
 
@@ -533,7 +646,7 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         def step(tokens, states, banned):
             *member_states, log_weights = states
             log_probs, member_states = zip(*(member_step(tokens, state, banned) for member_step, state in zip(steps, member_states)))
-            return self._mix(list(log_probs), log_weights[0]), [*member_states, log_weights]
+            return self._mix(self.domain_log_probs(list(log_probs)), log_weights[0]), [*member_states, log_weights]
 
         return [*states, log_weights], step
 

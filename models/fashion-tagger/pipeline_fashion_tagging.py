@@ -13,9 +13,21 @@ class FashionTaggingPipeline(Pipeline):
     >>> tagger = pipeline("fashion-tagging", model="models/fashion-tagger")
     >>> tagger("photo.jpg", top_k=3)
     {"attributes": {"articleType": [{"label": "Tshirts", "score": 0.93}, ...], ...},
-     "tags": [{"tag": "Tshirts", "group": "articleType", "score": 0.91}, ...]}
+     "tags": [{"tag": "Tshirts", "group": "articleType", "score": 0.91}, ...],
+     "not_sure": {"articleType": False, "season": True, ...},
+     "out_of_distribution": {"score": 0.42, "threshold": 1.0, "flagged": False, "reason": "distance"}}
     >>> tagger([image_1, image_2], batch_size=32)  # a list of such dicts
     ```
+
+    Scores are calibrated once `fashion-hf calibrate` has fitted the model (`config.attribute_temperatures`): a
+    label at 90% is then right about 90% of the time. `not_sure[attribute]` is True when the top label's score is
+    under that head's `config.confidence_thresholds` entry, chosen so that answers at or above it were right at least
+    95% of the time on held-out photos (never True for a head without one). `out_of_distribution["score"]` says how
+    far the photo is beyond what the model knows (`model.ood_signals`, each relative to its limit in
+    `config.ood_thresholds`; `reason` names the largest: `distance` of its embedding to the training photos,
+    `uncertainty` of its heads, or `turned`, the photo looks on its side or upside down), and `flagged` when it is
+    above 1: the photo does not look like an upright clothing or accessory photo, and its labels are guesses. It is
+    None for a model without a detector.
 
     Inputs are anything [`FashionTaggerImageProcessor`] reads: PIL images, numpy arrays, paths or encoded bytes.
     `top_k` labels per attribute (default 5), scores descending; `num_beams` for the tag decoder (default 1, greedy);
@@ -59,7 +71,9 @@ class FashionTaggingPipeline(Pipeline):
             tag_ids[row, : len(hypothesis["tag_ids"])] = torch.tensor(hypothesis["tag_ids"], dtype=torch.long)
             tag_scores[row, : len(hypothesis["tags"])] = torch.tensor([tag["score"] for tag in hypothesis["tags"]])
         probabilities = {f"probs:{name}": logits.float().softmax(-1).cpu() for name, logits in outputs.attribute_logits.items()}
-        return {**probabilities, "tag_ids": tag_ids, "tag_scores": tag_scores}
+        signals = self.model.ood_signals(image_embeds, outputs.attribute_logits) or {}
+        ood = {f"ood:{name}": values.float().cpu() for name, values in signals.items()}
+        return {**probabilities, **ood, "tag_ids": tag_ids, "tag_scores": tag_scores}
 
     def postprocess(self, model_outputs, top_k=5):
         config = self.model.config
@@ -74,7 +88,14 @@ class FashionTaggingPipeline(Pipeline):
                 break
             text, group = config.id_to_tag(tag_id)
             tags.append({"tag": text, "group": group, "score": score})
-        return {"attributes": attributes, "tags": tags}
+        thresholds = config.confidence_thresholds
+        not_sure = {name: name in thresholds and ranked[0]["score"] < thresholds[name] for name, ranked in attributes.items()}
+        signals = {key.removeprefix("ood:"): float(value[0]) for key, value in model_outputs.items() if key.startswith("ood:")}
+        ood = None
+        if signals:
+            reason = max(signals, key=signals.get)
+            ood = {"score": signals[reason], "threshold": 1.0, "flagged": signals[reason] > 1.0, "reason": reason}
+        return {"attributes": attributes, "tags": tags, "not_sure": not_sure, "out_of_distribution": ood}
 
 
 def save_tagger(model, image_processor, folder, **save_kwargs) -> None:
