@@ -6,6 +6,7 @@
     fashion-hf model-card MODEL_FOLDER --metrics metrics.json --recipe recipe.json
     fashion-hf refresh-code MODEL_FOLDER       # its code copies rewritten by save_pretrained, weights untouched
     fashion-hf calibrate MODEL_FOLDER --output DIR --in-place   # calibrated scores, "not sure", off-distribution
+    fashion-hf tag IMAGES --output DIR            # tag a folder, table or dataset into parquet/JSONL/CSV shards
 
 Each subcommand's `--help` lists its flags.
 """
@@ -21,6 +22,7 @@ COMMANDS = {
     "model-card": "fashion_hf.training.model_card",
     "refresh-code": "fashion_hf.training.refresh_code",
     "calibrate": "fashion_hf.training.calibrate",
+    "tag": "fashion_hf.tag",
 }
 
 
