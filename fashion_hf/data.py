@@ -246,7 +246,7 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or _DEFAULT_DATA_DIR).expanduser()
 
 
-def _local_path(source: str | Path) -> Path | None:
+def local_path(source: str | Path) -> Path | None:
     """The local path `source` names, or None for a Hub id; a path-like source that does not exist is an error."""
     path = Path(source).expanduser()
     if path.exists():
@@ -256,7 +256,7 @@ def _local_path(source: str | Path) -> Path | None:
     return None
 
 
-def _load_from_hub(repo_id: str, split: str, hint: str) -> Dataset:
+def load_from_hub(repo_id: str, split: str, hint: str) -> Dataset:
     """load_dataset on a Hub id, with an error that says what to do when the Hub is out of reach."""
     try:
         return load_dataset(repo_id, split=split)
@@ -373,7 +373,7 @@ def load_fashion_product_images(source=None, split: str = "train", with_brand: b
     `with_brand` adds a `brand` attribute mined from the names (see `add_brand_column`).
     """
     source = _default_product_images_source() if source is None else source
-    path = _local_path(source)
+    path = local_path(source)
     if path is not None:
         dataset = load_dataset(str(path), split=split)
     else:
@@ -383,7 +383,7 @@ def load_fashion_product_images(source=None, split: str = "train", with_brand: b
             f"No local copy in {data_dir()}: set {DATA_DIR_ENV} to a folder that holds "
             f"fashion-product-images/data/{split}-*.parquet, or pass source=<folder>."
         )
-        dataset = _load_from_hub(source, "train", hint)
+        dataset = load_from_hub(source, "train", hint)
         _require_columns(dataset, ["id"], f"the Hub dataset {source}")
         ids = _read_columns(dataset, ["id"])["id"]
         dataset = dataset.select([row for row, product_id in enumerate(ids) if split_of(product_id) == split])
@@ -425,9 +425,9 @@ def load_clothing_user_photos(source=None, split: str = "validation") -> Dataset
                 f"data/{split}-*.parquet> (train/evaluate.py: --data-source), or set {DATA_DIR_ENV} to the folder "
                 f"that holds {CLOTHING_USER_PHOTOS}/"
             )
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
-        dataset = _load_from_hub(str(source), split, "Pass source=<local folder with data/<split>-*.parquet>.")
+        dataset = load_from_hub(str(source), split, "Pass source=<local folder with data/<split>-*.parquet>.")
     elif not any(path.glob(f"data/{split}-*.parquet")):
         raise FileNotFoundError(f"{CLOTHING_USER_PHOTOS} at {path} has no data/{split}-*.parquet")
     else:
@@ -500,7 +500,7 @@ def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
     if split not in FASHION_MNIST_SPLITS:
         raise ValueError(f"Fashion-MNIST has the splits {list(FASHION_MNIST_SPLITS)}, got {split!r}")
     source = _default_fashion_mnist_source() if source is None else source
-    path = _local_path(source)
+    path = local_path(source)
     file_split = "test" if split == "test" else "train"
     if path is not None:
         images, labels = _read_fashion_mnist(path, file_split)
@@ -513,7 +513,7 @@ def load_fashion_mnist(source=None, split: str = "train") -> Dataset:
         dataset = Dataset.from_dict({"image": list(images), "articleType": names}, features=features)
     else:
         hint = "Pass source=<folder with the Fashion-MNIST .gz files>."
-        dataset = _load_from_hub(source, file_split, hint)
+        dataset = load_from_hub(source, file_split, hint)
         if split in _HOLDOUT_BUCKETS:
             sides = _pixel_holdout(dataset.with_format("numpy")["image"])
             dataset = dataset.select([row for row, side in enumerate(sides) if side == split])
@@ -538,7 +538,7 @@ def _load_image_folder(folder: Path, attributes: Sequence[str] | None) -> tuple[
     return dataset, attributes
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
     """A catalogue table with every column as text (ids and sizes are labels, not numbers)."""
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
@@ -552,7 +552,7 @@ def _read_table(path: Path) -> pd.DataFrame:
 
 def _load_table(path: Path, image_column: str) -> Dataset:
     """A catalogue table whose `image_column` holds image paths relative to the table's folder."""
-    frame = _read_table(path)
+    frame = read_table(path)
     if image_column not in frame.columns:
         raise ValueError(f"catalogue {path} has no image column {image_column!r}; its columns: {list(frame.columns)}")
     images = [_as_label(value) for value in frame[image_column]]

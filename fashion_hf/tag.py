@@ -56,7 +56,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel
 
-from .data import _load_from_hub, _local_path, _read_table, load_catalogue
+from .data import load_from_hub, local_path, read_table, load_catalogue
 from .evaluation import model_device_and_dtype
 from .image_decoding import InvalidImageError, load_rgb_image
 from .runtime import cpu_threads_per_process, keep_freed_memory
@@ -105,9 +105,9 @@ class ImageRows:
 
 def load_input_dataset(source: str, split: str) -> tuple[datasets.Dataset, Path | None]:
     """The dataset `source` names and the folder its relative image paths start from (None for a Hub id)."""
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
-        return _load_from_hub(source, split, "Pass a local image folder, table or dataset folder instead."), None
+        return load_from_hub(source, split, "Pass a local image folder, table or dataset folder instead."), None
     path = path.resolve()  # image folders store absolute paths: made relative to this for the output
     if path.is_dir() and any(path.rglob("*.parquet")):  # a Hub-style dataset folder
         return datasets.load_dataset(str(path), split=split), path
@@ -117,7 +117,7 @@ def load_input_dataset(source: str, split: str) -> tuple[datasets.Dataset, Path 
         return datasets.load_dataset("parquet", data_files=str(path), split="train"), path.parent
     # A text table is read here, not by load_catalogue, which refuses a whole table for one missing file: here that
     # file's row gets an error and the others are tagged. Every column is text, so ids keep their leading zeros.
-    return datasets.Dataset.from_pandas(_read_table(path), preserve_index=False), path.parent
+    return datasets.Dataset.from_pandas(read_table(path), preserve_index=False), path.parent
 
 
 def stored_paths(images: pa.ChunkedArray, base_folder: Path | None) -> list[str | None]:

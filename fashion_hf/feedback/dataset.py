@@ -19,8 +19,8 @@ from datasets import Dataset, Value, load_dataset
 
 from ..configuration_fashion_tagger import DETAIL_GROUP, tag_key
 from ..data import (
-    BRAND, PRODUCT_ATTRIBUTES, TAGS_COLUMN, TAGS_KNOWN_COLUMN, _STRING, _TAG_LIST, _as_label, _load_from_hub,
-    _local_path, _read_columns, _replace_columns, _require_columns, add_tag_sequences,
+    BRAND, PRODUCT_ATTRIBUTES, TAGS_COLUMN, TAGS_KNOWN_COLUMN, _STRING, _TAG_LIST, _as_label, load_from_hub,
+    local_path, _read_columns, _replace_columns, _require_columns, add_tag_sequences,
 )  # fmt: skip
 from ..tag_mining import canonical_detail_tag
 from .schema import ANONYMOUS, ATTRIBUTE_STATUSES, CHANGED, CONFIRMED, DATA_DIR, METADATA_NAME, record_attribute_status
@@ -56,9 +56,9 @@ def _feedback_statuses(record_id, attributes_json, status_json) -> dict[str, str
 
 def _load_feedback_records(source: str | Path) -> Dataset:
     """Every record of a feedback store: a local folder (images + JSONL metadata) or a Hub dataset id."""
-    path = _local_path(source)
+    path = local_path(source)
     if path is None:
-        return _load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
+        return load_from_hub(str(source), "train", "Pass the local feedback folder instead.")
     if not path.is_dir():
         raise FileNotFoundError(f"feedback store {path} is not a folder")
     # The store grows and records can be withdrawn between runs: never serve a cached copy of an older state. A
@@ -141,7 +141,7 @@ def feedback_summary(source: str | Path) -> dict:
     files (sorted by path), equal for two runs on the same records; for a Hub dataset the commit it was loaded at
     (from the `datasets` cache, without asking the Hub), or None when that is unknown.
     """
-    path = _local_path(source)
+    path = local_path(source)
     revision = _feedback_folder_revision(path) if path is not None and path.is_dir() else None
     records = _load_feedback_records(source)
     if path is None:
