@@ -193,7 +193,7 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
     """One epoch; `distill(attribute_logits, batch)`, when given, is added to each batch's loss."""
     tagger.train()
     if frozen_trunk:
-        tagger.trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
+        accelerator.unwrap_model(tagger).trunk.eval()  # frozen batch-norm statistics stay those the cache was computed with
     losses = []
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", disable=not accelerator.is_local_main_process, leave=False)
     for batch in bar:
