@@ -26,15 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+from fashion_hf import data
+from fashion_hf.image_processing_fashion_tagger import FashionTaggerImageProcessor
+from fashion_hf.training.examples import TaggingExamples, collate, dataset_attributes
+from fashion_hf.training.feature_cache import freeze
+from fashion_hf.training.loop import TrainingTagger, build_model, parameter_groups
+from fashion_hf.training.train import parse_args as parse_train_args
 
-from fashion_hf import data  # noqa: E402
-from fashion_hf.image_processing_fashion_tagger import FashionTaggerImageProcessor  # noqa: E402
-from fashion_hf.training.examples import TaggingExamples, collate, dataset_attributes  # noqa: E402
-from fashion_hf.training.feature_cache import freeze  # noqa: E402
-from fashion_hf.training.loop import TrainingTagger, build_model, parameter_groups  # noqa: E402
-from fashion_hf.training.train import parse_args as parse_train_args  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 PRODUCT_CONFIG = REPO / "train" / "configs" / "fashion-product-images.yaml"
 MNIST_CONFIG = REPO / "train" / "configs" / "fashion-mnist.yaml"
