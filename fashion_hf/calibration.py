@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .metrics import CALIBRATION_BINS, IGNORE_INDEX, label_indices
+from .metrics import IGNORE_INDEX, label_indices
 
 NOT_SURE_PRECISION = 0.95  # answers at or above a head's threshold were right at least this often
 TEMPERATURE_BOUNDS = (0.05, 20.0)
@@ -111,16 +111,6 @@ def coverage_curve(confidence, correct, thresholds=None) -> dict:
         coverage.append(float(answered.mean()) if len(answered) else 0.0)
         accuracy.append(float(correct[answered].mean()) if answered.any() else None)
     return {"threshold": [float(t) for t in thresholds], "coverage": coverage, "accuracy": accuracy}
-
-
-def reliability_bins(confidence, correct, bins: int = CALIBRATION_BINS) -> dict:
-    """The reliability diagram's points: per equal-width confidence bin, its items' mean confidence, accuracy and
-    count (the same bins as `metrics.calibration_error`); empty bins are left out."""
-    confidence = np.asarray(confidence, dtype=np.float64)
-    correct = np.asarray(correct, dtype=np.float64)
-    bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    rows = [(confidence[bin_of == b].mean(), correct[bin_of == b].mean(), int((bin_of == b).sum())) for b in np.unique(bin_of)]
-    return {"confidence": [float(r[0]) for r in rows], "accuracy": [float(r[1]) for r in rows], "count": [r[2] for r in rows]}
 
 
 @dataclass

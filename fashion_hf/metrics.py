@@ -80,14 +80,29 @@ def calibration_error(y_true, probs: np.ndarray, bins: int = CALIBRATION_BINS) -
     if not present.any():
         return None
     confidence = probs[present].max(axis=1)
-    correct = probs[present].argmax(axis=1) == y_true[present]
+    return expected_calibration_error(confidence, probs[present].argmax(axis=1) == y_true[present], bins)
+
+
+def reliability_bins(confidence, correct, bins: int = CALIBRATION_BINS) -> dict:
+    """The reliability diagram's points: per equal-width confidence bin on [0, 1], its items' mean confidence,
+    accuracy and count; empty bins are left out. `correct`: whether each item's answer was right."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    correct = np.asarray(correct, dtype=np.float64)
     # Bin b holds confidences in (b/bins, (b+1)/bins]; a confidence of exactly 0 joins the first bin.
     bin_of = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
-    gap = 0.0
-    for b in np.unique(bin_of):
-        members = bin_of == b
-        gap += members.sum() * abs(correct[members].mean() - confidence[members].mean())
-    return float(gap / len(confidence))
+    rows = [(confidence[bin_of == b].mean(), correct[bin_of == b].mean(), int((bin_of == b).sum())) for b in np.unique(bin_of)]
+    return {"confidence": [float(r[0]) for r in rows], "accuracy": [float(r[1]) for r in rows], "count": [r[2] for r in rows]}
+
+
+def expected_calibration_error(confidence, correct, bins: int = CALIBRATION_BINS) -> float | None:
+    """ECE of answers given with these confidences: each `reliability_bins` bin's gap between mean confidence and
+    accuracy, weighted by its share of the answers. For any score that claims "this is right" with that probability
+    (a head's top label, a generated tag); None without answers."""
+    if not len(confidence):
+        return None
+    points = reliability_bins(confidence, correct, bins)
+    gaps = np.abs(np.asarray(points["confidence"]) - np.asarray(points["accuracy"]))
+    return float((gaps * np.asarray(points["count"])).sum() / len(confidence))
 
 
 def tag_group(key: str) -> str:
@@ -168,8 +183,11 @@ def head_tag_sets(
 __all__ = [
     "IGNORE_INDEX",
     "attribute_metrics",
+    "calibration_error",
+    "expected_calibration_error",
     "head_tag_sets",
     "label_indices",
+    "reliability_bins",
     "restrict_to_groups",
     "tag_group",
     "tag_set_metrics",

@@ -88,8 +88,7 @@ class FashionTaggingPipeline(Pipeline):
                 break
             text, group = config.id_to_tag(tag_id)
             tags.append({"tag": text, "group": group, "score": score})
-        thresholds = config.confidence_thresholds
-        not_sure = {name: name in thresholds and ranked[0]["score"] < thresholds[name] for name, ranked in attributes.items()}
+        not_sure = {name: config.is_not_sure(name, ranked[0]["score"]) for name, ranked in attributes.items()}
         signals = {key.removeprefix("ood:"): float(value[0]) for key, value in model_outputs.items() if key.startswith("ood:")}
         ood = None
         if signals:

@@ -256,7 +256,6 @@ def ranked_labels(labels: list[str], logits: torch.Tensor, top_k: int) -> list[l
 def prediction_columns(config, ranked: dict[str, list[dict]], tags: list[dict], ood_score: float | None) -> dict:
     """One image's columns, as the pipeline says them: "not sure" where the top score is under the head's threshold,
     flagged where the out-of-distribution score is over 1."""
-    thresholds = config.confidence_thresholds
     row = {}
     for name, top_k in ranked.items():
         row.update({name: top_k[0]["label"], f"{name}_score": top_k[0]["score"], f"{name}_top_k": top_k})
@@ -264,7 +263,7 @@ def prediction_columns(config, ranked: dict[str, list[dict]], tags: list[dict], 
         tags=[tag["tag"] for tag in tags],
         tag_groups=[tag["group"] for tag in tags],
         tag_scores=[tag["score"] for tag in tags],
-        not_sure=[name for name, top_k in ranked.items() if top_k[0]["score"] < thresholds.get(name, 0.0)],
+        not_sure=[name for name, top_k in ranked.items() if config.is_not_sure(name, top_k[0]["score"])],
         out_of_distribution=None if ood_score is None else ood_score > 1.0,
         out_of_distribution_score=ood_score,
     )

@@ -48,14 +48,14 @@ from ..calibration import (
     fit_turned_probe,
     joint_limits,
     precision_threshold,
-    reliability_bins,
     scale_tag_scores,
     turned_probability,
 )
 from ..configuration_fashion_tagger import DEFAULT_DOMAIN, USER_PHOTOS_DOMAIN
 from ..image_decoding import accepted_suffixes
 from ..image_processing_fashion_tagger import FashionTaggerImageProcessor
-from ..metrics import CALIBRATION_BINS, IGNORE_INDEX, calibration_error
+from ..metrics import IGNORE_INDEX, calibration_error, expected_calibration_error, reliability_bins
+from ..modeling_fashion_tagger import summed_entropy
 from ..pipeline_fashion_tagging import save_tagger
 from .evaluate import duplicate_rows
 from .plots import plot_coverage, plot_ood_scores, plot_reliability
@@ -140,12 +140,13 @@ def answers(scores: HeldOutScores, name: str, temperatures: list[float] | None) 
     return probabilities.max(1), probabilities.argmax(1) == labels
 
 
-def fit_thresholds(config, sources: dict[str, HeldOutScores], temperatures) -> dict[str, float]:
-    """Per head, the stricter of the thresholds each labelled source asks for."""
+def fit_thresholds(config, sources: dict[str, HeldOutScores]) -> dict[str, float]:
+    """Per head, the stricter of the thresholds each labelled source asks for, on the scores as `config`'s
+    temperatures calibrate them."""
     thresholds = {}
     for name in config.attributes:
         per_source = [
-            precision_threshold(*answers(scores, name, [temperatures.get(d, {}).get(name, 1.0) for d in config.photo_domains()]))
+            precision_threshold(*answers(scores, name, config.temperatures(name)))
             for scores in sources.values()
             if name in scores.labels and (scores.labels[name] != IGNORE_INDEX).sum() >= 20
         ]
@@ -164,13 +165,14 @@ def fit_tag_scaling(scores: HeldOutScores) -> dict[str, list[float]]:
 # -- measuring -------------------------------------------------------------------------------------------------------
 
 
-def head_report(config, scores: HeldOutScores, temperatures, thresholds) -> dict:
-    """Per labelled head of a held-out set: ECE and reliability bins before and after, and what the threshold does."""
+def head_report(config, scores: HeldOutScores, thresholds) -> dict:
+    """Per labelled head of a held-out set: ECE and reliability bins before and after calibration (`config`'s
+    temperatures), and what the threshold does."""
     report = {}
     for name, labels in scores.labels.items():
         if not (labels != IGNORE_INDEX).any():
             continue
-        after = [temperatures.get(domain, {}).get(name, 1.0) for domain in config.photo_domains()]
+        after = config.temperatures(name)
         entry = {"n": int((labels != IGNORE_INDEX).sum())}
         for when, head_temperatures in (("before", None), ("after", after)):
             confidence, correct = answers(scores, name, head_temperatures)
@@ -203,36 +205,28 @@ def tag_report(scores: HeldOutScores, scaling: dict[str, list[float]]) -> dict:
         groups[str(group)] = {
             "n": int(rows.sum()),
             "precision": float(scores.tag_correct[rows].mean()),
-            "ece_before": _top_score_ece(scores.tag_scores[rows], scores.tag_correct[rows]),
-            "ece_after": _top_score_ece(scaled[rows], scores.tag_correct[rows]),
+            "ece_before": expected_calibration_error(scores.tag_scores[rows], scores.tag_correct[rows]),
+            "ece_after": expected_calibration_error(scaled[rows], scores.tag_correct[rows]),
         }
     overall = {
         "n": len(scaled),
-        "ece_before": _top_score_ece(scores.tag_scores, scores.tag_correct),
-        "ece_after": _top_score_ece(scaled, scores.tag_correct),
+        "ece_before": expected_calibration_error(scores.tag_scores, scores.tag_correct),
+        "ece_after": expected_calibration_error(scaled, scores.tag_correct),
     }
     return {"overall": overall, "per_group": groups}
-
-
-def _top_score_ece(confidence, correct) -> float | None:
-    """ECE of scores that claim "this is right" with probability `confidence` (the 15 bins of `calibration_error`)."""
-    if not len(confidence):
-        return None
-    bins = reliability_bins(confidence, correct, CALIBRATION_BINS)
-    gaps = np.abs(np.asarray(bins["confidence"]) - np.asarray(bins["accuracy"]))
-    return float((gaps * np.asarray(bins["count"])).sum() / len(confidence))
 
 
 # -- the out-of-distribution detector --------------------------------------------------------------------------------
 
 
-def uncertainty_of(scores: HeldOutScores, config, temperatures) -> np.ndarray:
-    """Per photo, the summed entropy of its calibrated heads (what `modeling.summed_entropy` computes)."""
-    total = np.zeros(len(scores.domain_weights))
-    for name in config.attributes:
-        probabilities = scores.probabilities(name, [temperatures.get(d, {}).get(name, 1.0) for d in config.photo_domains()])
-        total -= (probabilities * np.log(np.clip(probabilities, 1e-12, None))).sum(1)
-    return total
+def uncertainty_of(scores: HeldOutScores, config) -> np.ndarray:
+    """Per photo, the summed entropy of its heads as `config`'s temperatures calibrate them: the model's own
+    `summed_entropy`, on the log of the probabilities it would serve."""
+    log_probs = {
+        name: torch.as_tensor(np.log(np.clip(scores.probabilities(name, config.temperatures(name)), 1e-12, None)))
+        for name in config.attributes
+    }
+    return summed_entropy(log_probs).numpy()
 
 
 @dataclass
@@ -241,7 +235,7 @@ class Detector:
     turned_probe: np.ndarray  # (width + 1,): a linear probe for photos on their side or upside down
 
 
-def fit_ood(config, training: list[np.ndarray], turned: np.ndarray, fitting: list[HeldOutScores], temperatures) -> tuple:
+def fit_ood(config, training: list[np.ndarray], turned: np.ndarray, fitting: list[HeldOutScores]) -> tuple:
     """The detector and its limits. `training`: the training photos' normalised embeddings, one array per domain of
     the model (catalogue photos, then phone photos); `turned`: some of them turned by 90, 180 and 270 degrees.
     Three signals, because each misses what another sees: a flat colour sits far from every photo but can look
@@ -249,21 +243,21 @@ def fit_ood(config, training: list[np.ndarray], turned: np.ndarray, fitting: lis
     near the shirts and can look certain, but its layout is wrong. Their limits share `IN_DISTRIBUTION_FLAGGED`
     of each kind of held-out fitting photo (`joint_limits`)."""
     detector = Detector(fit_feature_density(training), fit_turned_probe(np.concatenate(training), turned))
-    signals = [raw_signals(scores, config, temperatures, detector) for scores in fitting]
+    signals = [raw_signals(scores, config, detector) for scores in fitting]
     return detector, joint_limits(signals, IN_DISTRIBUTION_FLAGGED)
 
 
-def raw_signals(scores: HeldOutScores, config, temperatures, detector: Detector) -> dict[str, np.ndarray]:
+def raw_signals(scores: HeldOutScores, config, detector: Detector) -> dict[str, np.ndarray]:
     """Per photo, each signal before its limit (what `modeling.ood_signals` computes)."""
     return {
         "distance": detector.density.scores(scores.ood_features),
-        "uncertainty": uncertainty_of(scores, config, temperatures),
+        "uncertainty": uncertainty_of(scores, config),
         "turned": turned_probability(scores.ood_features, detector.turned_probe),
     }
 
 
-def ood_scores(scores: HeldOutScores, config, temperatures, detector: Detector, limits) -> np.ndarray:
-    signals = raw_signals(scores, config, temperatures, detector)
+def over_limits(signals: dict[str, np.ndarray], limits: dict[str, float]) -> np.ndarray:
+    """Per photo, the largest signal divided by its limit: `modeling.ood_scores` (above 1: flagged)."""
     return np.max([signals[name] / limits[name] for name in signals], axis=0)
 
 
@@ -313,10 +307,11 @@ def training_features(model, processor, args) -> tuple[list[np.ndarray], np.ndar
     return features, turned
 
 
-def set_calibration(model, temperatures, tag_scaling, thresholds, detector: Detector, limits) -> None:
+def set_calibration(model, tag_scaling, thresholds, detector: Detector, limits) -> None:
+    """The rest of the calibration beside the temperatures (set as soon as they are fitted): into the config and
+    the detector's buffers."""
     config = model.config
-    config.attribute_temperatures, config.tag_score_scaling = temperatures, tag_scaling
-    config.confidence_thresholds, config.ood_thresholds = thresholds, limits
+    config.tag_score_scaling, config.confidence_thresholds, config.ood_thresholds = tag_scaling, thresholds, limits
     if not hasattr(model, "ood_means"):
         model._add_ood_detector(detector.density.means.shape[1])
     model.ood_means.copy_(torch.as_tensor(detector.density.means))
@@ -358,10 +353,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def rotation_report(model, processor, args, config, temperatures, detector, limits) -> dict:
+def rotation_report(model, processor, args, detector, limits) -> dict:
     """Rotated held-out photos: how often each is tagged like its upright twin on the category heads, flagged, or
     either (handled)."""
-    report = {}
+    report, config = {}, model.config
     sources = {"product": data.load_fashion_product_images(args.data_source, split="validation")}
     if args.user_photos:
         sources["phone"] = data.load_clothing_user_photos(args.user_photos_source, split="validation")
@@ -373,7 +368,7 @@ def rotation_report(model, processor, args, config, temperatures, detector, limi
         report[name] = {}
         for degrees in ROTATIONS:
             turned = collect(model, processor, rotated(dataset, degrees), args.batch_size, with_tags=False, progress=not args.no_progress)
-            flagged = ood_scores(turned, config, temperatures, detector, limits) > 1
+            flagged = over_limits(raw_signals(turned, config, detector), limits) > 1
             same = np.all([turned.probabilities(head).argmax(1) == upright_top[head] for head in heads], axis=0)
             report[name][str(degrees)] = {
                 "n": len(flagged),
@@ -391,13 +386,16 @@ def main(argv=None) -> dict:
     processor = FashionTaggerImageProcessor.from_pretrained(args.model)
     model.config.without_calibration()  # fitted on the model's own scores, never on an earlier calibration's
     fitting, held_out = held_out_sources(model, processor, args)
-    temperatures = fit_temperatures(model, fitting)
-    thresholds = fit_thresholds(model.config, fitting, temperatures)
+    config = model.config
+    # The temperatures go into the config at once: what is fitted after them (thresholds, the heads' uncertainty)
+    # reads the scores as the calibrated model will serve them. The model's own outputs here stay uncalibrated:
+    # `collect` reads the domains' log-probabilities before any temperature.
+    config.attribute_temperatures = temperatures = fit_temperatures(model, fitting)
+    thresholds = fit_thresholds(config, fitting)
     tag_scaling = fit_tag_scaling(fitting["product"])
     training, turned = training_features(model, processor, args)
-    detector, limits = fit_ood(model.config, training, turned, list(fitting.values()), temperatures)
+    detector, limits = fit_ood(config, training, turned, list(fitting.values()))
 
-    config = model.config
     report = {
         "model": str(args.model),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -407,16 +405,17 @@ def main(argv=None) -> dict:
         "confidence_thresholds": thresholds,
         "tag_score_scaling": tag_scaling,
         "ood_thresholds": limits,
-        "heads": {name: head_report(config, scores, temperatures, thresholds) for name, scores in held_out.items()},
+        "heads": {name: head_report(config, scores, thresholds) for name, scores in held_out.items()},
         "tags": tag_report(held_out["product"], tag_scaling),
     }
-    images = {"generated": image_dataset([image for _, image in generated_non_photos()])}
+    generated = generated_non_photos()
+    images = {"generated": image_dataset([image for _, image in generated])}
     if args.ood_photos:
         images["photos"] = image_dataset(photos_in(args.ood_photos))
     outside_scores = {name: collect(model, processor, found, args.batch_size, with_tags=False, progress=False)
                       for name, found in images.items()}  # fmt: skip
-    signals = {name: raw_signals(scores, config, temperatures, detector) for name, scores in {**held_out, **outside_scores}.items()}
-    scored = {name: np.max([values[s] / limits[s] for s in values], axis=0) for name, values in signals.items()}
+    signals = {name: raw_signals(scores, config, detector) for name, scores in {**held_out, **outside_scores}.items()}
+    scored = {name: over_limits(values, limits) for name, values in signals.items()}
     inside = np.concatenate([scored[name] for name in held_out])
     report["ood"] = {
         "fitting_budget": IN_DISTRIBUTION_FLAGGED,
@@ -424,11 +423,10 @@ def main(argv=None) -> dict:
         "flagged_by": {name: {s: float((v / limits[s] > 1).mean()) for s, v in values.items()} for name, values in signals.items()},
         "auroc": {name: binary_auroc(inside, scored[name]) for name in outside_scores},
         "auroc_all": binary_auroc(inside, np.concatenate([scored[name] for name in outside_scores])),
-        "generated_kinds": sorted({kind for kind, _ in generated_non_photos()}),
+        "generated_kinds": sorted({kind for kind, _ in generated}),
     }
     if args.rotated_photos:
-        set_calibration(model, temperatures, tag_scaling, thresholds, detector, limits)
-        report["rotated"] = rotation_report(model, processor, args, config, temperatures, detector, limits)
+        report["rotated"] = rotation_report(model, processor, args, detector, limits)
 
     args.output.mkdir(parents=True, exist_ok=True)
     report["files"] = [CALIBRATION_FILE]
@@ -443,7 +441,7 @@ def main(argv=None) -> dict:
 
     destination = args.model if args.in_place else args.save_to
     if destination is not None:
-        set_calibration(model, temperatures, tag_scaling, thresholds, detector, limits)
+        set_calibration(model, tag_scaling, thresholds, detector, limits)
         save_calibrated(model, args.model, destination)
         for file in report["files"]:  # beside the model, where its card (`fashion-hf model-card`) reads them
             shutil.copy2(args.output / file, Path(destination) / file)

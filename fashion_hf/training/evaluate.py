@@ -42,9 +42,8 @@ import torch
 from transformers import AutoImageProcessor, AutoModel
 
 from .. import data
-from ..calibration import reliability_bins
 from ..evaluation import Predictions, label_breakdown, model_device_and_dtype, predict, score, select_predictions
-from ..metrics import IGNORE_INDEX, calibration_error
+from ..metrics import IGNORE_INDEX, calibration_error, reliability_bins
 from .augment import phone_photo_shift
 from .plots import plot_attribute_accuracy, plot_confusion_matrix, plot_reliability, plot_training_curves
 

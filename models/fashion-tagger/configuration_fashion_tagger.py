@@ -220,6 +220,10 @@ class FashionTaggerConfig(PreTrainedConfig):
         """Head `name`'s temperature in each of `photo_domains()`, 1.0 where it is not calibrated."""
         return [self.attribute_temperatures.get(domain, {}).get(name, 1.0) for domain in self.photo_domains()]
 
+    def is_not_sure(self, name: str, score: float) -> bool:
+        """Whether head `name`'s top-label `score` is under its confidence threshold (never, for a head without one)."""
+        return score < self.confidence_thresholds.get(name, 0.0)
+
     def without_calibration(self) -> None:
         """Forget every fitted calibration value: they belong to these weights, and training changes them."""
         self.attribute_temperatures, self.tag_score_scaling, self.confidence_thresholds = {}, {}, {}
