@@ -7,6 +7,8 @@
     fashion-hf refresh-code MODEL_FOLDER       # its code copies rewritten by save_pretrained, weights untouched
     fashion-hf calibrate MODEL_FOLDER --output DIR --in-place   # calibrated scores, "not sure", off-distribution
     fashion-hf tag IMAGES --output DIR            # tag a folder, table or dataset into parquet/JSONL/CSV shards
+    fashion-hf export-onnx MODEL_FOLDER [--quantize]   # ONNX graphs of its encoders, for runtime="onnx"
+    fashion-hf index CATALOGUE --output INDEX     # a faiss index of its image embeddings, for similar items
 
 Each subcommand's `--help` lists its flags.
 """
@@ -23,6 +25,8 @@ COMMANDS = {
     "refresh-code": "fashion_hf.training.refresh_code",
     "calibrate": "fashion_hf.training.calibrate",
     "tag": "fashion_hf.tag",
+    "export-onnx": "fashion_hf.training.export_onnx",
+    "index": "fashion_hf.similar",
 }
 
 

@@ -106,6 +106,12 @@ class FashionTaggerConfig(PreTrainedConfig):
             `uncertainty` (the summed entropy of the calibrated heads) and `turned` (the probability that the photo
             is on its side or upside down, from a linear probe of the embedding). A photo beyond any of them does not
             look like an upright clothing or accessory photo (`ood_scores`). None: no detector.
+        upright_search (`dict[str, float]`, *optional*):
+            Photos that may be on their side or upside down, tagged the right way up: `below` is the upright
+            probability (a four-way probe of the embedding, fitted by `fashion-hf calibrate`) under which the
+            pipeline also encodes the photo turned by 90, 180 and 270 degrees, and `margin` how much more upright
+            a turn must look to be tagged instead of the photo as given (`FashionTaggerPreTrainedModel.turn_upright`).
+            None: photos are tagged as given.
         attribute_order (`list[str]`, *optional*):
             Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
@@ -143,6 +149,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         tag_score_scaling: dict[str, list[float]] | None = None,
         confidence_thresholds: dict[str, float] | None = None,
         ood_thresholds: dict[str, float] | None = None,
+        upright_search: dict[str, float] | None = None,
         attribute_order: list[str] | None = None,
         **kwargs,
     ):
@@ -189,6 +196,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.tag_score_scaling = {group: list(scaling) for group, scaling in (tag_score_scaling or {}).items()}
         self.confidence_thresholds = dict(confidence_thresholds or {})
         self.ood_thresholds = dict(ood_thresholds) if ood_thresholds else None
+        self.upright_search = dict(upright_search) if upright_search else None
         self._check_calibration()
         if registered_locally(type(self)):
             # A saved folder names its pipeline in `custom_pipelines` for trust_remote_code users, and transformers
@@ -208,6 +216,8 @@ class FashionTaggerConfig(PreTrainedConfig):
                 raise ValueError(f"confidence_thresholds[{name!r}] = {threshold!r}: a head's threshold is in [0, 1]")
         if self.ood_thresholds is not None and sorted(self.ood_thresholds) != sorted(OOD_LIMITS):
             raise ValueError(f"ood_thresholds has the limits {list(OOD_LIMITS)}, got {self.ood_thresholds!r}")
+        if self.upright_search is not None and sorted(self.upright_search) != ["below", "margin"]:
+            raise ValueError(f"upright_search is {{'below': ..., 'margin': ...}}, got {self.upright_search!r}")
         for group, scaling in self.tag_score_scaling.items():
             if len(scaling) != 2:
                 raise ValueError(f"tag_score_scaling[{group!r}] is [a, b], got {scaling!r}")
@@ -227,7 +237,7 @@ class FashionTaggerConfig(PreTrainedConfig):
     def without_calibration(self) -> None:
         """Forget every fitted calibration value: they belong to these weights, and training changes them."""
         self.attribute_temperatures, self.tag_score_scaling, self.confidence_thresholds = {}, {}, {}
-        self.ood_thresholds = None
+        self.ood_thresholds = self.upright_search = None
 
     @property
     def encoder_description(self) -> str:
@@ -265,8 +275,12 @@ class FashionTaggerConfig(PreTrainedConfig):
 
 ENSEMBLE_FIELDS = ("members", "mirror_views", "domains", "member_domains", "expert_min_weight")
 # Fitted to one model's weights by `fashion-hf calibrate`: a member or a retrained model does not inherit them.
-CALIBRATION_FIELDS = ("attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds")
+CALIBRATION_FIELDS = (
+    "attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds", "upright_search",
+)
 OOD_LIMITS = ("distance", "uncertainty", "turned")
+# The turns `upright_search` tries, counter-clockwise as PIL's `Image.rotate` turns (90 undoes a photo turned by 270).
+QUARTER_TURNS = (90, 180, 270)
 
 
 def _shared_fields(config: FashionTaggerConfig) -> dict:

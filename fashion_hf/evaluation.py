@@ -113,6 +113,20 @@ def model_device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
+def encode_upright(model, processor, images: list, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`model.encode_images(pixel_values)` of `images` (decoded), with the photos that look turned encoded the right way
+    up where the model's `upright_search` finds a turn that is (`turn_upright`): the embeddings the pipeline tags,
+    and the degrees each photo was turned for them."""
+    image_embeds = model.encode_images(pixel_values)
+
+    def encode_turns(rows: torch.Tensor) -> torch.Tensor:
+        turns = np.stack([processor.quarter_turns(processor.load_image(images[row])) for row in rows.tolist()], axis=1)
+        turned_pixels = processor.normalize_pixels(torch.from_numpy(turns.reshape(-1, *turns.shape[2:])))
+        return model.encode_images(turned_pixels.to(pixel_values.device, pixel_values.dtype)).unflatten(0, turns.shape[:2])
+
+    return model.turn_upright(image_embeds, encode_turns)
+
+
 def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1, progress: bool = True) -> Predictions:
     """Run the model over `dataset` (an `image` column and label columns) in batches, in eval mode.
 
@@ -140,7 +154,7 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
         with torch.inference_mode(), tqdm(total=len(dataset), unit="img", desc="evaluate", disable=not progress) as bar:
             for batch in dataset.select_columns(["image"]).iter(batch_size=batch_size):
                 pixel_values = processor(batch["image"], return_tensors="pt")["pixel_values"].to(device, dtype)
-                image_embeds = model.encode_images(pixel_values)
+                image_embeds, _ = encode_upright(model, processor, batch["image"], pixel_values)
                 outputs = model(image_embeds=image_embeds)
                 for name in config.attributes:
                     probs[name].append(outputs.attribute_logits[name].float().softmax(-1).cpu().numpy())

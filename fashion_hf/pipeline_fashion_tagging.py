@@ -5,6 +5,8 @@ from transformers import Pipeline
 
 from .configuration_fashion_tagger import PAD_TAG_ID
 
+RUNTIMES = ("torch", "onnx")
+
 
 class FashionTaggingPipeline(Pipeline):
     """Tag product photos.
@@ -15,7 +17,8 @@ class FashionTaggingPipeline(Pipeline):
     {"attributes": {"articleType": [{"label": "Tshirts", "score": 0.93}, ...], ...},
      "tags": [{"tag": "Tshirts", "group": "articleType", "score": 0.91}, ...],
      "not_sure": {"articleType": False, "season": True, ...},
-     "out_of_distribution": {"score": 0.42, "threshold": 1.0, "flagged": False, "reason": "distance"}}
+     "out_of_distribution": {"score": 0.42, "threshold": 1.0, "flagged": False, "reason": "distance"},
+     "turned_by": 0}
     >>> tagger([image_1, image_2], batch_size=32)  # a list of such dicts
     ```
 
@@ -27,11 +30,18 @@ class FashionTaggingPipeline(Pipeline):
     `config.ood_thresholds`; `reason` names the largest: `distance` of its embedding to the training photos,
     `uncertainty` of its heads, or `turned`, the photo looks on its side or upside down), and `flagged` when it is
     above 1: the photo does not look like an upright clothing or accessory photo, and its labels are guesses. It is
-    None for a model without a detector.
+    None for a model without a detector. `turned_by` is 0, or the degrees (counter-clockwise: 90, 180, 270) the photo
+    was turned before it was tagged, because it looked on its side or upside down and that turn looked upright
+    (`config.upright_search`, `FashionTaggerPreTrainedModel.turn_upright`).
 
     Inputs are anything [`FashionTaggerImageProcessor`] reads: PIL images, numpy arrays, paths or encoded bytes.
     `top_k` labels per attribute (default 5), scores descending; `num_beams` for the tag decoder (default 1, greedy);
     `max_tags` caps the tag sequence (default the model's `max_tag_length`).
+
+    `runtime="onnx"` (`pipeline("fashion-tagging", model=..., runtime="onnx")`, CPU only, needs `onnxruntime`) runs
+    the image encoders with ONNX Runtime, several times faster on CPU, and the rest as PyTorch does: the same top
+    labels, scores within 1e-3. The graphs come from the model folder's `onnx/` (`fashion-hf export-onnx`), else are
+    exported once into `~/.cache/fashion_hf/onnx/` (see `onnx_runtime`). The default, `"torch"`, is the reference.
     """
 
     _load_processor = False
@@ -39,6 +49,19 @@ class FashionTaggingPipeline(Pipeline):
     _load_feature_extractor = False
     _load_video_processor = False
     _load_tokenizer = False
+
+    def __init__(self, *args, runtime: str = "torch", **kwargs):
+        super().__init__(*args, **kwargs)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        self.runtime = runtime
+        self.encoder = self.model
+        if runtime != "torch":
+            if self.model.device.type != "cpu":
+                raise ValueError(f"runtime={runtime!r} runs on the CPU; the model is on {self.model.device}: pass device='cpu'")
+            from .onnx_runtime import OnnxTagger  # imported only here: the default runtime needs no onnxruntime
+
+            self.encoder = OnnxTagger.for_model(self.model, self.model.name_or_path)
 
     def _sanitize_parameters(self, top_k=None, num_beams=None, max_tags=None, **kwargs):
         forward_params = {}
@@ -53,13 +76,26 @@ class FashionTaggingPipeline(Pipeline):
         # Per image only the decoding and resizing; normalisation runs once per batch in _forward, on the model's
         # device. The key is "image" because the base class's collate concatenates that key as it is.
         processor = self.image_processor
-        pixels = processor.to_model_size(processor.load_image(image))
-        return {"image": torch.from_numpy(pixels)[None]}
+        image = processor.load_image(image)
+        inputs = {"image": torch.from_numpy(processor.to_model_size(image))[None]}
+        if self.model.config.upright_search is not None:  # the turns `turn_upright` may try, made from the decoded photo
+            inputs["quarter_turns"] = torch.from_numpy(processor.quarter_turns(image))[None]
+        return inputs
+
+    def _encode_quarter_turns(self, quarter_turns: torch.Tensor) -> torch.Tensor:
+        """`(photos, turns, H, W, 3)` uint8 -> their embeddings, `(turns, photos, ...)` as `turn_upright` takes them."""
+        turns_first = quarter_turns.transpose(0, 1)
+        pixel_values = self.image_processor.normalize_pixels(turns_first.flatten(0, 1).to(self.model.device))
+        image_embeds = self.encoder.encode_images(pixel_values.to(self.model.dtype))
+        return image_embeds.unflatten(0, turns_first.shape[:2])
 
     def _forward(self, model_inputs, num_beams=1, max_length=None):
         pixel_values = self.image_processor.normalize_pixels(model_inputs["image"].to(self.model.device))
         pixel_values = pixel_values.to(self.model.dtype)
-        image_embeds = self.model.encode_images(pixel_values)
+        image_embeds = self.encoder.encode_images(pixel_values)
+        image_embeds, turned_by = self.model.turn_upright(
+            image_embeds, lambda rows: self._encode_quarter_turns(model_inputs["quarter_turns"][rows.cpu()])
+        )
         outputs = self.model(image_embeds=image_embeds)
         hypotheses = self.model.generate_tags(image_embeds=image_embeds, num_beams=num_beams, max_length=max_length)
         # The base class splits batched outputs per image by indexing every value: keep them flat tensors.
@@ -73,7 +109,7 @@ class FashionTaggingPipeline(Pipeline):
         probabilities = {f"probs:{name}": logits.float().softmax(-1).cpu() for name, logits in outputs.attribute_logits.items()}
         signals = self.model.ood_signals(image_embeds, outputs.attribute_logits) or {}
         ood = {f"ood:{name}": values.float().cpu() for name, values in signals.items()}
-        return {**probabilities, **ood, "tag_ids": tag_ids, "tag_scores": tag_scores}
+        return {**probabilities, **ood, "tag_ids": tag_ids, "tag_scores": tag_scores, "turned_by": turned_by.cpu()}
 
     def postprocess(self, model_outputs, top_k=5):
         config = self.model.config
@@ -94,7 +130,8 @@ class FashionTaggingPipeline(Pipeline):
         if signals:
             reason = max(signals, key=signals.get)
             ood = {"score": signals[reason], "threshold": 1.0, "flagged": signals[reason] > 1.0, "reason": reason}
-        return {"attributes": attributes, "tags": tags, "not_sure": not_sure, "out_of_distribution": ood}
+        turned_by = int(model_outputs["turned_by"][0])
+        return {"attributes": attributes, "tags": tags, "not_sure": not_sure, "out_of_distribution": ood, "turned_by": turned_by}
 
 
 def save_tagger(model, image_processor, folder, **save_kwargs) -> None:

@@ -19,6 +19,7 @@ from .uploads import Upload
 NOT_SURE = "not sure"
 OOD_NOTICE = "This does not look like a clothing or accessory photo"
 TURNED_NOTICE = "This photo looks turned on its side or upside down; turn it upright for labels you can trust"
+TURNED_UPRIGHT_NOTE = "This photo looked turned, so it was tagged turned by {degrees}° the right way up"
 NOT_SURE_CANDIDATES = 2  # a not-sure chip names the head's top labels: "Shirts or Tshirts?"
 
 
@@ -72,10 +73,15 @@ def flag_notice(prediction: dict) -> str:
 
 
 def ood_notice(prediction: dict | None) -> str:
-    """The notice above the labels when the photo was flagged as out of distribution; empty otherwise."""
-    if prediction is None or not is_flagged(prediction):
+    """The notice above the labels when the photo was flagged as out of distribution, or was tagged turned the right
+    way up (`turned_by`); empty otherwise."""
+    if prediction is None:
         return ""
-    return f'<p class="ood-notice">{flag_notice(prediction)}: the labels below are the model\'s best guess.</p>'
+    if is_flagged(prediction):
+        return f'<p class="ood-notice">{flag_notice(prediction)}: the labels below are the model\'s best guess.</p>'
+    if prediction.get("turned_by"):
+        return f'<p class="turned-note">{TURNED_UPRIGHT_NOTE.format(degrees=prediction["turned_by"])}</p>'
+    return ""
 
 
 def candidates(ranked: list[dict]) -> str:
@@ -132,6 +138,8 @@ def table_row(name: str, prediction: dict | None, error: str | None, attributes)
         sure = f", {NOT_SURE}" if is_unsure(prediction, attribute) else ""
         top.append(f"{best['label']} ({best['score']:.0%}{sure})")
     note = f"{flag_notice(prediction)}: best guess" if is_flagged(prediction) else ""
+    if not note and prediction.get("turned_by"):
+        note = f"tagged turned by {prediction['turned_by']}°"
     return [name, *top, ", ".join(tag["tag"] for tag in prediction["tags"]), note, ""]
 
 

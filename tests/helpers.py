@@ -100,11 +100,13 @@ def flat_colour(colour=(30, 120, 200), size=(60, 80)) -> Image.Image:
     return Image.new("RGB", size, colour)
 
 
-def save_model_with_detector(folder: Path, confidence_thresholds: dict[str, float]) -> Path:
+def save_model_with_detector(folder: Path, confidence_thresholds: dict[str, float], upright_search: bool = False) -> Path:
     """A tiny tagging model whose out-of-distribution detector was fitted on `product_photo()` alone: its mean is
     that photo's features, its precision the identity (the distance is the one to those features), and its distance
     limit half way to a flat colour photo's. So `product_photo()` (sent losslessly) passes and `flat_colour()` is
-    flagged; the heads' uncertainty never decides (an untrained model's heads are all uncertain)."""
+    flagged; the heads' uncertainty never decides (an untrained model's heads are all uncertain). With
+    `upright_search`, a random orientation probe sharp enough that some photos look turned and one of their turns
+    clearly upright."""
     never = 1e9
     limits = {"distance": never, "uncertainty": never, "turned": never}
     model = tagging_model(ood_thresholds=limits, confidence_thresholds=confidence_thresholds)
@@ -117,6 +119,10 @@ def save_model_with_detector(folder: Path, confidence_thresholds: dict[str, floa
     distance = float((flat - product).norm())
     assert distance > 1e-4, "the tiny encoder must tell a flat colour from a product photo, or these tests mean nothing"
     model.config.ood_thresholds = {**limits, "distance": distance / 2}
+    if upright_search:
+        model.config.upright_search = {"below": 0.5, "margin": 0.3}
+        probe = torch.randn(4, len(product) + 1, generator=torch.Generator().manual_seed(6)) * 50  # turns one photo
+        model.register_buffer("ood_orientation", probe)
     save_tagger(model, processor, folder)
     return folder
 

@@ -157,7 +157,7 @@ def test_a_threshold_from_the_config_changes_the_not_sure_flag():
     tagger = tagger_of(model)
     image = Image.new("RGB", (48, 64), (200, 30, 30))
     result = tagger(image)
-    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution", "turned_by"}
     assert result["out_of_distribution"] is None  # no detector
     assert not any(result["not_sure"].values())  # no thresholds: nothing is marked
     top = result["attributes"]["season"][0]["score"]
@@ -232,13 +232,14 @@ def test_calibrate_writes_its_report_and_plots(calibrated_run):
     heads = report["heads"]["product"]
     assert {"before", "after", "coverage_curve"} <= set(heads["baseColour"])
     assert set(report["ood"]["auroc"]) == {"generated", "photos"}
-    assert set(report["rotated"]["sources"]["product"]) == {"90", "180", "270"}
+    assert set(report["rotated"]["sources"]["product"]) == {"0", "90", "180", "270"}
+    assert report["upright_search"] == calibrate.UPRIGHT_SEARCH
 
 
 def test_the_calibrated_folder_keeps_the_weights_and_loads_with_its_calibration(calibrated_run):
     root, report = calibrated_run
     before, after = load_file(root / "model" / "model.safetensors"), load_file(root / "calibrated" / "model.safetensors")
-    assert set(after) - set(before) == {"ood_means", "ood_precision", "ood_turned"}
+    assert set(after) - set(before) == {"ood_means", "ood_precision", "ood_turned", "ood_orientation"}
     for key, value in before.items():
         assert torch.equal(after[key], value)
     tagger = pipeline("fashion-tagging", model=str(root / "calibrated"))
@@ -303,3 +304,131 @@ def test_the_turned_probe_and_the_joint_limits():
     for source in signals:
         flagged = (source["a"] > limits["a"]) | (source["b"] > limits["b"])
         assert 0.02 <= flagged.mean() <= 0.03  # the two signals share the budget, and spend it
+
+
+def test_the_orientation_probe_tells_each_quarter_turn_apart():
+    from fashion_hf.calibration import fit_orientation_probe
+
+    rng = np.random.default_rng(5)
+    upright = rng.normal(0, 1, (300, 6))
+    turned = [upright + 5 * np.eye(6)[kind] for kind in range(3)]  # each turn moves the embedding its own way
+    probe = fit_orientation_probe(upright, turned)
+    assert probe.shape == (4, 7)
+    logits = np.concatenate([upright, *turned]) @ probe[:, :-1].T + probe[:, -1]
+    assert (logits.argmax(1) == np.repeat(np.arange(4), 300)).mean() > 0.9
+
+
+def test_the_model_upright_probability_is_the_probes_softmax():
+    model = tagging_model()
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    with torch.no_grad():
+        embeds = model.encode_images(processor([Image.new("RGB", (48, 64), c) for c in ("red", "navy")], return_tensors="pt")["pixel_values"])
+        features = model.ood_features(embeds)
+        probe = torch.randn(4, features.shape[1] + 1)
+        model.config.upright_search = {"below": 0.5, "margin": 0.3}
+        model.register_buffer("ood_orientation", probe)
+        expected = (features @ probe[:, :-1].T + probe[:, -1]).softmax(-1)[:, 0]
+        torch.testing.assert_close(model.upright_probability(embeds), expected)
+
+
+def test_turn_upright_tags_the_turn_that_looks_clearly_more_upright(monkeypatch):
+    model = tagging_model()
+    model.config.upright_search = {"below": 0.5, "margin": 0.3}
+    embeds = torch.arange(4, dtype=torch.float32)[:, None].repeat(1, 3)  # photo i's embedding: all i
+    # Upright probabilities by embedding value: photos 0 and 1 as given look upright; 2 and 3 do not. A turned copy
+    # is the embedding + 10 * (turn + 1); its upright probability is set per (photo, turn) below.
+    as_given = {0: 0.9, 1: 0.6, 2: 0.2, 3: 0.3}
+    turned = {(2, 0): 0.1, (2, 1): 0.95, (2, 2): 0.3,  # photo 2: the 180 turn is clearly more upright
+              (3, 0): 0.5, (3, 1): 0.4, (3, 2): 0.45}  # photo 3: the best turn is only 0.2 more upright: kept
+    def upright_probability(batch):
+        values = batch[:, 0].long().tolist()
+        return torch.tensor([as_given[v] if v < 10 else turned[(v % 10, v // 10 - 1)] for v in values])
+
+    monkeypatch.setattr(model, "upright_probability", upright_probability)
+    asked = []
+    def encode_turns(rows):
+        asked.append(rows.tolist())
+        return torch.stack([embeds[rows] + 10 * (turn + 1) for turn in range(3)])
+
+    chosen, turned_by = model.turn_upright(embeds, encode_turns)
+    assert asked == [[2, 3]]  # only the photos that may be turned are encoded again
+    assert turned_by.tolist() == [0, 0, 180, 0]
+    assert chosen[2].tolist() == [22.0] * 3 and torch.equal(chosen[[0, 1, 3]], embeds[[0, 1, 3]])
+    model.config.upright_search = None
+    same, none_turned = model.turn_upright(embeds, encode_turns)
+    assert same is embeds and not none_turned.any() and len(asked) == 1
+
+
+def test_quarter_turns_are_the_photo_turned_at_the_model_size():
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    photo = Image.new("RGB", (40, 100), "white")
+    photo.paste((200, 0, 0), (0, 0, 40, 20))  # a red band at the top
+    turns = processor.quarter_turns(photo)
+    assert turns.shape == (3, 64, 48, 3) and turns.dtype == np.uint8
+    for turn, degrees in zip(turns, (90, 180, 270)):
+        expected = processor.to_model_size(photo.rotate(degrees, expand=True)).astype(int)
+        assert np.abs(turn.astype(int) - expected).mean() < 3
+    red = lambda pixels: (pixels[..., 0] > 150) & (pixels[..., 1] < 80)  # noqa: E731
+    rows, columns = np.nonzero(red(turns[1]))  # upside down: the band is at the bottom
+    assert rows.min() > 32
+
+
+def test_only_upright_search_refits_the_orientation_of_a_calibrated_model(calibrated_run, tmp_path):
+    root, _ = calibrated_run
+    report = calibrate.main([str(root / "calibrated"), "--only-upright-search", "--output", str(tmp_path / "out"),
+                             "--save-to", str(tmp_path / "model"), "--data-source", str(root / "data"),
+                             "--no-user-photos", "--rotated-photos", "6", "--turned-photos", "5",
+                             "--upright-below", "0.6", "--no-progress"])  # fmt: skip
+    rotated = report["rotated"]["sources"]["product"]
+    assert set(rotated) == {"0", "90", "180", "270"} and rotated["90"]["n"] == 6
+    assert 0.0 <= rotated["0"]["turned"] <= 1.0 and {"turned_upright", "handled"} <= set(rotated["180"])
+    before = load_file(root / "calibrated" / "model.safetensors")
+    after = load_file(tmp_path / "model" / "model.safetensors")
+    assert after["ood_orientation"].shape == (4, before["ood_turned"].shape[0])
+    assert not torch.equal(after["ood_orientation"], before["ood_orientation"])  # fitted on 5 photos, not 8
+    for key in set(before) - {"ood_orientation"}:
+        assert torch.equal(after[key], before[key])  # everything else as calibrated
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["upright_search"] == {"below": 0.6, "margin": calibrate.UPRIGHT_SEARCH["margin"]}
+    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["ood"]  # the full report is kept
+    # --turned-photos 0: new limits for the probe the model has, measured again, nothing fitted
+    again = calibrate.main([str(tmp_path / "model"), "--only-upright-search", "--turned-photos", "0",
+                            "--output", str(tmp_path / "out2"), "--save-to", str(tmp_path / "model2"),
+                            "--data-source", str(root / "data"), "--no-user-photos", "--rotated-photos", "4",
+                            "--upright-margin", "0.9", "--no-progress"])  # fmt: skip
+    kept = load_file(tmp_path / "model2" / "model.safetensors")
+    assert torch.equal(kept["ood_orientation"], after["ood_orientation"])
+    assert again["upright_search"]["margin"] == 0.9 and 0.0 <= again["rotated"]["sources"]["product"]["0"]["searched"] <= 1.0
+    import shutil
+
+    without_probe = shutil.copytree(root / "calibrated", tmp_path / "without-probe")
+    config["upright_search"] = None  # calibrated before the orientation probe existed
+    (without_probe / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="no orientation probe"):
+        calibrate.main([str(without_probe), "--only-upright-search", "--turned-photos", "0", "--output",
+                        str(tmp_path / "out3"), "--data-source", str(root / "data"), "--no-user-photos"])  # fmt: skip
+
+
+def test_the_pipeline_tags_a_photo_that_looks_turned_the_right_way_up(monkeypatch):
+    from helpers import product_photo
+
+    model = tagging_model()
+    tagger = tagger_of(model)
+    photo = product_photo((30, 30, 200), size=(48, 64))
+    photo.paste((250, 200, 0), (0, 0, 48, 12))  # not symmetric: its turns differ
+    as_given = tagger(photo)
+    assert as_given["turned_by"] == 0  # no upright_search: tagged as given
+    upright_copy = tagger(photo.rotate(180, expand=True))
+
+    model.config.upright_search = {"below": 0.5, "margin": 0.3}
+    calls = []
+    def upright_probability(image_embeds):  # the photo as given looks turned; of its turns, 180 looks upright
+        calls.append(len(image_embeds))
+        return torch.full((len(image_embeds),), (0.1, 0.2, 0.9, 0.3)[len(calls) - 1])
+
+    monkeypatch.setattr(model, "upright_probability", upright_probability)
+    turned_back = tagger(photo)
+    assert calls == [1, 1, 1, 1] and turned_back["turned_by"] == 180
+    for name, ranked in upright_copy["attributes"].items():
+        assert [entry["label"] for entry in turned_back["attributes"][name]] == [entry["label"] for entry in ranked]
+        assert turned_back["attributes"][name][0]["score"] == pytest.approx(ranked[0]["score"], abs=0.02)

@@ -278,7 +278,7 @@ def test_ensemble_script_writes_a_measured_folder_with_the_members_training_in_i
     assert card_mismatches(card, metrics) == []
     assert sorted(path.name for path in output.glob("*.py")) == [
         "configuration_fashion_tagger.py", "image_decoding.py", "image_processing_fashion_tagger.py",
-        "modeling_fashion_tagger.py", "pipeline_fashion_tagging.py",
+        "modeling_fashion_tagger.py", "onnx_runtime.py", "pipeline_fashion_tagging.py",
     ]  # fmt: skip
     assert isinstance(FashionTaggerModel.from_pretrained(member), FashionTaggerModel)  # the members are untouched
 

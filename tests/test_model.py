@@ -313,6 +313,7 @@ def test_a_config_json_from_before_feedback_tag_min_contributors_loads_with_3(tm
         "image_processing_fashion_tagger.py",
         "image_decoding.py",
         "pipeline_fashion_tagging.py",
+        "onnx_runtime.py",
     ],
 )
 def test_shipped_model_remote_code_is_the_package_code(module):

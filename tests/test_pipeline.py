@@ -21,7 +21,7 @@ def tagger(tiny_model_dir):
 
 
 def assert_contract(result, config, top_k):
-    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution", "turned_by"}
     assert list(result["attributes"]) == list(config.attributes)
     assert result["not_sure"] == {name: False for name in config.attributes}  # no thresholds in the config
     assert result["out_of_distribution"] is None  # no detector

@@ -43,6 +43,7 @@ from ..calibration import (
     collect,
     coverage_curve,
     fit_feature_density,
+    fit_orientation_probe,
     fit_tag_score_scaling,
     fit_temperature,
     fit_turned_probe,
@@ -51,19 +52,27 @@ from ..calibration import (
     scale_tag_scores,
     turned_probability,
 )
-from ..configuration_fashion_tagger import DEFAULT_DOMAIN, USER_PHOTOS_DOMAIN
+from ..configuration_fashion_tagger import DEFAULT_DOMAIN, QUARTER_TURNS, USER_PHOTOS_DOMAIN
 from ..image_decoding import accepted_suffixes
 from ..image_processing_fashion_tagger import FashionTaggerImageProcessor
 from ..metrics import IGNORE_INDEX, calibration_error, expected_calibration_error, reliability_bins
 from ..modeling_fashion_tagger import summed_entropy
 from ..pipeline_fashion_tagging import save_tagger
+from ..evaluation import encode_upright
 from .evaluate import duplicate_rows
 from .plots import plot_coverage, plot_ood_scores, plot_reliability
 
 CALIBRATION_FILE = "calibration.json"
 WEIGHTS_FILE = "model.safetensors"
 IN_DISTRIBUTION_FLAGGED = 0.03  # the detector flags at most this share of each kind of fitting photo
-ROTATIONS = (90, 180, 270)
+# Chosen on the shipped model (probe fitted on 600 + 600 training photos; BENCHMARKS.md, "Turned photos"): a margin
+# of 0.3 handled 94-97.5% of turned photos but turned 2.7% of upright product photos and cost up to 1.6 points of
+# product accuracy; 0.7 turns 0.5% of them, costs at most 0.36 points and still handles 87.5-91.5%. Trying turns
+# below 0.3 rather than 0.5 changes none of that and tries fewer photos' turns.
+UPRIGHT_SEARCH = {"below": 0.3, "margin": 0.7}
+# A photo is reduced to this before it is turned: the model sees at most 160 pixels, and a phone photo's full
+# resolution turned three times would cost more than the model's work on it.
+TURNED_PHOTO_SIZE = 640
 
 
 def halves(keys) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +117,12 @@ def photos_in(folder: Path) -> list[Image.Image]:
 
 
 def rotated(dataset, degrees: int) -> Dataset:
-    images = [image.convert("RGB").rotate(degrees, expand=True) for image in dataset.with_format(None)["image"]]
+    """The photos turned counter-clockwise by `degrees`, as a user's turned upload (reduced first, see above)."""
+    images = []
+    for image in dataset.with_format(None)["image"]:
+        image = image.convert("RGB")
+        image.thumbnail((TURNED_PHOTO_SIZE, TURNED_PHOTO_SIZE))
+        images.append(image.rotate(degrees, expand=True))
     return image_dataset(images)
 
 
@@ -233,16 +247,21 @@ def uncertainty_of(scores: HeldOutScores, config) -> np.ndarray:
 class Detector:
     density: FeatureDensity  # Gaussians of the training photos' normalised embeddings, one per domain
     turned_probe: np.ndarray  # (width + 1,): a linear probe for photos on their side or upside down
+    orientation_probe: np.ndarray  # (1 + turns, width + 1): which way up a photo is, for `turn_upright`
 
 
-def fit_ood(config, training: list[np.ndarray], turned: np.ndarray, fitting: list[HeldOutScores]) -> tuple:
+def fit_ood(config, training: list[np.ndarray], turned: "TurnedFeatures", fitting: list[HeldOutScores]) -> tuple:
     """The detector and its limits. `training`: the training photos' normalised embeddings, one array per domain of
-    the model (catalogue photos, then phone photos); `turned`: some of them turned by 90, 180 and 270 degrees.
+    the model (catalogue photos, then phone photos); `turned`: some of them upright and turned by each quarter turn.
     Three signals, because each misses what another sees: a flat colour sits far from every photo but can look
     certain, a landscape can sit near some product photos but leaves every head unsure, and a shirt on its side is
     near the shirts and can look certain, but its layout is wrong. Their limits share `IN_DISTRIBUTION_FLAGGED`
     of each kind of held-out fitting photo (`joint_limits`)."""
-    detector = Detector(fit_feature_density(training), fit_turned_probe(np.concatenate(training), turned))
+    detector = Detector(
+        fit_feature_density(training),
+        fit_turned_probe(np.concatenate(training), np.concatenate(turned.turned)),
+        fit_orientation_probe(turned.upright, turned.turned),
+    )
     signals = [raw_signals(scores, config, detector) for scores in fitting]
     return detector, joint_limits(signals, IN_DISTRIBUTION_FLAGGED)
 
@@ -284,30 +303,51 @@ def held_out_sources(model, processor, args) -> tuple[dict, dict]:
     return fitting, held_out
 
 
-def training_features(model, processor, args) -> tuple[list[np.ndarray], np.ndarray]:
-    """Normalised embeddings of training photos per domain of the model (a seeded sample of the product train split,
-    and the phone train split for a model with a user-photo domain; all pooled into one for a single model), and of
-    the first `--turned-photos` of each turned by 90, 180 and 270 degrees."""
-    def embeddings(dataset):
-        return collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress).ood_features
+@dataclass
+class TurnedFeatures:
+    """Normalised embeddings of the same training photos upright and turned by each of `QUARTER_TURNS`."""
 
+    upright: np.ndarray
+    turned: list[np.ndarray]
+
+
+def training_sets(args) -> list:
+    """The training photos the detector fits on, one set per kind: a seeded sample of the product train split, and
+    the phone train split when phone photos are used."""
     product = data.load_fashion_product_images(args.data_source, split="train")
     rows = np.random.default_rng(0).choice(len(product), min(args.train_photos, len(product)), replace=False)
     sets = [product.select(sorted(rows))]
     if args.user_photos:
         phone = data.load_clothing_user_photos(args.user_photos_source, split="train")
         sets.append(phone.select(range(min(args.limit, len(phone)))) if args.limit else phone)
-    features = [embeddings(dataset) for dataset in sets]
-    turned = np.concatenate([
-        embeddings(rotated(dataset.select(range(min(args.turned_photos, len(dataset)))), degrees))
-        for dataset in sets for degrees in ROTATIONS
-    ])  # fmt: skip
+    return sets
+
+
+def turned_features(model, processor, args, sets) -> TurnedFeatures:
+    """The first `--turned-photos` of each training set, upright (reduced as the turned ones are) and turned."""
+    def embeddings(dataset):
+        return collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress).ood_features
+
+    firsts = [dataset.select(range(min(args.turned_photos, len(dataset)))) for dataset in sets]
+    by_turn = [np.concatenate([embeddings(rotated(dataset, degrees)) for dataset in firsts]) for degrees in (0, *QUARTER_TURNS)]
+    return TurnedFeatures(upright=by_turn[0], turned=by_turn[1:])
+
+
+def training_features(model, processor, args) -> tuple[list[np.ndarray], TurnedFeatures]:
+    """Normalised embeddings of the training photos per domain of the model (all pooled into one for a single
+    model), and `turned_features`."""
+    sets = training_sets(args)
+    features = [
+        collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress).ood_features
+        for dataset in sets
+    ]
+    turned = turned_features(model, processor, args, sets)
     if len(model.config.photo_domains()) == 1:
         return [np.concatenate(features)], turned
     return features, turned
 
 
-def set_calibration(model, tag_scaling, thresholds, detector: Detector, limits) -> None:
+def set_calibration(model, tag_scaling, thresholds, detector: Detector, limits, upright_search: dict) -> None:
     """The rest of the calibration beside the temperatures (set as soon as they are fitted): into the config and
     the detector's buffers."""
     config = model.config
@@ -317,9 +357,16 @@ def set_calibration(model, tag_scaling, thresholds, detector: Detector, limits) 
     model.ood_means.copy_(torch.as_tensor(detector.density.means))
     model.ood_precision.copy_(torch.as_tensor(detector.density.precision))
     model.ood_turned.copy_(torch.as_tensor(detector.turned_probe))
+    set_upright_search(model, detector.orientation_probe, upright_search)
 
 
-DETECTOR_BUFFERS = ("ood_means", "ood_precision", "ood_turned")
+def set_upright_search(model, orientation_probe: np.ndarray, upright_search: dict) -> None:
+    """The four-way orientation probe into its buffer (`ood_orientation`), and when to use it into the config."""
+    model.config.upright_search = dict(upright_search)
+    model.register_buffer("ood_orientation", torch.as_tensor(orientation_probe, dtype=torch.float32))
+
+
+DETECTOR_BUFFERS = ("ood_means", "ood_precision", "ood_turned", "ood_orientation")
 
 
 def save_calibrated(model, source_folder: Path, output_folder: Path) -> None:
@@ -345,42 +392,108 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a folder of real photos that are not clothing (benchmarks/ood_photos.py builds one)")
     parser.add_argument("--train-photos", type=int, default=4000, help="product training photos the detector fits on")
     parser.add_argument("--turned-photos", type=int, default=800,
-                        help="training photos per kind turned by 90, 180 and 270 degrees, for the turned-photo probe")
+                        help="training photos per kind turned by 90, 180 and 270 degrees, for the turned-photo probe "
+                             "(with --only-upright-search, 0 keeps the model's orientation probe)")
     parser.add_argument("--rotated-photos", type=int, default=200, help="held-out photos per source to rotate")
+    parser.add_argument("--upright-below", type=float, default=UPRIGHT_SEARCH["below"],
+                        help="upright probability under which a photo's quarter turns are tried (config.upright_search)")
+    parser.add_argument("--upright-margin", type=float, default=UPRIGHT_SEARCH["margin"],
+                        help="how much more upright a turn must look to be tagged instead")
+    parser.add_argument("--only-upright-search", action="store_true",
+                        help="a calibrated model: fit only its orientation probe (and measure rotated photos)")
     parser.add_argument("--limit", type=int, default=None, help="at most N photos per split (a quick run)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 
 
-def rotation_report(model, processor, args, detector, limits) -> dict:
-    """Rotated held-out photos: how often each is tagged like its upright twin on the category heads, flagged, or
-    either (handled)."""
-    report, config = {}, model.config
+def tagged_upright(model, processor, dataset, batch_size: int, heads: list[str]) -> dict[str, np.ndarray]:
+    """Per photo, what the pipeline answers: each of `heads`' top label index (after `turn_upright`), whether it is
+    flagged, and the degrees it was turned for it."""
+    images = [image.convert("RGB") for image in dataset.with_format(None)["image"]]
+    answers = {head: [] for head in heads} | {"flagged": [], "turned_by": [], "searched": []}
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
+            pixel_values = processor(batch, return_tensors="pt")["pixel_values"]
+            image_embeds, turned_by = encode_upright(model, processor, batch, pixel_values)
+            logits = model(image_embeds=image_embeds).attribute_logits
+            for head in heads:
+                answers[head].append(logits[head].argmax(-1).numpy())
+            answers["flagged"].append((model.ood_scores(image_embeds, logits) > 1).numpy())
+            answers["turned_by"].append(turned_by.numpy())
+            # A photo left as given kept its own embedding: under `below`, its turns were encoded and tried.
+            below = model.config.upright_search["below"] if model.config.upright_search else 0.0
+            answers["searched"].append(((turned_by != 0) | (model.upright_probability(image_embeds) < below)).numpy())
+    return {name: np.concatenate(values) for name, values in answers.items()}
+
+
+def rotation_report(model, processor, args) -> dict:
+    """Held-out photos upright and turned by each quarter turn, tagged as the pipeline tags them (the calibrated
+    model, quarter turns tried where a photo looks turned): how often a turned photo is tagged like its upright twin
+    on the category heads, flagged, or either (handled); how often it was turned back upright; and how often an
+    upright photo was turned (its answers then change)."""
+    report = {}
     sources = {"product": data.load_fashion_product_images(args.data_source, split="validation")}
     if args.user_photos:
         sources["phone"] = data.load_clothing_user_photos(args.user_photos_source, split="validation")
-    heads = [name for name in ("subCategory", "articleType") if name in config.attributes]
+    heads = [name for name in ("subCategory", "articleType") if name in model.config.attributes]
     for name, dataset in sources.items():
-        dataset = dataset.select(range(min(args.rotated_photos, len(dataset))))
-        upright = collect(model, processor, dataset, args.batch_size, with_tags=False, progress=not args.no_progress)
-        upright_top = {head: upright.probabilities(head).argmax(1) for head in heads}
-        report[name] = {}
-        for degrees in ROTATIONS:
-            turned = collect(model, processor, rotated(dataset, degrees), args.batch_size, with_tags=False, progress=not args.no_progress)
-            flagged = over_limits(raw_signals(turned, config, detector), limits) > 1
-            same = np.all([turned.probabilities(head).argmax(1) == upright_top[head] for head in heads], axis=0)
+        # A seeded sample, not the first photos: those chose UPRIGHT_SEARCH.
+        rows = np.random.default_rng(1).choice(len(dataset), min(args.rotated_photos, len(dataset)), replace=False)
+        dataset = dataset.select(sorted(rows))
+        upright = tagged_upright(model, processor, rotated(dataset, 0), args.batch_size, heads)
+        report[name] = {"0": {"n": len(upright["flagged"]), "turned": float((upright["turned_by"] != 0).mean()),
+                              "searched": float(upright["searched"].mean()), "flagged": float(upright["flagged"].mean())}}  # fmt: skip
+        for degrees in QUARTER_TURNS:
+            turned = tagged_upright(model, processor, rotated(dataset, degrees), args.batch_size, heads)
+            same = np.all([turned[head] == upright[head] for head in heads], axis=0)
             report[name][str(degrees)] = {
-                "n": len(flagged),
+                "n": len(same),
+                "turned_upright": float(((turned["turned_by"] + degrees) % 360 == 0).mean()),
                 "same_as_upright": float(same.mean()),
-                "flagged": float(flagged.mean()),
-                "handled": float((same | flagged).mean()),
+                "flagged": float(turned["flagged"].mean()),
+                "handled": float((same | turned["flagged"]).mean()),
             }
-    return {"heads": heads, "sources": report}
+    return {"heads": heads, "upright_search": model.config.upright_search, "sources": report}
+
+
+def fit_upright_search(args) -> dict:
+    """`--only-upright-search`: fit the orientation probe of an already calibrated model, and measure it."""
+    model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
+    processor = FashionTaggerImageProcessor.from_pretrained(args.model)
+    if model.config.ood_thresholds is None:
+        raise SystemExit(f"{args.model} has no out-of-distribution detector: calibrate it fully first")
+    if args.turned_photos:
+        turned = turned_features(model, processor, args, training_sets(args))
+        probe = fit_orientation_probe(turned.upright, turned.turned)
+    elif hasattr(model, "ood_orientation"):  # new limits for the probe it has: only the measuring is run again
+        probe = model.ood_orientation.numpy()
+    else:
+        raise SystemExit(f"{args.model} has no orientation probe to keep: pass --turned-photos N to fit one")
+    set_upright_search(model, probe, upright_search_of(args))
+    previous = args.model / CALIBRATION_FILE
+    report = json.loads(previous.read_text()) if previous.is_file() else {"files": [CALIBRATION_FILE]}
+    report["upright_search"] = model.config.upright_search
+    report["rotated"] = rotation_report(model, processor, args)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / CALIBRATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    destination = args.model if args.in_place else args.save_to
+    if destination is not None:
+        save_calibrated(model, args.model, destination)
+        shutil.copy2(args.output / CALIBRATION_FILE, Path(destination) / CALIBRATION_FILE)
+    print(rotation_summary(report["rotated"]))
+    return report
+
+
+def upright_search_of(args) -> dict:
+    return {"below": args.upright_below, "margin": args.upright_margin}
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.only_upright_search:
+        return fit_upright_search(args)
     started = time.perf_counter()
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = FashionTaggerImageProcessor.from_pretrained(args.model)
@@ -395,6 +508,8 @@ def main(argv=None) -> dict:
     tag_scaling = fit_tag_scaling(fitting["product"])
     training, turned = training_features(model, processor, args)
     detector, limits = fit_ood(config, training, turned, list(fitting.values()))
+    # Into the model now: the rotated photos below are tagged as the calibrated model will tag them.
+    set_calibration(model, tag_scaling, thresholds, detector, limits, upright_search_of(args))
 
     report = {
         "model": str(args.model),
@@ -405,6 +520,7 @@ def main(argv=None) -> dict:
         "confidence_thresholds": thresholds,
         "tag_score_scaling": tag_scaling,
         "ood_thresholds": limits,
+        "upright_search": config.upright_search,
         "heads": {name: head_report(config, scores, thresholds) for name, scores in held_out.items()},
         "tags": tag_report(held_out["product"], tag_scaling),
     }
@@ -426,7 +542,7 @@ def main(argv=None) -> dict:
         "generated_kinds": sorted({kind for kind, _ in generated}),
     }
     if args.rotated_photos:
-        report["rotated"] = rotation_report(model, processor, args, detector, limits)
+        report["rotated"] = rotation_report(model, processor, args)
 
     args.output.mkdir(parents=True, exist_ok=True)
     report["files"] = [CALIBRATION_FILE]
@@ -441,12 +557,22 @@ def main(argv=None) -> dict:
 
     destination = args.model if args.in_place else args.save_to
     if destination is not None:
-        set_calibration(model, tag_scaling, thresholds, detector, limits)
         save_calibrated(model, args.model, destination)
         for file in report["files"]:  # beside the model, where its card (`fashion-hf model-card`) reads them
             shutil.copy2(args.output / file, Path(destination) / file)
     print(summary(report))
     return report
+
+
+def rotation_summary(rotated: dict) -> str:
+    return "\n".join(
+        f"turned {source:7s} " + ", ".join(
+            f"{degrees}°: upright turned {entry['turned']:.1%} (turns tried for {entry.get('searched', 0):.1%})" if degrees == "0"
+            else f"{degrees}°: like upright {entry['same_as_upright']:.1%}, handled {entry['handled']:.1%}"
+            for degrees, entry in turns.items()
+        )
+        for source, turns in rotated["sources"].items()
+    )  # fmt: skip
 
 
 def summary(report: dict) -> str:
@@ -464,4 +590,6 @@ def summary(report: dict) -> str:
     ood = report["ood"]
     lines.append("out of distribution: AUROC " + ", ".join(f"{k} {v:.3f}" for k, v in ood["auroc"].items())
                  + "; flagged " + ", ".join(f"{k} {v:.1%}" for k, v in ood["flagged"].items()))  # fmt: skip
+    if "rotated" in report:
+        lines.append(rotation_summary(report["rotated"]))
     return "\n".join(lines)

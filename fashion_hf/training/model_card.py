@@ -198,9 +198,10 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "flagged": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {_percent(share)}" for name, share in ood["flagged"].items()),
         "auroc": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {value:.3f}" for name, value in ood["auroc"].items()),
         "rotated": "; ".join(
-            f"{source} " + ", ".join(f"{degrees}° {_percent(entry['handled'])}" for degrees, entry in turns.items())
+            f"{source} " + ", ".join(f"{degrees}° {_percent(entry['handled'])}" for degrees, entry in turns.items() if degrees != "0")
             for source, turns in rotated.items()
         ),
+        "upright_turned": ", ".join(f"{source} {_percent(turns['0']['turned'])}" for source, turns in rotated.items() if "0" in turns),
         "plots": [{"file": file, "title": title} for file, title in CALIBRATION_PLOTS if (model_folder / file).is_file()],
     }
 

@@ -22,6 +22,7 @@ from .configuration_fashion_tagger import (
     PAD_TAG_ID,
     SPECIAL_TAGS,
     FashionTaggerConfig,
+    QUARTER_TURNS,
     FashionTaggerEnsembleConfig,
 )
 
@@ -133,12 +134,15 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
             self.register_buffer("ood_means", torch.zeros(len(self.config.photo_domains()), width))
             self.register_buffer("ood_precision", torch.zeros(width, width))
             self.register_buffer("ood_turned", torch.zeros(width + 1))
+        if self.config.upright_search is not None:
+            # Rows: upright, then each of QUARTER_TURNS; columns: weights, then bias.
+            self.register_buffer("ood_orientation", torch.zeros(1 + len(QUARTER_TURNS), width + 1))
 
     def drop_calibration(self) -> "FashionTaggerPreTrainedModel":
         """The model as trained: no temperatures, tag scaling, thresholds or detector (training starts from here,
         and a calibration fitted to these weights would not fit the next ones)."""
         self.config.without_calibration()
-        for name in ("ood_means", "ood_precision", "ood_turned"):
+        for name in ("ood_means", "ood_precision", "ood_turned", "ood_orientation"):
             self._buffers.pop(name, None)
         return self
 
@@ -157,6 +161,40 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
         """`(batch,)`: how likely each photo is turned by 90, 180 or 270 degrees (the probe in `ood_turned`)."""
         probe = self.ood_turned.float()
         return torch.sigmoid(self.ood_features(image_embeds).float() @ probe[:-1] + probe[-1])
+
+    def upright_probability(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch,)`: how likely each photo is the right way up as given (the four-way probe in `ood_orientation`:
+        upright, or turned by one of `QUARTER_TURNS`)."""
+        probe = self.ood_orientation.float()
+        return (self.ood_features(image_embeds).float() @ probe[:, :-1].T + probe[:, -1]).softmax(-1)[:, 0]
+
+    def turn_upright(self, image_embeds: torch.Tensor, encode_turns) -> tuple[torch.Tensor, torch.Tensor]:
+        """The embeddings to tag each photo by, and the degrees (counter-clockwise) each was turned for it.
+
+        A photo whose upright probability is under `config.upright_search["below"]` is also encoded turned by each of
+        `QUARTER_TURNS`: `encode_turns(rows)` gives those rows' embeddings so turned, `(len(QUARTER_TURNS), rows,
+        ...)`. The most upright turn replaces the photo where it looks upright by `margin` more than the photo as
+        given; the margin keeps upright photos the probe is unsure of from being turned (`fashion-hf calibrate`
+        measures both: its report's `rotated` section). Without
+        `upright_search`, or for photos that look upright, the embeddings are returned as they are, turned by 0.
+        """
+        turned_by = torch.zeros(len(image_embeds), dtype=torch.long, device=image_embeds.device)
+        search = self.config.upright_search
+        if search is None:
+            return image_embeds, turned_by
+        upright = self.upright_probability(image_embeds)
+        rows = torch.nonzero(upright < search["below"]).flatten()
+        if not len(rows):
+            return image_embeds, turned_by
+        turns = encode_turns(rows)
+        candidates = torch.stack([self.upright_probability(embeds) for embeds in turns])  # (turns, rows)
+        best, best_turn = candidates.max(0)
+        better = best - upright[rows] > search["margin"]
+        chosen, chosen_turn = rows[better], best_turn[better]
+        image_embeds = image_embeds.clone()
+        image_embeds[chosen] = turns[chosen_turn, torch.nonzero(better).flatten()].to(image_embeds.dtype)
+        turned_by[chosen] = torch.as_tensor(QUARTER_TURNS, device=turned_by.device)[chosen_turn]
+        return image_embeds, turned_by
 
     def ood_signals(self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """Each out-of-distribution signal (`config.ood_thresholds`' keys) divided by its limit, `(batch,)` each:
