@@ -2,14 +2,19 @@
 duplicating or losing a row."""
 
 import json
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from transformers import pipeline
 
-from fashion_hf.tag import MANIFEST, main
-from helpers import COLOURS, encode, flat_colour, product_photo, save_model_with_detector, write_product_parquet
+import fashion_hf
+from fashion_hf.tag import MANIFEST, MAX_RAY_BLOCKS, TagSettings, load_image_rows, main, row_blocks
+from fashion_hf.tag import tag as tag_images
+from helpers import (
+    COLOURS, encode, flat_colour, product_photo, save_model_with_detector, tagging_model, write_product_parquet,
+)  # fmt: skip
 
 NOT_AN_IMAGE = b"this is not an image"
 LIST_COLUMNS = ("tags", "tag_groups", "tag_scores", "not_sure")
@@ -29,7 +34,10 @@ def write_photos(folder, count=5, corrupt_at=None):
 
 
 def tag(source, output, model, *flags) -> pd.DataFrame:
-    main([str(source), "--output", str(output), "--model", str(model), "--num-workers", "0", "--no-progress", *flags])
+    """`fashion-hf tag` with PyTorch (the reference the pipeline is compared with) unless `flags` name a runtime."""
+    runtime = [] if "--runtime" in flags else ["--runtime", "torch"]
+    main([str(source), "--output", str(output), "--model", str(model), "--num-workers", "0", "--no-progress",
+          *runtime, *flags])  # fmt: skip
     return read_parquet_rows(output)
 
 
@@ -61,7 +69,7 @@ def test_an_unreadable_file_gets_an_error_row_and_the_others_are_tagged(tmp_path
 
 
 def test_rows_say_what_the_pipeline_says(tmp_path):
-    model = save_model_with_detector(tmp_path / "model", {"articleType": 0.99, "gender": 0.01})
+    model = save_model_with_detector(tmp_path / "model", {"articleType": 0.99, "gender": 0.01}, upright_search=True)
     photos = write_photos(tmp_path / "photos", count=4)
     flat_colour().save(photos / "04.png")  # flagged as not a product photo
     rows = tag(photos, tmp_path / "tags", model, "--top-k", "3", "--batch-size", "2")
@@ -83,7 +91,9 @@ def test_rows_say_what_the_pipeline_says(tmp_path):
         assert row["not_sure"] == [name for name, unsure in said["not_sure"].items() if unsure] == ["articleType"]
         assert row["out_of_distribution"] == said["out_of_distribution"]["flagged"]
         assert row["out_of_distribution_score"] == pytest.approx(said["out_of_distribution"]["score"], abs=1e-5)
+        assert row["turned_by"] == said["turned_by"]
     assert rows["out_of_distribution"].iloc[-1]
+    assert 0 < (rows["turned_by"] > 0).sum() < len(rows)  # some photos were tagged turned, as the pipeline did
 
 
 def test_embeddings_are_the_pooled_image_embeddings(tmp_path, tiny_model_dir):
@@ -234,3 +244,132 @@ def test_the_fashion_hf_command_runs_tag(tmp_path, tiny_model_dir):
 def test_a_hub_dataset_id_that_cannot_be_reached_says_so(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="not a local path and the Hub cannot be reached"):
         tag("someone/no-such-dataset", tmp_path / "tags", tiny_model_dir)
+
+
+# --- the ray engine ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_ray():
+    """A local 2-CPU Ray, as a user's notebook or script would have started it: the ray engine joins it."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not another's cluster
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """The model's arithmetic in a Ray actor, which has one CPU: with more threads, the local engine's floats differ
+    from the actors' in their last bits (oneDNN splits the work otherwise), as they would between two machines."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow  # starts Ray
+def test_the_ray_engine_gives_the_local_engines_rows(tmp_path, tiny_model_dir, local_ray, one_torch_thread):
+    photos = write_photos(tmp_path / "photos", count=40, corrupt_at=17)
+    flags = ("--batch-size", "4", "--shard-size", "16", "--top-k", "3", "--embeddings")
+    local = tag(photos, tmp_path / "local", tiny_model_dir, *flags)
+    with_ray = tag(photos, tmp_path / "ray", tiny_model_dir, *flags, "--engine", "ray")
+
+    assert as_records(with_ray) == as_records(local)  # every column, in the same order
+    assert with_ray["path"].tolist() == [f"{index:02d}.jpg" for index in range(40)]
+    assert "17.jpg" in with_ray["error"].iloc[17] and "not a readable image" in with_ray["error"].iloc[17]
+    assert with_ray["error"].drop(index=17).isna().all() and all(len(tags) > 0 for tags in with_ray["tags"][:17])
+    assert len(list((tmp_path / "ray").glob("part-*.parquet"))) == 3
+    assert json.loads((tmp_path / "ray" / MANIFEST).read_text())["run"]["engine"] == "ray"
+    assert local_ray.is_initialized()  # a Ray the engine joined is left running
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_stopped_ray_run_continues_without_duplicating_or_losing_rows(
+    tmp_path, tiny_model_dir, local_ray, one_torch_thread
+):
+    photos = write_photos(tmp_path / "photos", count=40, corrupt_at=17)
+    flags = ("--batch-size", "4", "--shard-size", "6")
+    uninterrupted = tag(photos, tmp_path / "local", tiny_model_dir, *flags)
+    output = tmp_path / "ray"
+
+    tag(photos, output, tiny_model_dir, *flags, "--engine", "ray", "--limit", "21")  # shards of 6, 6, 6 and 3 rows
+    (output / "part-00003.parquet").unlink()  # a kill while its rename was on its way to the disk
+    (output / ".part-00003.parquet.tmp").write_bytes(b"PAR1 half a shard")
+    resumed = tag(photos, output, tiny_model_dir, *flags, "--engine", "ray")  # from row 18: mid-batch
+
+    assert as_records(resumed) == as_records(uninterrupted)
+    manifest = json.loads((output / MANIFEST).read_text())
+    assert (manifest["rows"], manifest["complete"]) == (40, True)
+
+
+@pytest.mark.slow  # starts Ray
+def test_the_ray_engine_starts_a_local_ray_and_shuts_it_down(tmp_path, tiny_model_dir, monkeypatch, one_torch_thread):
+    ray = pytest.importorskip("ray")
+    init, starts = ray.init, []
+
+    def init_two_cpus(**options):  # sized to a 2-core machine whatever this one is
+        starts.append(options["address"])
+        return init(num_cpus=2, **options)
+
+    monkeypatch.setattr(ray, "init", init_two_cpus)
+    photos = write_photos(tmp_path / "photos", count=5, corrupt_at=1)
+    rows = tag(photos, tmp_path / "tags", tiny_model_dir, "--engine", "ray")
+
+    assert starts == ["local"] and not ray.is_initialized()
+    assert as_records(rows) == as_records(tag(photos, tmp_path / "local", tiny_model_dir))
+
+
+@pytest.mark.slow  # starts Ray
+def test_ray_actors_refuse_a_model_folder_that_is_not_the_runs_model(tmp_path, tiny_model_dir, local_ray):
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # what a stale copy of the folder on another machine would hold
+    images = load_image_rows(str(write_photos(tmp_path / "photos", count=2)))
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    with pytest.raises(Exception, match="is not the model this run was started with"):
+        tag_images(images, model, processor, tmp_path / "tags", TagSettings(), engine="ray", progress=False)
+    assert not list((tmp_path / "tags").glob("part-*"))
+
+
+def test_the_ray_engine_needs_a_model_it_can_load_again(tmp_path):
+    model = tagging_model()  # never saved: the actors could not load it
+    processor = fashion_hf.FashionTaggerImageProcessor.from_model_config(model.config)
+    images = load_image_rows(str(write_photos(tmp_path / "photos", count=2)))
+    with pytest.raises(ValueError, match="save it with save_pretrained"):
+        tag_images(images, model, processor, tmp_path / "tags", TagSettings(), engine="ray", progress=False)
+
+
+def test_without_ray_installed_the_ray_engine_says_how_to_install_it(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` does where it is not installed
+    photos = write_photos(tmp_path / "photos", count=2)
+    with pytest.raises(ImportError, match=r"pip install 'ray\[data\]'"):
+        tag(photos, tmp_path / "tags", tiny_model_dir, "--engine", "ray")
+
+
+def test_ray_blocks_are_whole_batches_in_row_order_and_few():
+    for rows, batch_size in ((range(7, 47), 4), (range(3, 1_000_003), 32)):
+        blocks = [block.column("row").to_numpy() for block in row_blocks(rows, batch_size)]
+        assert np.array_equal(np.concatenate(blocks), np.arange(rows.start, rows.stop))
+        assert all(len(block) % batch_size == 0 for block in blocks[:-1]) and len(blocks) <= MAX_RAY_BLOCKS
+    assert len(row_blocks(range(7, 47), 4)) == 10  # a small run: one batch a block, for every actor to have some
+
+
+def test_the_onnx_runtime_gives_the_torch_rows_within_a_thousandth(tmp_path, tiny_model_dir):
+    photos = write_photos(tmp_path / "photos", count=4, corrupt_at=1)
+    reference = as_records(tag(photos, tmp_path / "torch", tiny_model_dir))
+    fast = as_records(tag(photos, tmp_path / "onnx", tiny_model_dir, "--runtime", "onnx"))
+    assert json.loads((tmp_path / "onnx" / MANIFEST).read_text())["model"]["runtime"] == "onnx"
+    for expected, row in zip(reference, fast, strict=True):
+        assert row["error"] == expected["error"] and row["tags"] == expected["tags"]
+        for name in ("articleType", "gender", "baseColour"):
+            assert row[name] == expected[name]
+            if expected[name] is not None:
+                assert row[f"{name}_score"] == pytest.approx(expected[f"{name}_score"], abs=1e-3)
+    with pytest.raises(SystemExit, match="runtime"):  # no run mixes the two runtimes' rows
+        tag(photos, tmp_path / "torch", tiny_model_dir, "--runtime", "onnx")
