@@ -19,6 +19,12 @@ Named API endpoints (gradio_client):
         the optional 5th input, attribute_status, says per attribute whether it was "changed", "confirmed" or left
         "untouched" as prefilled (only changed and confirmed ones are trained on); left out, all are "confirmed".
     client.predict("<record id>", api_name="/delete_feedback")         -> {"id": "<record id>", "status": "deleted"}
+    client.predict(handle_file("photo.jpg"), 8, '{"gender": "Women"}', api_name="/similar")
+        -> {"items": [{"id": ..., "image_path": ..., "score": ..., "articleType": ..., ...}, ...]}
+        the catalogue items most like the photo, best first, with their attributes; k (default 8) and the filters
+        (JSON: attribute -> label or list of labels) are optional.
+The "Similar items" gallery and /similar search the index folder in $FASHION_SIMILAR_INDEX (`fashion-hf index`), else
+the example photos, indexed at start.
 Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming the input and what would be valid.
 """
 
@@ -34,16 +40,19 @@ import gradio as gr
 
 from fashion_hf.explain import explained_attribute
 from fashion_hf.feedback import ANONYMOUS, FeedbackStore, Redactor
+from fashion_hf.image_decoding import accepted_suffixes, load_rgb_image
 from fashion_hf.runtime import keep_freed_memory, limit_malloc_arenas
+from fashion_hf.similar import INDEX_ENV, SimilarItems
 from serving.corrections import (
     MAX_TAGS,
     MAX_TAGS_TEXT_CHARS,
     attribute_statuses,
+    json_object,
     parse_attribute_status,
     parse_attributes,
     parse_tags,
 )
-from serving.errors import FeedbackError, RequestError, UploadError
+from serving.errors import FeedbackError, RequestError, UploadError, shown
 from serving.model_card import model_card_markdown
 from serving.service import TOP_K, TaggerService
 from serving.settings import Settings
@@ -83,6 +92,7 @@ CSS = """
 .chips.muted, #labels .muted, #labels .not-sure { opacity: 0.6; }
 .ood-notice { margin: 0; padding: var(--size-2) var(--size-3); border-radius: var(--radius-md); font-weight: 600;
               background: var(--color-yellow-50, #fefce8); border: 1px solid var(--color-yellow-500, #eab308); }
+.turned-note { margin: 0; padding: var(--size-1) var(--size-3); font-style: italic; }
 /* Seven label panels share a row, each at least 160 px wide: the longest label ("Moisturisers 100%") must fit
    whole, not be clipped by the panel ("Accessories 86%" showed "86"). */
 #labels .output-class { padding: var(--size-6) var(--size-1) var(--size-4); font-size: var(--text-lg);
@@ -92,6 +102,10 @@ CSS = """
 #labels .confidence-set .text { min-width: 0; overflow-wrap: anywhere; }
 """
 PRIVATE = {"api_visibility": "private"}
+SIMILAR_K = 8  # the gallery's items, and /similar's default
+MAX_SIMILAR_K = 50
+THUMBNAIL_SIZE = (256, 256)
+FILTERS_EXAMPLE = '{"gender": "Women", "articleType": ["Tops", "Tshirts"]}'
 
 
 def launch_options(settings: Settings) -> dict:
@@ -134,6 +148,11 @@ def oauth_enabled() -> bool:
     return True
 
 
+def parse_filters(text) -> dict | None:
+    """/similar's filters: a JSON object as text, attribute -> a label or a list of labels; empty text: none."""
+    return json_object(text, "filters", FILTERS_EXAMPLE)
+
+
 def shows_refusals(handler):
     """`handler` with the service's refusals shown to their sender alone: a `gr.Error` with the same message (a modal
     in the page, `AppError` in gradio_client), without a server traceback."""
@@ -157,8 +176,9 @@ class Handlers:
     """Each handler turns one event's component values into calls of the service, and its results into values of
     components. Gradio fills the parameters annotated `gr.Request`, `gr.OAuthProfile` or `gr.SelectData` itself."""
 
-    def __init__(self, service: TaggerService):
+    def __init__(self, service: TaggerService, similar_items: SimilarItems | None = None):
         self.service = service
+        self.similar_items = similar_items
         self.attributes = list(service.config.attributes)
         # The Tag tab: a label per attribute, chips, heatmap, timing, the out-of-distribution notice, raw prediction.
         self.panels = len(self.attributes) + 5
@@ -197,6 +217,25 @@ class Handlers:
         """/delete_feedback: withdraw a stored submission by its record id."""
         return self.service.delete_feedback(record_id)
 
+    @shows_refusals
+    def similar_api(self, image, k=SIMILAR_K, filters=""):
+        """/similar: the catalogue items most like the upload, best first (id, image_path, score and attributes)."""
+        found = self.find_similar(self.service.read_upload(image), k, parse_filters(filters))
+        # A dict with a "path" reads as a file to gradio_client, which would try to download it.
+        return {"items": [{("image_path" if key == "path" else key): value for key, value in item.items()}
+                          for item in found]}  # fmt: skip
+
+    def find_similar(self, upload, k, filters: dict | None) -> list[dict]:
+        if self.similar_items is None:
+            raise RequestError(f"There is no catalogue to search: set {INDEX_ENV} to an index folder "
+                               "(`fashion-hf index`) or EXAMPLES_DIR to a folder of photos.")  # fmt: skip
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or k != int(k) or not 1 <= k <= MAX_SIMILAR_K:
+            raise RequestError(f"k must be a whole number from 1 to {MAX_SIMILAR_K}, got {shown(k)}.")
+        try:
+            return self.similar_items(upload.image, int(k), filters)
+        except ValueError as error:  # a filter naming an attribute the catalogue lacks
+            raise RequestError(shown(error, 600)) from None
+
     # -- the Tag tab --------------------------------------------------------------------------------------------------
 
     def tag_results(self, images):
@@ -221,6 +260,20 @@ class Handlers:
                 notice = ood_notice(prediction)
                 results[index] = {"values": [*labels, tag_chips(prediction), overlay, timing, notice, prediction]}
         return (results,)
+
+    def similar_gallery(self, image):
+        """The Tag tab's "Similar items": thumbnails of the catalogue items most like the photo, captioned."""
+        if not image:
+            return []
+        found = self.find_similar(self.service.read_upload(image), SIMILAR_K, None)
+        limits = self.service.tagger.image_processor.image_limits
+        gallery = []
+        for item in found:
+            thumbnail = load_rgb_image(self.similar_items.image_input(item), limits)
+            thumbnail.thumbnail(THUMBNAIL_SIZE)
+            labels = [str(item[name]) for name in ("articleType", "baseColour", "gender") if item.get(name)]
+            gallery.append((thumbnail, f"{' · '.join(labels)} ({item['score']:.2f})"))
+        return gallery
 
     def empty_panels(self) -> list:
         return [*label_panels(None, self.attributes), None, None, None, "", None]
@@ -374,6 +427,7 @@ class TagTab:
     table: gr.Dataframe
     csv_file: gr.File
     json_file: gr.File
+    similar: gr.Gallery | None  # None without a catalogue to search
 
     @property
     def panels(self) -> list:
@@ -414,6 +468,8 @@ class ApiInputs:
     consent: gr.Checkbox
     status: gr.Textbox
     record_id: gr.Textbox
+    similar_k: gr.Number
+    similar_filters: gr.Textbox
     result: gr.JSON
     trigger: gr.Button
 
@@ -425,7 +481,7 @@ class Page:
     api: ApiInputs
 
 
-def lay_out(service: TaggerService) -> Page:
+def lay_out(service: TaggerService, similar_items: SimilarItems | None = None) -> Page:
     """The page's components, created inside the current `Blocks`: the three tabs and the API's hidden inputs."""
     gr.Markdown(
         "# fashion-hf\nTag fashion product photos: category, colour, gender, season, usage and descriptive tags. "
@@ -433,7 +489,7 @@ def lay_out(service: TaggerService) -> Page:
     )
     with gr.Tabs():
         with gr.Tab("Tag", id="tag"):
-            tag = tag_tab(service)
+            tag = tag_tab(service, similar_items)
         with gr.Tab("Help us label", id="feedback"):
             feedback = feedback_tab(service)
         with gr.Tab("Model", id="model"):
@@ -443,7 +499,7 @@ def lay_out(service: TaggerService) -> Page:
     return Page(tag, feedback, api)
 
 
-def tag_tab(service: TaggerService) -> TagTab:
+def tag_tab(service: TaggerService, similar_items: SimilarItems | None = None) -> TagTab:
     attributes = list(service.config.attributes)
     with gr.Row():
         with gr.Column():
@@ -470,6 +526,16 @@ def tag_tab(service: TaggerService) -> TagTab:
     notice = gr.HTML(elem_id="ood-notice")  # empty unless the photo does not look like a clothing photo
     with gr.Row(elem_id="labels"):
         labels = [gr.Label(num_top_classes=TOP_K, label=name, elem_id=f"label-{name}") for name in attributes]
+    similar = None
+    if similar_items is not None:
+        similar = gr.Gallery(
+            label=f"Similar items ({len(similar_items.index):,} in the catalogue)",
+            columns=SIMILAR_K,
+            height=240,
+            object_fit="contain",
+            interactive=False,
+            elem_id="similar-items",
+        )
     with gr.Accordion("Raw prediction (the /tag API output)", open=False):
         prediction = gr.JSON(label="Prediction", elem_id="prediction-json")
     with gr.Accordion("Several images at once: a table, as CSV and JSON", open=False):
@@ -482,8 +548,9 @@ def tag_tab(service: TaggerService) -> TagTab:
                     json_file = gr.File(label="JSON", interactive=False, height=80)
         table = gr.Dataframe(headers=table_headers(attributes), label="Results", interactive=False, wrap=True)
     return TagTab(
-        image, labels, chips, heatmap, timing, notice, prediction, many_images, many_button, table, csv_file, json_file
-    )
+        image, labels, chips, heatmap, timing, notice, prediction, many_images, many_button, table, csv_file, json_file,
+        similar,
+    )  # fmt: skip
 
 
 def feedback_tab(service: TaggerService) -> FeedbackTab:
@@ -569,6 +636,8 @@ def api_inputs() -> ApiInputs:
         consent=gr.Checkbox(label="consent"),
         status=gr.Textbox(value="", label="attribute_status"),  # optional: today's 4-input calls still work
         record_id=gr.Textbox(label="record_id"),
+        similar_k=gr.Number(value=SIMILAR_K, precision=0, label="k"),
+        similar_filters=gr.Textbox(value="", label="filters"),
         result=gr.JSON(label="result"),
         trigger=gr.Button(),
     )
@@ -621,7 +690,7 @@ def wire_events(demo: Blocks, page: Page, handlers: Handlers, settings: Settings
 
 
 def wire_api(demo: Blocks, api: ApiInputs, handlers: Handlers, settings: Settings) -> None:
-    """The documented endpoints: /tag, /feedback and /delete_feedback."""
+    """The documented endpoints: /tag, /feedback, /delete_feedback and /similar."""
     # /tag batches in the service (TaggerService.tag), not with Gradio's batch=True, so that a broken upload fails
     # only its own request; enough requests run at once to fill a batch while the model slots are busy.
     on_tag_api = {"concurrency_limit": settings.max_batch_size, "concurrency_id": "tag-api", "preprocess": False}
@@ -636,6 +705,15 @@ def wire_api(demo: Blocks, api: ApiInputs, handlers: Handlers, settings: Setting
     )
     demo.optional_inputs["feedback"] = 1  # attribute_status: plain HTTP calls with today's 4 values still work
     api.trigger.click(handlers.delete_api, api.record_id, api.result, api_name="delete_feedback", **on_store(settings))
+    api.trigger.click(
+        handlers.similar_api,
+        [api.image, api.similar_k, api.similar_filters],
+        api.result,
+        api_name="similar",
+        preprocess=False,
+        **on_model(settings),
+    )
+    demo.optional_inputs["similar"] = 2  # k and filters
 
 
 def wire_tagging(page: Page, session: Session, handlers: Handlers, settings: Settings) -> None:
@@ -652,6 +730,9 @@ def wire_tagging(page: Page, session: Session, handlers: Handlers, settings: Set
     )  # fmt: skip
     tagged = tagged.success(handlers.show_tagged, tagged_state, tag.panels, **PRIVATE)
     tagged = tagged.success(handlers.refuse_tagged, tagged_state, None, **PRIVATE)
+    if tag.similar is not None:
+        similar_options = {"preprocess": False, **PRIVATE, **on_model(settings)}
+        tagged.success(handlers.similar_gallery, tag.image, tag.similar, **similar_options)
     tagged.success(
         handlers.prefill_after_tagging,
         [tag.image, session.recent, session.labelled],
@@ -699,11 +780,31 @@ def wire_feedback(feedback: FeedbackTab, session: Session, handlers: Handlers, s
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackStore | None = None, **overrides):
+def load_similar_items(settings: Settings, tagger) -> SimilarItems | None:
+    """What "Similar items" searches: the index in $FASHION_SIMILAR_INDEX, else the example photos indexed now (a
+    few seconds for a few dozen), else nothing. Queries run on the tagger's own model."""
+    folder = os.environ.get(INDEX_ENV, "").strip()
+    if folder:
+        return SimilarItems.load(folder, tagger.model, tagger.image_processor)
+    examples = Path(settings.examples_dir) if settings.examples_dir else None
+    if examples is None or not any(path.suffix.lower() in accepted_suffixes() for path in examples.glob("*")):
+        return None
+    return SimilarItems.of_catalogue(examples, tagger.model, tagger.image_processor, settings.model)
+
+
+def build_app(
+    settings: Settings | None = None,
+    *,
+    tagger=None,
+    store: FeedbackStore | None = None,
+    similar_items: SimilarItems | None = None,
+    **overrides,
+):
     """Build the app (a `gr.Blocks`, queue configured, not launched).
 
-    `settings` default to the environment; keyword overrides (`model=...`, `feedback_dir=...`) win. `tagger` and
-    `store` inject a ready pipeline or feedback store; otherwise both are created here, once.
+    `settings` default to the environment; keyword overrides (`model=...`, `feedback_dir=...`) win. `tagger`,
+    `store` and `similar_items` inject a ready pipeline, feedback store or catalogue index; otherwise they are
+    created here, once.
     """
     settings = replace(settings or Settings.from_env(), **overrides).validated()
     tagger = tagger if tagger is not None else load_tagger(settings)
@@ -720,10 +821,12 @@ def build_app(settings: Settings | None = None, *, tagger=None, store: FeedbackS
             allowed_attributes=tagger.model.config.attributes,
         )
     service = TaggerService(settings, tagger, store, Redactor([token]))
+    similar_items = similar_items if similar_items is not None else load_similar_items(settings, tagger)
     with Blocks(title="fashion-hf: fashion product tagger", delete_cache=(3600, 3600)) as demo:
-        wire_events(demo, lay_out(service), Handlers(service), settings)
+        wire_events(demo, lay_out(service, similar_items), Handlers(service, similar_items), settings)
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     demo.service = service  # the pipeline, the store and the settings in use (tests, debugging)
+    demo.similar_items = similar_items
     return demo
 
 
