@@ -3,6 +3,8 @@
 import os
 from dataclasses import dataclass, field, fields
 
+RUNTIMES = ("torch", "onnx")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -10,6 +12,7 @@ class Settings:
 
     model: str = field(default="models/fashion-tagger", metadata={"env": "FASHION_MODEL"})
     model_revision: str | None = field(default=None, metadata={"env": "FASHION_MODEL_REVISION"})
+    runtime: str = field(default="torch", metadata={"env": "FASHION_RUNTIME"})  # "onnx": the pipeline's ONNX path
     feedback_dir: str = field(default="feedback", metadata={"env": "FEEDBACK_DIR"})
     feedback_repo: str | None = field(default=None, metadata={"env": "FEEDBACK_REPO"})
     feedback_every_minutes: float = field(default=5.0, metadata={"env": "FEEDBACK_EVERY_MINUTES"})
@@ -42,6 +45,8 @@ class Settings:
             "max_upload_mb", "max_image_pixels", "max_images_per_request", "concurrency", "feedback_concurrency",
             "max_batch_size",
         )  # fmt: skip
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"FASHION_RUNTIME must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         for setting in fields(self):
             if setting.name in positive and getattr(self, setting.name) <= 0:
                 raise ValueError(f"{setting.metadata['env']} must be positive, got {getattr(self, setting.name)}")

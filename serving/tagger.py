@@ -15,7 +15,8 @@ def load_tagger(settings: Settings):
     """The pipeline, loaded once at start-up, with the app's upload limits applied to its image processor."""
     device = 0 if torch.cuda.is_available() else -1
     try:
-        tagger = pipeline(TASK, model=settings.model, revision=settings.model_revision, device=device)
+        options = {} if settings.runtime == "torch" else {"runtime": settings.runtime, "device": -1}  # ONNX: CPU
+        tagger = pipeline(TASK, model=settings.model, revision=settings.model_revision, **{"device": device, **options})
     except (OSError, ValueError) as error:
         raise RuntimeError(
             f"Could not load the model {settings.model!r} ({error}). Train one (see the README) or set FASHION_MODEL "

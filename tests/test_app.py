@@ -112,7 +112,7 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def assert_contract(result, config):
-    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution"}
+    assert set(result) == {"attributes", "tags", "not_sure", "out_of_distribution", "turned_by"}
     assert result["not_sure"] == {name: result["not_sure"][name] for name in config.attributes}
     assert all(isinstance(unsure, bool) for unsure in result["not_sure"].values())
     ood = result["out_of_distribution"]  # None: the model has no detector
@@ -783,3 +783,36 @@ def test_the_annotation_queue_puts_not_sure_photos_first_then_the_least_certain(
     assert captions["not clothing"].startswith("your upload, not sure it is clothing: ")
     assert captions["not sure of season"].startswith("your upload, not sure of season: ")
     assert "not sure" not in captions["sure, least certain"]
+
+
+def test_a_photo_tagged_turned_upright_says_so_and_is_not_muted():
+    turned_back = unsure_prediction(turned_by=270)
+    note = ood_notice(turned_back)
+    assert "turned by 270°" in note and 'class="turned-note"' in note and OOD_NOTICE not in note
+    assert "muted" not in tag_chips(turned_back)
+    assert table_row("a.jpg", turned_back, None, ["articleType", "gender"])[-2] == "tagged turned by 270°"
+    assert ood_notice(unsure_prediction(turned_by=0)) == ""
+
+
+def test_the_runtime_setting_is_checked():
+    from serving.settings import Settings
+
+    assert Settings.from_env({"FASHION_RUNTIME": "onnx"}).runtime == "onnx"
+    assert Settings.from_env({}).runtime == "torch"
+    with pytest.raises(ValueError, match="FASHION_RUNTIME must be one of torch, onnx"):
+        Settings.from_env({"FASHION_RUNTIME": "tensorrt"})
+
+
+def test_the_app_serves_the_onnx_runtime_when_asked(tiny_model_dir):
+    from PIL import Image
+    from serving.settings import Settings
+    from serving.tagger import load_tagger
+
+    fast = load_tagger(Settings(model=str(tiny_model_dir), runtime="onnx"))
+    reference = load_tagger(Settings(model=str(tiny_model_dir)))
+    assert fast.runtime == "onnx" and reference.runtime == "torch"
+    photo = Image.new("RGB", (60, 80), (30, 60, 200))
+    expected, served = reference(photo), fast(photo)
+    for name, ranked in expected["attributes"].items():
+        assert served["attributes"][name][0]["label"] == ranked[0]["label"]
+        assert served["attributes"][name][0]["score"] == pytest.approx(ranked[0]["score"], abs=1e-3)

@@ -214,3 +214,18 @@ def test_feedback_loop_smoke_sends_corrections_retrains_and_measures_before_and_
     assert f"## {feedback_loop.TITLE} (" in text and "24 records in the store from 24 photos sent" in text
     before = summary["phone_validation"]["before"]["top1"]["articleType"]
     assert f"| articleType | {before:.3f} |" in text and "| usage | – | – | – |" in text
+
+
+@pytest.mark.slow
+def test_load_benchmark_measures_serving_efficiency_against_the_pipeline_alone(capsys, tiny_model_dir):
+    import load_app
+
+    code = load_app.main([
+        "--model", str(tiny_model_dir), "--client", "rest", "--duration", "3", "--clients", "4",
+        "--feedback-clients", "1", "--single-requests", "3", "--warmup", "1", "--images", "6", "--runtime-seconds", "2",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert code == 0, output
+    rates = [float(line.split(":")[-1].split()[0]) for line in output.splitlines() if line.startswith("the pipeline alone")]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert "serving efficiency: /tag under 4 clients answered" in output
