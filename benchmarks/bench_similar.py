@@ -24,12 +24,10 @@ output says how many items).
 
 import argparse
 import functools
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PRODUCT_IMAGES  # noqa: E402  (sets HF_HUB_OFFLINE first)
+from bench_utils import PRODUCT_IMAGES  # noqa: E402  (sets HF_HUB_OFFLINE first; benchmarks/ is the script's folder)
 
 import datasets  # noqa: E402
 import faiss  # noqa: E402
