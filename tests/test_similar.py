@@ -167,7 +167,7 @@ def test_a_tag_output_with_embeddings_indexes_like_the_catalogue_itself(tmp_path
     write_product_parquet(tmp_path / "products", "train", 9)
     catalogue = str(tmp_path / "products")
     tag_main([catalogue, "--output", str(tmp_path / "tags"), "--model", str(tiny_model_dir), "--embeddings",
-              "--num-workers", "0", "--no-progress"])  # fmt: skip
+              "--num-workers", "0", "--no-progress", "--runtime", "torch"])  # fmt: skip  (as build_index runs)
     from_tags = build_index(str(tmp_path / "tags"), tmp_path / "from-tags", progress=False)
     direct = build_index(catalogue, tmp_path / "direct", str(tiny_model_dir), progress=False)
 
