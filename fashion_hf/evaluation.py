@@ -120,9 +120,10 @@ def encode_upright(model, processor, images: list, pixel_values: torch.Tensor) -
     image_embeds = model.encode_images(pixel_values)
 
     def encode_turns(rows: torch.Tensor) -> torch.Tensor:
-        turns = np.stack([processor.quarter_turns(processor.load_image(images[row])) for row in rows.tolist()], axis=1)
-        turned_pixels = processor.normalize_pixels(torch.from_numpy(turns.reshape(-1, *turns.shape[2:])))
-        return model.encode_images(turned_pixels.to(pixel_values.device, pixel_values.dtype)).unflatten(0, turns.shape[:2])
+        turns = np.stack([processor.quarter_turns(processor.load_image(images[row])) for row in rows.tolist()])
+        turned_pixels = processor.turned_pixel_values(torch.from_numpy(turns))
+        embeds = model.encode_images(turned_pixels.to(pixel_values.device, pixel_values.dtype))
+        return embeds.unflatten(0, (turns.shape[1], turns.shape[0]))
 
     return model.turn_upright(image_embeds, encode_turns)
 

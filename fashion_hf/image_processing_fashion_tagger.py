@@ -126,6 +126,11 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         reduced.thumbnail((longest, longest), Image.Resampling.BICUBIC)
         return np.stack([self.to_model_size(reduced.rotate(degrees, expand=True)) for degrees in QUARTER_TURNS])
 
+    def turned_pixel_values(self, quarter_turns: torch.Tensor) -> torch.Tensor:
+        """`(photos, turns, H, W, 3)` uint8 quarter turns -> normalised `(turns * photos, 3, H, W)`, turn-major: the
+        encoder's embeddings of them `.unflatten(0, (turns, photos))` are what `turn_upright` takes."""
+        return self.normalize_pixels(quarter_turns.transpose(0, 1).flatten(0, 1))
+
     def normalize_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """`(batch, H, W, 3)` uint8 -> normalised `(batch, 3, H, W)` float32, on the device `pixels` are on.
 

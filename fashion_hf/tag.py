@@ -327,9 +327,9 @@ def predict_batch(model, processor, pixels: torch.Tensor, settings: TagSettings)
     image_embeds = model.encode_images(pixel_values)
 
     def encode_turns(rows: torch.Tensor) -> torch.Tensor:
-        turns = quarter_turns[rows.cpu()].transpose(0, 1)  # (turns, rows, H, W, 3)
-        turned_values = processor.normalize_pixels(turns.flatten(0, 1).to(device)).to(dtype)
-        return model.encode_images(turned_values).unflatten(0, turns.shape[:2])
+        turns = quarter_turns[rows.cpu()]  # (rows, turns, H, W, 3)
+        turned_values = processor.turned_pixel_values(turns.to(device)).to(dtype)
+        return model.encode_images(turned_values).unflatten(0, (turns.shape[1], turns.shape[0]))
 
     image_embeds, turned_by = model.turn_upright(image_embeds, encode_turns)
     logits = model(image_embeds=image_embeds).attribute_logits

@@ -3,7 +3,7 @@
 import os
 from dataclasses import dataclass, field, fields
 
-RUNTIMES = ("torch", "onnx")
+from fashion_hf.pipeline_fashion_tagging import RUNTIMES
 
 
 @dataclass(frozen=True)

@@ -84,10 +84,9 @@ class FashionTaggingPipeline(Pipeline):
 
     def _encode_quarter_turns(self, quarter_turns: torch.Tensor) -> torch.Tensor:
         """`(photos, turns, H, W, 3)` uint8 -> their embeddings, `(turns, photos, ...)` as `turn_upright` takes them."""
-        turns_first = quarter_turns.transpose(0, 1)
-        pixel_values = self.image_processor.normalize_pixels(turns_first.flatten(0, 1).to(self.model.device))
+        pixel_values = self.image_processor.turned_pixel_values(quarter_turns.to(self.model.device))
         image_embeds = self.encoder.encode_images(pixel_values.to(self.model.dtype))
-        return image_embeds.unflatten(0, turns_first.shape[:2])
+        return image_embeds.unflatten(0, (quarter_turns.shape[1], quarter_turns.shape[0]))
 
     def _forward(self, model_inputs, num_beams=1, max_length=None):
         pixel_values = self.image_processor.normalize_pixels(model_inputs["image"].to(self.model.device))
