@@ -3,7 +3,9 @@
 The fixtures live here; what test modules import (paths, tiny models, images, training runs) lives in helpers.py.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -12,6 +14,7 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # pytest reuses tmp paths across runs; a shared datasets cache would hand one run's dataset to the next.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="fashion-hf-datasets-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import numpy as np
 import pytest

@@ -123,6 +123,62 @@ def test_an_ensemble_scales_each_domain_by_its_own_temperature_before_mixing():
     torch.testing.assert_close(mixed, expected)
 
 
+MASTER_OF_ARTICLE = {"Casual Shoes": {"Footwear": 1.0}, "Handbags": {"Accessories": 1.0}, "Jeans": {"Apparel": 1.0},
+                     "Tops": {"Apparel": 0.75, "Accessories": 0.25}}  # Shirts, Tshirts and Watches: not in the table
+
+
+@pytest.mark.parametrize("kind", ["model", "ensemble"])
+def test_a_coarse_head_answers_from_its_finer_heads_probabilities_summed_into_groups(kind):
+    model = tagging_model() if kind == "model" else ensemble_of_two()
+    width = (model.members[0] if kind == "ensemble" else model).encoder.num_features
+    embeds = torch.randn(5, width) if kind == "model" else torch.randn(5, 2, width)
+    raw = {name: logits.softmax(-1) for name, logits in model(image_embeds=embeds).attribute_logits.items()}
+    model.config.label_hierarchy = {"masterCategory": {"from": "articleType", "parents": MASTER_OF_ARTICLE}}
+    served = {name: logits.softmax(-1) for name, logits in model(image_embeds=embeds).attribute_logits.items()}
+
+    articles, masters = model.config.attributes["articleType"], model.config.attributes["masterCategory"]
+    article = {label: raw["articleType"][:, articles.index(label)] for label in articles}
+    unknown = article["Shirts"] + article["Tshirts"] + article["Watches"]  # keeps masterCategory's own answer
+    own = {label: raw["masterCategory"][:, masters.index(label)] for label in masters}
+    expected = {
+        "Accessories": article["Handbags"] + 0.25 * article["Tops"] + unknown * own["Accessories"],
+        "Apparel": article["Jeans"] + 0.75 * article["Tops"] + unknown * own["Apparel"],
+        "Footwear": article["Casual Shoes"] + unknown * own["Footwear"],
+        "Personal Care": unknown * own["Personal Care"],
+    }
+    torch.testing.assert_close(served["masterCategory"], torch.stack([expected[label] for label in masters], -1))
+    torch.testing.assert_close(served["articleType"], raw["articleType"])
+    uncalibrated = model(image_embeds=embeds, calibrated=False).attribute_logits["masterCategory"].softmax(-1)
+    torch.testing.assert_close(uncalibrated, raw["masterCategory"])
+
+
+def test_the_label_hierarchy_is_checked_saved_and_forgotten_with_the_calibration():
+    hierarchy = {"masterCategory": {"from": "articleType", "parents": MASTER_OF_ARTICLE}}
+    config = tiny_config(label_hierarchy=hierarchy)
+    assert type(config).from_dict(config.to_dict()).label_hierarchy == hierarchy
+    for wrong in ({"masterCategory": {"from": "masterCategory", "parents": {}}},
+                  {"masterCategory": {"from": "articleType", "parents": {"Jeans": {"Bottomwear": 1.0}}}},
+                  {"masterCategory": {"from": "articleType", "parents": {"Kurtas": {"Apparel": 1.0}}}}):  # fmt: skip
+        with pytest.raises(ValueError, match="label_hierarchy"):
+            tiny_config(label_hierarchy=wrong)
+    config.without_calibration()
+    assert config.label_hierarchy == {}
+
+
+def test_calibrate_counts_the_label_hierarchy_on_the_training_labels():
+    from datasets import Dataset
+
+    config = tiny_config(attributes={"subCategory": ["Dress", "Topwear"], "articleType": ["Dresses", "Tops", "Tshirts"]})
+    labels = Dataset.from_dict({
+        "articleType": ["Dresses", "Dresses", "Dresses", "Dresses", "Tops", "Tshirts", "Kurtas", None],
+        "subCategory": ["Dress", "Dress", "Dress", "Topwear", "Topwear", "Topwear", "Topwear", "Dress"],
+    })  # fmt: skip
+    hierarchy = calibrate.fit_label_hierarchy(config, labels)
+    assert hierarchy == {"subCategory": {"from": "articleType", "parents": {
+        "Dresses": {"Dress": 0.75, "Topwear": 0.25}, "Tops": {"Topwear": 1.0}, "Tshirts": {"Topwear": 1.0}}}}  # fmt: skip
+    assert calibrate.fit_label_hierarchy(tiny_config(), labels) == {}  # no subCategory head: nothing to answer
+
+
 def test_training_starts_from_the_model_as_trained():
     limits = {"distance": 1.0, "uncertainty": 2.0, "turned": 0.5}
     model = tagging_model(confidence_thresholds={"season": 0.9}, ood_thresholds=limits,
