@@ -39,7 +39,7 @@ from transformers import AutoImageProcessor, AutoModel  # noqa: E402
 from fashion_hf.data import data_dir, image_sha256s  # noqa: E402
 from fashion_hf import similar  # noqa: E402
 from fashion_hf.runtime import keep_freed_memory  # noqa: E402
-from fashion_hf.similar import FILTERED_EXACT_BELOW, SimilarityIndex, normalised  # noqa: E402
+from fashion_hf.similar import FILTERED_EXACT_BELOW, RERANK_ATTRIBUTES, SimilarityIndex, normalised  # noqa: E402
 from fashion_hf.tag import DecodedImages, collate_decoded, image_embeddings, load_image_rows  # noqa: E402
 
 PHONE_PHOTOS = data_dir() / "clothing-user-photos"
@@ -85,17 +85,42 @@ def embed_set(name: str, model, processor, cache: Path, batch_size: int) -> None
         chunk_rows = rows[chunk_start : chunk_start + CHUNK].tolist()
         loader = torch.utils.data.DataLoader(DecodedImages(images.cells, chunk_rows, processor), batch_size=batch_size,
                                              num_workers=1, collate_fn=collate_decoded)  # fmt: skip
-        vectors = []
+        vectors, label_log_probs = [], {name: [] for name in RERANK_ATTRIBUTES}
         for _, pixels, errors in loader:
             if errors:
                 raise RuntimeError(f"{name}: unreadable images {errors}")
             image_embeds = model.encode_images(processor.normalize_pixels(pixels))
             vectors.append(image_embeddings(model, image_embeds).float().numpy())
+            if is_query_set(name):  # what the model says of the photo, for `SimilarityIndex.search` to re-rank with
+                for attribute, logits in model(image_embeds=image_embeds).attribute_logits.items():
+                    if attribute in label_log_probs:
+                        label_log_probs[attribute].append(logits.float().log_softmax(-1).numpy())
+        if is_query_set(name):
+            labels = {f"labels:{attribute}": np.asarray(model.config.attributes[attribute]) for attribute in label_log_probs}
+            np.savez(cache / f"{name}-labelprobs-{chunk:04d}.npz",
+                     **{attribute: np.concatenate(values) for attribute, values in label_log_probs.items()}, **labels)
         np.save(cache / f"{name}-chunk-{chunk:04d}.npy", np.concatenate(vectors))
         chunk += 1
         count += len(chunk_rows)
         print(f"{name}: {chunk_start + len(chunk_rows)}/{len(rows)} "
               f"({count / (time.perf_counter() - started):.1f} img/s)", flush=True)  # fmt: skip
+
+
+def is_query_set(name: str) -> bool:
+    return not name.endswith("train")
+
+
+def cached_label_log_probs(name: str, cache: Path) -> list[dict[str, dict[str, float]]]:
+    """Per query photo of a set, attribute -> label -> log-probability, as `SimilarItems.embed` gives them."""
+    chunks = sorted(cache.glob(f"{name}-labelprobs-*.npz"))
+    if not chunks:
+        raise SystemExit(f"no label probabilities of {name} in {cache}: delete its chunks and run `embed` again")
+    arrays = [np.load(chunk) for chunk in chunks]
+    attributes = [key for key in arrays[0].files if not key.startswith("labels:")]
+    labels = {attribute: arrays[0][f"labels:{attribute}"].tolist() for attribute in attributes}
+    values = {attribute: np.concatenate([array[attribute] for array in arrays]) for attribute in attributes}
+    return [{attribute: dict(zip(labels[attribute], values[attribute][row].tolist())) for attribute in attributes}
+            for row in range(len(values[attributes[0]]))]  # fmt: skip
 
 
 def cached_set(name: str, cache: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -145,10 +170,18 @@ def retrieval_scores(relevant: np.ndarray, relevant_counts: np.ndarray) -> dict:
             "map@10": average_precision.mean()}  # fmt: skip
 
 
-def product_retrieval(catalogue, catalogue_labels, queries, query_labels, train_digests: set) -> dict[str, dict]:
-    """Recall@1, Recall@10 and mAP@10 of product queries (same articleType, baseColour and gender is relevant), all
-    and those without a byte copy in the catalogue's split."""
-    top = exact_top(catalogue, queries, 10)
+def reranked_top(catalogue, catalogue_labels, queries, label_log_probs) -> np.ndarray:
+    """`(queries, 10)` catalogue rows as `SimilarItems` shows them: the nearest re-ranked with what the model says of
+    each query photo (`SimilarityIndex.search` with `label_log_probs`), on an exact index."""
+    items = catalogue_labels[list(RERANK_ATTRIBUTES)].assign(id=np.arange(len(catalogue_labels)))
+    index = SimilarityIndex.build(catalogue, items, kind="exact")
+    found = [index.search(queries[row : row + 1], 10, None, [label_log_probs[row]])[0] for row in range(len(queries))]
+    return np.asarray([[item["id"] for item in items] for items in found])
+
+
+def product_retrieval(catalogue_labels, top, query_labels, train_digests: set) -> dict[str, dict]:
+    """Recall@1, Recall@10 and mAP@10 of product queries (same articleType, baseColour and gender is relevant) from
+    their top 10 catalogue rows, all and those without a byte copy in the catalogue's split."""
     catalogue_keys, query_keys = joint_keys(catalogue_labels, PRODUCT_KEY), joint_keys(query_labels, PRODUCT_KEY)
     relevant = catalogue_keys[top] == query_keys[:, None]
     counts = pd.Series(catalogue_keys).value_counts()
@@ -160,14 +193,14 @@ def product_retrieval(catalogue, catalogue_labels, queries, query_labels, train_
     }
 
 
-def phone_retrieval(catalogue, catalogue_labels, queries, query_labels) -> dict[str, float]:
-    """Recall@10 of phone photos: the same subCategory; and the same articleType too where the label is specific."""
-    top = exact_top(catalogue, queries, 10)
+def phone_retrieval(catalogue_labels, top, query_labels) -> dict[str, float]:
+    """Recall@10 of phone photos from their top 10 catalogue rows: the same subCategory; and the same articleType too
+    where the label is specific."""
     same_sub = catalogue_labels["subCategory"].to_numpy()[top] == query_labels["subCategory"].to_numpy()[:, None]
     same_article = catalogue_labels["articleType"].to_numpy()[top] == query_labels["articleType"].to_numpy()[:, None]
     specific = (query_labels["label"] != "Shoes").to_numpy()[:, None]
     article_level = same_sub & (same_article | ~specific)
-    return {"queries": len(queries), "recall@10 subCategory": same_sub.any(1).mean(),
+    return {"queries": len(top), "recall@10 subCategory": same_sub.any(1).mean(),
             "recall@1 subCategory": same_sub[:, 0].mean(), "recall@10 articleType (specific labels)":
             article_level.any(1).mean()}  # fmt: skip
 
@@ -286,10 +319,9 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell(row[name]) for name in header) + " |" for row in rows])
 
 
-def quality_rows(embedding: str, catalogue, catalogue_labels, queries, query_labels, train_digests) -> list[dict]:
+def quality_rows(embedding: str, catalogue_labels, top, query_labels, train_digests) -> list[dict]:
     rows = []
-    for queries_name, scores in product_retrieval(catalogue, catalogue_labels, queries, query_labels,
-                                                  train_digests).items():  # fmt: skip
+    for queries_name, scores in product_retrieval(catalogue_labels, top, query_labels, train_digests).items():
         recall_1, recall_10 = scores["recall@1"], scores["recall@10"]
         rows.append({"embedding": embedding, "queries": f"{queries_name} ({scores['queries']:,})",
                      "Recall@1": recall_1, "Recall@10": recall_10, "mAP@10": scores["map@10"],
@@ -307,20 +339,31 @@ def evaluate(args) -> None:
     print(f"catalogue: {len(catalogue):,} of {len(all_train):,} train items (a seeded random sample where fewer), "
           f"embedding width {catalogue.shape[1]}, {args.threads} threads\n")  # fmt: skip
 
-    rows = quality_rows("pooled features (`tag.image_embeddings`)", catalogue, catalogue_labels,
-                        *sets["product-validation"], train_digests)
+    nearest = {name: exact_top(catalogue, vectors, 10) for name, (vectors, _) in sets.items()}
+    rows = quality_rows("pooled features (`tag.image_embeddings`)", catalogue_labels, nearest["product-validation"],
+                        sets["product-validation"][1], train_digests)  # fmt: skip
     phone = [{"embedding": "pooled features",
-              **phone_retrieval(catalogue, catalogue_labels, *sets["phone-validation"])}]  # fmt: skip
+              **phone_retrieval(catalogue_labels, nearest["phone-validation"], sets["phone-validation"][1])}]  # fmt: skip
+    started = time.perf_counter()
+    reranked = {name: reranked_top(catalogue, catalogue_labels, vectors, cached_label_log_probs(name, args.cache))
+                for name, (vectors, _) in sets.items()}  # fmt: skip
+    name = "pooled features, re-ranked with the photo's labels (shipped: `SimilarItems`)"
+    print(f"re-ranked {sum(len(top) for top in reranked.values()):,} queries in {time.perf_counter() - started:.0f} s")
+    rows += quality_rows(name, catalogue_labels, reranked["product-validation"], sets["product-validation"][1],
+                         train_digests)  # fmt: skip
+    phone.append({"embedding": name, **phone_retrieval(catalogue_labels, reranked["phone-validation"],
+                                                         sets["phone-validation"][1])})  # fmt: skip
     if args.projection:
         started = time.perf_counter()
         project = train_projection(catalogue, catalogue_labels, args.projection_width, args.projection_epochs)
         name = f"projection head ({args.projection_width}, {args.projection_epochs} epochs, trained on the catalogue)"
         print(f"projection head trained in {time.perf_counter() - started:.0f} s")
         projected = {key: (project(vectors), labels) for key, (vectors, labels) in sets.items()}
-        rows += quality_rows(name, project(catalogue), catalogue_labels, *projected["product-validation"],
-                             train_digests)
-        phone.append({"embedding": name, **phone_retrieval(project(catalogue), catalogue_labels,
-                                                             *projected["phone-validation"])})  # fmt: skip
+        projected_top = {key: exact_top(project(catalogue), vectors, 10) for key, (vectors, _) in projected.items()}
+        rows += quality_rows(name, catalogue_labels, projected_top["product-validation"],
+                             sets["product-validation"][1], train_digests)  # fmt: skip
+        phone.append({"embedding": name, **phone_retrieval(catalogue_labels, projected_top["phone-validation"],
+                                                             sets["phone-validation"][1])})  # fmt: skip
     print("Product photo -> catalogue (relevant: same articleType, baseColour and gender)\n")
     print(markdown_table(rows) + "\n")
     print("Phone photo -> catalogue (target Recall@10 subCategory >= 0.90)\n")

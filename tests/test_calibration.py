@@ -179,6 +179,33 @@ def test_calibrate_counts_the_label_hierarchy_on_the_training_labels():
     assert calibrate.fit_label_hierarchy(tiny_config(), labels) == {}  # no subCategory head: nothing to answer
 
 
+def test_calibrate_reads_each_head_as_the_model_serves_it_with_the_label_hierarchy():
+    from fashion_hf.calibration import HeldOutScores
+
+    config = tiny_config(attributes={"subCategory": ["Dress", "Topwear"], "articleType": ["Dresses", "Tops", "Tshirts"],
+                                     "gender": ["Men", "Women"]})  # fmt: skip
+    config.label_hierarchy = {"subCategory": {"from": "articleType", "parents": {
+        "Dresses": {"Dress": 1.0}, "Tops": {"Topwear": 0.5, "Dress": 0.5}, "Tshirts": {"Topwear": 1.0}}}}  # fmt: skip
+    config.attribute_temperatures = {DEFAULT_DOMAIN: {"articleType": 0.5, "gender": 2.0}}
+    rng = np.random.default_rng(0)
+    log_probs = {name: torch.randn(1, 6, len(labels)).log_softmax(-1).numpy() for name, labels in config.attributes.items()}
+    scores = HeldOutScores(domain_log_probs=log_probs, domain_weights=np.ones((6, 1)),
+                           labels={name: rng.integers(len(labels), size=6) for name, labels in config.attributes.items()},
+                           ood_features=np.zeros((6, 4)), tag_rows=np.zeros(0, int), tag_groups=np.zeros(0, str),
+                           tag_scores=np.zeros(0), tag_correct=np.zeros(0, bool))  # fmt: skip
+    article = apply_temperature(log_probs["articleType"][0], 0.5)
+    expected = np.stack([article[:, 0] + 0.5 * article[:, 1], 0.5 * article[:, 1] + article[:, 2]], -1)
+    np.testing.assert_allclose(calibrate.served_probabilities(config, scores, "subCategory"), expected, rtol=1e-5)
+    np.testing.assert_allclose(calibrate.served_probabilities(config, scores, "gender"),
+                               apply_temperature(log_probs["gender"][0], 2.0), rtol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(calibrate.served_probabilities(config, scores, "subCategory", calibrated=False),
+                               np.exp(log_probs["subCategory"][0]), rtol=1e-5)  # fmt: skip
+    thresholds = calibrate.fit_thresholds(config, {"product": scores})
+    assert set(thresholds) <= set(config.attributes)
+    assert set(calibrate.head_report(config, scores, thresholds)) == set(config.attributes)
+    assert calibrate.uncertainty_of(scores, config).shape == (6,)
+
+
 def test_training_starts_from_the_model_as_trained():
     limits = {"distance": 1.0, "uncertainty": 2.0, "turned": 0.5}
     model = tagging_model(confidence_thresholds={"season": 0.9}, ood_thresholds=limits,

@@ -2,6 +2,8 @@
 searched with attribute filters, and a photo finds its catalogue neighbours."""
 
 import io
+import math
+from collections import Counter
 
 import numpy as np
 import pandas as pd
@@ -9,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fashion_hf import FashionTaggerImageProcessor, cli, similar as similar_module
-from fashion_hf.similar import SimilarItems, SimilarityIndex, build_index
+from fashion_hf.similar import PER_KIND, SimilarItems, SimilarityIndex, build_index
 from fashion_hf.tag import main as tag_main
 from helpers import COLOURS, product_photo, tagging_model, write_product_parquet
 
@@ -132,6 +134,29 @@ def test_bad_input_is_refused_with_what_would_be_valid(rng):
         index.add(vectors[:3], catalogue_rows(2).assign(id=["new-1", "new-2"]))
 
 
+def test_reranking_shows_first_the_kind_the_photo_is_given_and_then_other_kinds(rng):
+    vectors, items = clustered_vectors(rng, 300), catalogue_rows(300)  # 6 kinds: 2 genders x 3 articleTypes
+    index = SimilarityIndex.build(vectors, items, kind="exact")
+    query = vectors[:1]  # item-0, a women's T-shirt
+    unlikely = math.log(1e-6)
+    mens_jeans = {"gender": {"Men": 0.0, "Women": unlikely},
+                  "articleType": {"Jeans": 0.0, "Tshirts": unlikely, "Shirts": unlikely}}  # fmt: skip
+    reranked = index.search(query, k=10, label_log_probs=[mens_jeans])[0]
+    nearest = index.search(query, k=300)[0]
+    kind = lambda item: (item["gender"], item["articleType"])  # noqa: E731
+    assert reranked[:PER_KIND] == [item for item in nearest if kind(item) == ("Men", "Jeans")][:PER_KIND]
+    assert max(Counter(map(kind, reranked)).values()) == PER_KIND and len(reranked) == 10
+    # the model unsure of everything: the nearest first, as without re-ranking, and still no kind more than twice
+    unsure = {"gender": {"Men": 0.0, "Women": 0.0}, "articleType": {"Jeans": 0.0, "Tshirts": 0.0, "Shirts": 0.0}}
+    plain = index.search(query, k=10, label_log_probs=[unsure])[0]
+    assert plain[0] == nearest[0] and max(Counter(map(kind, plain)).values()) == PER_KIND
+    # a filter that leaves one kind: k of it, all the same
+    only = index.search(query, k=5, filters={"gender": "Men", "articleType": "Jeans"}, label_log_probs=[unsure])[0]
+    assert [item["id"] for item in only] == [item["id"] for item in nearest if kind(item) == ("Men", "Jeans")][:5]
+    with pytest.raises(ValueError, match="one per query"):
+        index.search(vectors[:2], k=5, label_log_probs=[unsure])
+
+
 def test_loading_a_folder_that_is_no_index_says_how_to_build_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="fashion-hf index CATALOGUE --output"):
         SimilarityIndex.load(tmp_path)
@@ -234,6 +259,12 @@ def write_cache(folder, rng):
         })  # fmt: skip
         labels.to_parquet(folder / f"{name}-labels.parquet")
         np.save(folder / f"{name}-chunk-0000.npy", (centres[which] + rng.normal(size=(count, 8))).astype("float32"))
+        if name != "product-train":  # the model's answers on each query photo: sure of the first key's labels
+            log_probs = {attribute: np.log(np.where(np.arange(3) == 0, 0.999, 0.0005))[None].repeat(count, 0)
+                         for attribute in ("articleType", "baseColour", "gender")}  # fmt: skip
+            labels_of = {f"labels:{attribute}": np.asarray([key[position] for key in keys])
+                         for position, attribute in enumerate(("articleType", "baseColour", "gender"))}  # fmt: skip
+            np.savez(folder / f"{name}-labelprobs-0000.npz", **log_probs, **labels_of)
 
 
 def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, capsys):
@@ -245,4 +276,8 @@ def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, caps
     output = capsys.readouterr().out
     assert "catalogue: 300 of 300 train items" in output
     assert "| pooled features (`tag.image_embeddings`) | all validation queries (30) | 1.000 | 1.000 |" in output
+    # re-ranked with a model sure that every photo is a red men's T-shirt: right first for the third of them that
+    # are, and the other kinds still found in the top 10
+    reranked = "| pooled features, re-ranked with the photo's labels (shipped: `SimilarItems`) | all validation queries (30) |"
+    assert f"{reranked} 0.333 | 1.000 |" in output
     assert "| 300 | 16 |" in output and "selector in the graph" in output and "projection head" in output

@@ -179,10 +179,11 @@ def served_probabilities(config, scores: HeldOutScores, name: str, calibrated: b
     the label hierarchy), or before any (`calibrated=False`)."""
     if not calibrated:
         return scores.probabilities(name)
-    needed = [name] + [link["from"] for head, link in config.label_hierarchy.items() if head == name]
+    if name not in config.label_hierarchy:
+        return scores.probabilities(name, config.temperatures(name))
     log_probs = {
         head: torch.as_tensor(np.log(np.clip(scores.probabilities(head, config.temperatures(head)), 1e-12, None)))
-        for head in needed
+        for head in scores.domain_log_probs
     }
     return follow_label_hierarchy(log_probs, config)[name].exp().numpy()
 
@@ -628,10 +629,11 @@ def summary(report: dict) -> str:
     for source, heads in report["heads"].items():
         for name, entry in heads.items():
             threshold = entry.get("threshold", {})
+            right = threshold.get("accuracy_answered")  # None when the threshold answers none of these photos
             lines.append(
                 f"{source:8s} {name:15s} ECE {entry['before']['ece']:.3f} -> {entry['after']['ece']:.3f}"
                 + (f"  not sure below {threshold['value']:.2f}: answers {threshold['coverage']:.0%}, right "
-                   f"{threshold['accuracy_answered']:.1%}" if threshold else "")  # fmt: skip
+                   + (f"{right:.1%}" if right is not None else "-") if threshold else "")  # fmt: skip
             )
     tags = report["tags"]["overall"]
     lines.append(f"tag scores ECE {tags['ece_before']:.3f} -> {tags['ece_after']:.3f}")
