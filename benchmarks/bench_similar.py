@@ -170,12 +170,13 @@ def retrieval_scores(relevant: np.ndarray, relevant_counts: np.ndarray) -> dict:
             "map@10": average_precision.mean()}  # fmt: skip
 
 
-def reranked_top(catalogue, catalogue_labels, queries, label_log_probs) -> np.ndarray:
+def reranked_top(catalogue, catalogue_labels, queries, label_log_probs, per_kind) -> np.ndarray:
     """`(queries, 10)` catalogue rows as `SimilarItems` shows them: the nearest re-ranked with what the model says of
     each query photo (`SimilarityIndex.search` with `label_log_probs`), on an exact index."""
     items = catalogue_labels[list(RERANK_ATTRIBUTES)].assign(id=np.arange(len(catalogue_labels)))
     index = SimilarityIndex.build(catalogue, items, kind="exact")
-    found = [index.search(queries[row : row + 1], 10, None, [label_log_probs[row]])[0] for row in range(len(queries))]
+    found = [index.search(queries[row : row + 1], 10, None, [label_log_probs[row]], per_kind)[0]
+             for row in range(len(queries))]  # fmt: skip
     return np.asarray([[item["id"] for item in items] for items in found])
 
 
@@ -344,15 +345,18 @@ def evaluate(args) -> None:
                         sets["product-validation"][1], train_digests)  # fmt: skip
     phone = [{"embedding": "pooled features",
               **phone_retrieval(catalogue_labels, nearest["phone-validation"], sets["phone-validation"][1])}]  # fmt: skip
-    started = time.perf_counter()
-    reranked = {name: reranked_top(catalogue, catalogue_labels, vectors, cached_label_log_probs(name, args.cache))
-                for name, (vectors, _) in sets.items()}  # fmt: skip
-    name = "pooled features, re-ranked with the photo's labels (shipped: `SimilarItems`)"
-    print(f"re-ranked {sum(len(top) for top in reranked.values()):,} queries in {time.perf_counter() - started:.0f} s")
-    rows += quality_rows(name, catalogue_labels, reranked["product-validation"], sets["product-validation"][1],
-                         train_digests)  # fmt: skip
-    phone.append({"embedding": name, **phone_retrieval(catalogue_labels, reranked["phone-validation"],
-                                                         sets["phone-validation"][1])})  # fmt: skip
+    label_log_probs = {name: cached_label_log_probs(name, args.cache) for name in sets}
+    for per_kind, name in ((similar.PER_KIND, f"re-ranked with the photo's labels, at most {similar.PER_KIND} of a kind "
+                                              "(shipped: `SimilarItems`)"),
+                           (None, "re-ranked with the photo's labels, any number of a kind (`per_kind=None`)")):  # fmt: skip
+        started = time.perf_counter()
+        reranked = {key: reranked_top(catalogue, catalogue_labels, vectors, label_log_probs[key], per_kind)
+                    for key, (vectors, _) in sets.items()}  # fmt: skip
+        print(f"{name}: {sum(map(len, reranked.values())):,} queries in {time.perf_counter() - started:.0f} s")
+        rows += quality_rows(name, catalogue_labels, reranked["product-validation"], sets["product-validation"][1],
+                             train_digests)  # fmt: skip
+        phone.append({"embedding": name, **phone_retrieval(catalogue_labels, reranked["phone-validation"],
+                                                             sets["phone-validation"][1])})  # fmt: skip
     if args.projection:
         started = time.perf_counter()
         project = train_projection(catalogue, catalogue_labels, args.projection_width, args.projection_epochs)

@@ -251,13 +251,15 @@ class SimilarityIndex:
     # -- search --------------------------------------------------------------------------------------------------------
 
     def search(self, queries, k: int = 10, filters: dict | None = None,
-               label_log_probs: list[dict[str, dict[str, float]]] | None = None) -> list[list[dict]]:  # fmt: skip
+               label_log_probs: list[dict[str, dict[str, float]]] | None = None,
+               per_kind: int | None = PER_KIND) -> list[list[dict]]:  # fmt: skip
         """Per query embedding, the `k` most similar items that pass `filters`, best first: their `items.parquet`
         columns (but `key` and `row`) and `score`, the cosine similarity.
 
         `filters`: attribute -> a label or a list of labels (an item passes if it has one of them), all must hold.
         `label_log_probs`: per query, attribute -> label -> the log-probability the model gives the query photo that
-        label; the nearest items are then re-ranked with them (`RERANK_ATTRIBUTES`, see `reranked`)."""
+        label; the nearest items are then re-ranked with them (`RERANK_ATTRIBUTES`, see `reranked`), with at most
+        `per_kind` items of one kind before every kind has had its turn (None: no limit)."""
         if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
         queries = normalised(queries)
@@ -282,12 +284,13 @@ class SimilarityIndex:
                 scores, keys = self.index.search(queries, nearest, params=self.search_parameters(allowed, nearest))
         if label_log_probs is None:
             return [self.results(row_scores, row_keys) for row_scores, row_keys in zip(scores, keys)]
-        return [self.results(*self.reranked(*row, k)) for row in zip(scores, keys, label_log_probs)]
+        return [self.results(*self.reranked(*row, k, per_kind)) for row in zip(scores, keys, label_log_probs)]
 
-    def reranked(self, scores: np.ndarray, keys: np.ndarray, log_probs: dict[str, dict[str, float]], k: int):
+    def reranked(self, scores: np.ndarray, keys: np.ndarray, log_probs: dict[str, dict[str, float]], k: int,
+                 per_kind: int | None = PER_KIND):  # fmt: skip
         """The `k` of these nearest items (`scores`, `keys`) to show, best first, by cosine similarity +
         `LABEL_WEIGHT` x the query's summed log-probability of each item's `RERANK_ATTRIBUTES` labels, with at most
-        `PER_KIND` items of one combination of those labels until every kind has had its turn."""
+        `per_kind` items of one combination of those labels until every kind has had its turn."""
         found = keys >= 0
         scores, keys = scores[found], keys[found]
         lookup = self.lookup()
@@ -304,12 +307,12 @@ class SimilarityIndex:
             ranked += LABEL_WEIGHT * by_code[item_codes]
             kinds.append(item_codes)
         order = np.argsort(-ranked, kind="stable").tolist()
-        shown, per_kind = [], Counter()
+        shown, shown_of_kind = [], Counter()
         for index in order:
             kind = tuple(int(codes[index]) for codes in kinds)
-            if per_kind[kind] < PER_KIND:
+            if per_kind is None or shown_of_kind[kind] < per_kind:
                 shown.append(index)
-                per_kind[kind] += 1
+                shown_of_kind[kind] += 1
         chosen = set(shown)
         shown += [index for index in order if index not in chosen]  # only when fewer kinds than k / PER_KIND
         return scores[shown[:k]], keys[shown[:k]]
@@ -565,9 +568,9 @@ class SimilarItems:
         ]
         return image_embeddings(self.model, image_embeds).float().cpu().numpy(), per_image
 
-    def __call__(self, image, k: int = 10, filters: dict | None = None) -> list[dict]:
+    def __call__(self, image, k: int = 10, filters: dict | None = None, per_kind: int | None = PER_KIND) -> list[dict]:
         embeddings, label_log_probs = self.embed([image])
-        return self.index.search(embeddings, k, filters, label_log_probs)[0]
+        return self.index.search(embeddings, k, filters, label_log_probs, per_kind)[0]
 
     def image_input(self, item: dict) -> str | bytes:
         """An item's image as `load_rgb_image` reads it (a path or the encoded bytes), from the indexed input."""
@@ -587,13 +590,16 @@ def load_similar_items(index_folder: str, model: str | None = None) -> SimilarIt
     return SimilarItems.load(index_folder, model)
 
 
-def similar(image, k: int = 10, filters: dict | None = None, index: str | None = None, model: str | None = None):
-    """The `k` catalogue items most like `image` that pass `filters` (see `SimilarityIndex.search`), from `index`
-    (default: the folder in $FASHION_SIMILAR_INDEX); the model and index are loaded once per process."""
+def similar(image, k: int = 10, filters: dict | None = None, index: str | None = None, model: str | None = None,
+            per_kind: int | None = PER_KIND):  # fmt: skip
+    """The `k` catalogue items most like `image` that pass `filters` (see `SimilarityIndex.search`: at most
+    `per_kind` of one articleType, colour and gender before the next kinds; None: the most alike, whatever their
+    kind), from `index` (default: the folder in $FASHION_SIMILAR_INDEX); the model and index are loaded once per
+    process."""
     index = index or os.environ.get(INDEX_ENV)
     if not index:
         raise ValueError(f"name an index folder: similar(..., index=FOLDER), or set {INDEX_ENV}")
-    return load_similar_items(str(index), model)(image, k, filters)
+    return load_similar_items(str(index), model)(image, k, filters, per_kind)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

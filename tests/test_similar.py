@@ -153,6 +153,9 @@ def test_reranking_shows_first_the_kind_the_photo_is_given_and_then_other_kinds(
     # a filter that leaves one kind: k of it, all the same
     only = index.search(query, k=5, filters={"gender": "Men", "articleType": "Jeans"}, label_log_probs=[unsure])[0]
     assert [item["id"] for item in only] == [item["id"] for item in nearest if kind(item) == ("Men", "Jeans")][:5]
+    # per_kind=None: the most alike of the kind the photo is given, however many
+    uncapped = index.search(query, k=10, label_log_probs=[mens_jeans], per_kind=None)[0]
+    assert uncapped == [item for item in nearest if kind(item) == ("Men", "Jeans")][:10]
     with pytest.raises(ValueError, match="one per query"):
         index.search(vectors[:2], k=5, label_log_probs=[unsure])
 
@@ -278,6 +281,8 @@ def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, caps
     assert "| pooled features (`tag.image_embeddings`) | all validation queries (30) | 1.000 | 1.000 |" in output
     # re-ranked with a model sure that every photo is a red men's T-shirt: right first for the third of them that
     # are, and the other kinds still found in the top 10
-    reranked = "| pooled features, re-ranked with the photo's labels (shipped: `SimilarItems`) | all validation queries (30) |"
-    assert f"{reranked} 0.333 | 1.000 |" in output
+    capped = "| re-ranked with the photo's labels, at most 2 of a kind (shipped: `SimilarItems`) | all validation queries (30) |"
+    assert f"{capped} 0.333 | 1.000 |" in output
+    uncapped = "| re-ranked with the photo's labels, any number of a kind (`per_kind=None`) | all validation queries (30) |"
+    assert f"{uncapped} 0.333 | 0.333 |" in output  # ten red men's T-shirts
     assert "| 300 | 16 |" in output and "selector in the graph" in output and "projection head" in output
