@@ -24,7 +24,9 @@ output says how many items).
 
 import argparse
 import functools
+import json
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bench_utils import PRODUCT_IMAGES  # noqa: E402  (sets HF_HUB_OFFLINE first; benchmarks/ is the script's folder)
@@ -368,6 +370,13 @@ def evaluate(args) -> None:
                              sets["product-validation"][1], train_digests)  # fmt: skip
         phone.append({"embedding": name, **phone_retrieval(catalogue_labels, projected_top["phone-validation"],
                                                              sets["phone-validation"][1])})  # fmt: skip
+    if args.json:  # the model card's "Similar items" section (`fashion-hf model-card` reads MODEL/retrieval.json)
+        args.json.write_text(json.dumps({
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "model": str(args.model),
+            "catalogue_items": len(catalogue), "product_queries": int(len(sets["product-validation"][1]) -
+            sets["product-validation"][1]["image_sha256"].isin(train_digests).sum()),
+            "phone_queries": len(sets["phone-validation"][1]), "product": rows, "phone": phone,
+        }, indent=2, default=float) + "\n")  # fmt: skip
     print("Product photo -> catalogue (relevant: same articleType, baseColour and gender)\n")
     print(markdown_table(rows) + "\n")
     print("Phone photo -> catalogue (target Recall@10 subCategory >= 0.90)\n")
@@ -395,6 +404,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--projection-epochs", type=int, default=10)
     parser.add_argument("--ef-search", type=int, nargs="+", default=[16, 32, 64, 128], help="HNSW efSearch values")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--json", type=Path, default=None, help="also write the retrieval figures here (retrieval.json)")
     return parser.parse_args(argv)
 
 

@@ -266,6 +266,21 @@ def test_community_corrections_say_what_was_learned_from_which_store(model_folde
     assert "Community corrections" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
 
 
+def test_retrieval_figures_get_a_similar_items_section(model_folder, metrics, no_network):
+    row = {"Recall@1": 0.601, "Recall@10": 0.891, "mAP@10": 0.155}
+    retrieval = {
+        "date": "2026-11-30T15:19:00+00:00", "catalogue_items": 33315, "product_queries": 4384, "phone_queries": 464,
+        "product": [{"embedding": "embedding alone", "queries": "all validation queries (4,503)", **row},
+                    {"embedding": "re-ranked", "queries": "without a byte copy in train (4,384)", **row}],
+        "phone": [{"embedding": "re-ranked", "recall@10 subCategory": 0.92}],
+    }  # fmt: skip
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, retrieval=retrieval).text
+    assert "### Similar items" in card and "(33,315 items): 4,384 product validation photos" in card
+    assert "| re-ranked | 0.601 | 0.891 | 0.155 | 0.920 |" in card
+    assert "| embedding alone |" not in card  # only the photos without a byte copy in the catalogue
+    assert "### Similar items" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+
+
 def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):
     (model_folder / "attribute_accuracy.png").write_bytes(b"\x89PNG\r\n\x1a\n")
     text = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text

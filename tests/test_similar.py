@@ -2,6 +2,7 @@
 searched with attribute filters, and a photo finds its catalogue neighbours."""
 
 import io
+import json
 import math
 from collections import Counter
 
@@ -275,7 +276,7 @@ def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, caps
 
     write_cache(tmp_path, rng)
     bench_similar.main(["evaluate", "--cache", str(tmp_path), "--rounds", "1", "--ef-search", "16", "--projection",
-                        "--projection-epochs", "1", "--projection-width", "4"])  # fmt: skip
+                        "--projection-epochs", "1", "--projection-width", "4", "--json", str(tmp_path / "r.json")])  # fmt: skip
     output = capsys.readouterr().out
     assert "catalogue: 300 of 300 train items" in output
     assert "| pooled features (`tag.image_embeddings`) | all validation queries (30) | 1.000 | 1.000 |" in output
@@ -285,4 +286,10 @@ def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, caps
     assert f"{capped} 0.333 | 1.000 |" in output
     uncapped = "| re-ranked with the photo's labels, any number of a kind (`per_kind=None`) | all validation queries (30) |"
     assert f"{uncapped} 0.333 | 0.333 |" in output  # ten red men's T-shirts
+    # --json: what the model card's "Similar items" section reads
+    from fashion_hf.training.model_card import _retrieval_section
+
+    section = _retrieval_section(json.loads((tmp_path / "r.json").read_text()))
+    assert section["catalogue"] == "300" and section["queries"] == "30" and section["phone_queries"] == "12"
+    assert [row["recall_10"] for row in section["rows"]][:3] == ["1.000", "1.000", "0.333"]
     assert "| 300 | 16 |" in output and "selector in the graph" in output and "projection head" in output

@@ -55,6 +55,7 @@ RECIPE_KEYS = {"command", "wall_time", "wall_time_note", "hardware", "train_spli
                *spellings(TRAIN_IMAGES), *SETTINGS_KEYS}  # fmt: skip
 USER_PHOTO_METRICS_FILE = "metrics-user-photos.json"  # evaluate.py --dataset clothing-user-photos, in the model folder
 CALIBRATION_FILE = "calibration.json"  # fashion-hf calibrate's report, in the model folder
+RETRIEVAL_FILE = "retrieval.json"  # benchmarks/bench_similar.py evaluate --json: similar items, measured
 CALIBRATION_PLOTS = (
     ("reliability_product.png", "Reliability diagrams, product photos (held-out half)"),
     ("reliability_phone.png", "Reliability diagrams, phone photos (held-out half)"),
@@ -192,6 +193,7 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "domains": list(report["attribute_temperatures"]),
         "rows": rows,
         "phone_rows": phone_rows,
+        "hierarchy": ", ".join(f"{name} from {finer}" for name, finer in report.get("label_hierarchy", {}).items()),
         "tags_before": f"{report['tags']['overall']['ece_before']:.3f}",
         "tags_after": f"{report['tags']['overall']['ece_after']:.3f}",
         "fitting_budget": _percent(ood.get("fitting_budget")).replace(".0%", "%"),
@@ -204,6 +206,22 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "upright_turned": ", ".join(f"{source} {_percent(turns['0']['turned'])}" for source, turns in rotated.items() if "0" in turns),
         "plots": [{"file": file, "title": title} for file, title in CALIBRATION_PLOTS if (model_folder / file).is_file()],
     }
+
+
+def _retrieval_section(report: dict | None) -> dict | None:
+    """The card's "Similar items" section from `bench_similar.py evaluate --json`'s report, or None."""
+    if not report:
+        return None
+    phone = {row["embedding"]: row for row in report["phone"]}
+    rows = [
+        {"name": row["embedding"], "recall_1": _score(row["Recall@1"]), "recall_10": _score(row["Recall@10"]),
+         "map_10": _score(row["mAP@10"]),
+         "phone_recall_10": _score(phone[row["embedding"]]["recall@10 subCategory"]) if row["embedding"] in phone else "n/a"}
+        for row in report["product"]
+        if row["queries"].startswith("without a byte copy")
+    ]  # fmt: skip
+    return {"date": report["date"][:10], "catalogue": f"{report['catalogue_items']:,}", "rows": rows,
+            "queries": f"{report['product_queries']:,}", "phone_queries": f"{report['phone_queries']:,}"}  # fmt: skip
 
 
 def _public_name(source: str) -> str:
@@ -409,6 +427,7 @@ def build_model_card(
     shifted_metrics: dict | None = None,
     user_photo_metrics: dict | None = None,
     calibration: dict | None = None,
+    retrieval: dict | None = None,
     license: str = "other",
     template_path: str | Path = TEMPLATE,
     title: str | None = None,
@@ -420,7 +439,8 @@ def build_model_card(
     `user_photo_metrics`: evaluate.py's metrics.json on real phone photos (`--dataset clothing-user-photos`): their
     top-1 becomes a column beside the product figures ("n/a" for heads they have no label for), with a table of
     top-1 per photographer's label. A recipe with `feedback` gets a "Community corrections" section.
-    `calibration`: `fashion-hf calibrate`'s report (calibration.json), shown in a section of its own.
+    `calibration`: `fashion-hf calibrate`'s report (calibration.json), shown in a section of its own; `retrieval`:
+    `benchmarks/bench_similar.py evaluate --json`'s (retrieval.json), in a "Similar items" section.
     Plots (`attribute_accuracy.png`, `confusion_matrix.png`, `training_curves.png`) are embedded when they are in
     `model_folder`. `title`: the card's heading and model-index name (default: the repo's name, else the folder's).
     `dataset_id` is a Hub id, or a local catalogue's name (never its absolute path). Nothing here touches the
@@ -531,6 +551,7 @@ def build_model_card(
         user_photos=user_photos,
         community=_community_section(recipe),
         calibration=_calibration_section(calibration, model_folder),
+        retrieval=_retrieval_section(retrieval),
     )
 
 
@@ -559,6 +580,8 @@ def main(argv=None) -> Path:
                         f"{USER_PHOTO_METRICS_FILE} when it has one)")  # fmt: skip
     parser.add_argument("--calibration", type=Path, default=None,
                         help=f"fashion-hf calibrate's report (default: the model folder's {CALIBRATION_FILE} if any)")
+    parser.add_argument("--retrieval", type=Path, default=None,
+                        help=f"bench_similar.py evaluate --json's report (default: the model folder's {RETRIEVAL_FILE} if any)")
     parser.add_argument("--license", default="other")
     parser.add_argument("--output", type=Path, default=None, help="the card's path (default MODEL_FOLDER/README.md)")
     parser.add_argument("--no-copy-plots", action="store_true", help="do not copy the plots next to metrics.json")
@@ -582,9 +605,11 @@ def main(argv=None) -> Path:
     user_photos = json.loads(user_photo_path.read_text()) if read_user_photos else None
     calibration_path = args.calibration or args.model_folder / CALIBRATION_FILE
     calibration = json.loads(calibration_path.read_text()) if args.calibration or calibration_path.is_file() else None
+    retrieval_path = args.retrieval or args.model_folder / RETRIEVAL_FILE
+    retrieval = json.loads(retrieval_path.read_text()) if args.retrieval or retrieval_path.is_file() else None
     card = build_model_card(
         args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted,
-        user_photo_metrics=user_photos, calibration=calibration, license=args.license,
+        user_photo_metrics=user_photos, calibration=calibration, retrieval=retrieval, license=args.license,
     )
     output = args.output or args.model_folder / "README.md"
     card.save(output)
