@@ -9,32 +9,41 @@ class RequestBatcher:
     """Runs concurrent requests' items through one batched call, each caller waiting for its own result.
 
     Inputs are checked by their own request before they join (a broken upload fails only its sender, which Gradio's
-    `batch=True` cannot do: one exception fails every request of the batch). `slots` bounds the batches running at
-    once; a caller that gets a slot takes every item waiting (up to `max_batch_size`), so items that arrive while a
-    batch runs are batched together.
+    `batch=True` cannot do: one exception fails every request of the batch). One batch runs at a time: items that
+    arrive while it runs wait, and the first of their callers to find the batcher free runs them all (up to
+    `max_batch_size`) as the next batch. A second batch beside a running one would mostly be a lone arrival, which
+    costs nearly as much as a full batch and slows it (`BENCHMARKS.md`, "Serving efficiency"). Callers wait on a
+    condition, never on a lock that a batch holds: one whose item another caller's batch took returns as soon as
+    that batch ends.
     """
 
-    def __init__(self, run_batch, max_batch_size: int, slots: threading.Semaphore):
-        self._run_batch, self._max_batch_size, self._slots = run_batch, max_batch_size, slots
+    def __init__(self, run_batch, max_batch_size: int):
+        self._run_batch, self._max_batch_size = run_batch, max_batch_size
         self._waiting: list[tuple[object, Future]] = []
-        self._lock = threading.Lock()
+        self._running = False
+        self._changed = threading.Condition()
 
     def __call__(self, item):
         future = Future()
-        with self._lock:
+        with self._changed:
             self._waiting.append((item, future))
-        # Until a batch takes this item (its future then runs): take a slot and run what waits, this item included
-        # unless more than a batch waits before it. Once taken, only wait: a caller that kept taking slots to find
-        # nothing waiting would spin.
-        while not (future.running() or future.done()):
-            with self._slots:
-                with self._lock:
-                    batch = self._waiting[: self._max_batch_size]
-                    del self._waiting[: self._max_batch_size]
-                    for _, taken in batch:
-                        taken.set_running_or_notify_cancel()
-                if batch:
-                    self._run(batch)
+        while not _taken(future):
+            with self._changed:
+                while self._running and not _taken(future):
+                    self._changed.wait()
+                if _taken(future):
+                    break
+                batch = self._waiting[: self._max_batch_size]  # this item, unless more than a batch waits before it
+                del self._waiting[: self._max_batch_size]
+                for _, taken in batch:
+                    taken.set_running_or_notify_cancel()
+                self._running = True
+            try:
+                self._run(batch)
+            finally:
+                with self._changed:
+                    self._running = False
+                    self._changed.notify_all()
         return future.result()
 
     def _run(self, batch: list[tuple[object, Future]]) -> None:
@@ -46,6 +55,11 @@ class RequestBatcher:
         else:
             for (_, future), result in zip(batch, results):
                 future.set_result(result)
+
+
+def _taken(future: Future) -> bool:
+    """Whether a batch has taken the item of `future` (it is running, or done)."""
+    return future.running() or future.done()
 
 
 class PredictionCache:

@@ -282,3 +282,13 @@ def test_the_example_catalogue_reads_the_suffixes_of_the_accepted_formats_only()
     suffixes = accepted_suffixes()
     assert {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"} <= suffixes
     assert not {".ico", ".psd", ".tga", ".pcx", ".icns"} & suffixes
+
+
+def test_quarter_turns_are_made_from_the_turn_source_a_pipeline_keeps():
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    small = product_photo(size=(48, 64))
+    assert processor.turn_source(small) is small  # fits twice the model's size: nothing is copied
+    large = product_photo(size=(600, 800))
+    source = processor.turn_source(large)
+    assert source.size == (96, 128) and large.size == (600, 800)  # reduced to fit 128 x 128; the photo untouched
+    np.testing.assert_array_equal(processor.quarter_turns(source), processor.quarter_turns(large))

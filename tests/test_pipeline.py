@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from helpers import REPO, WITHOUT_FASHION_HF, encode, product_photo
 from transformers import pipeline
 
@@ -80,6 +81,41 @@ def test_default_top_k_and_beam_search(tagger):
 def test_bad_input_raises_a_clear_error(tagger):
     with pytest.raises(InvalidImageError, match="not a readable image"):
         tagger(b"GIF89a but not really")
+
+
+def test_only_photos_that_look_turned_have_their_quarter_turns_made(tiny_model_dir, monkeypatch):
+    # The turns cost more than the rest of a photo's preprocessing; about one photo in ten needs them.
+    tagger = pipeline("fashion-tagging", model=str(tiny_model_dir))  # its own: its config is changed below
+    model, processor = tagger.model, tagger.image_processor
+    photos = [product_photo(colour) for colour in ((200, 30, 30), (30, 30, 200), (30, 160, 60))]
+    photos[1].paste((250, 200, 0), (0, 0, 60, 15))  # not symmetric: its turns differ
+    upright_copy = photos[1].rotate(180, expand=True)
+    expected = tagger([photos[0], upright_copy, photos[2]], batch_size=3)  # before any upright search
+
+    def embedding(image):
+        return model.encode_images(processor([image], return_tensors="pt")["pixel_values"])[0]
+
+    looks_turned, looks_upright = embedding(photos[1]), embedding(upright_copy)
+
+    def upright_probability(image_embeds):  # photo 1 looks turned, and its 180-degree turn upright; the rest upright
+        def near(embeds):
+            return torch.isclose(image_embeds, embeds, atol=1e-4).flatten(1).all(1)
+
+        return torch.where(near(looks_turned), 0.1, torch.where(near(looks_upright), 0.95, 0.9))
+
+    model.config.upright_search = {"below": 0.5, "margin": 0.3}
+    monkeypatch.setattr(model, "upright_probability", upright_probability)
+    turned = []
+    quarter_turns = processor.quarter_turns
+    monkeypatch.setattr(processor, "quarter_turns", lambda image: turned.append(image) or quarter_turns(image))
+    batched = tagger(photos, batch_size=3)
+    assert [result["turned_by"] for result in batched] == [0, 180, 0]
+    assert len(turned) == 1  # photo 1's turns only
+    alone = [tagger(photo) for photo in photos]
+    assert [result["turned_by"] for result in alone] == [0, 180, 0] and len(turned) == 2
+    for result, again, reference in zip(batched, alone, expected):
+        assert_same_prediction(result, reference, tolerance=1e-4)
+        assert_same_prediction(again, reference, tolerance=1e-4)
 
 
 def test_a_saved_folder_names_its_pipeline_for_remote_code(tiny_model_dir):
