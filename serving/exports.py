@@ -3,16 +3,20 @@
 import csv
 import json
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 
 class Exports:
-    """Writes each export into a private temporary folder, removing the files older than an hour as it goes."""
+    """Writes each export into a private temporary folder, removing the files older than an hour as it goes, and the
+    folder itself when the app exits (or the `Exports` is collected)."""
 
     def __init__(self):
         self.folder = Path(tempfile.mkdtemp(prefix="fashion-hf-exports-"))
+        weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
 
     def write(self, rows: list[dict], table: list[list], headers: list[str]) -> tuple[str, str]:
         """The CSV (`headers` and `table`) and JSON (`rows`) files' paths."""

@@ -236,6 +236,20 @@ def test_several_images_give_a_table_with_csv_and_json(client, service, files):
     assert "not a readable image" in rows[2]["error"]
 
 
+def test_the_export_folder_goes_when_the_app_does():
+    import gc
+
+    from serving.exports import Exports
+
+    exports = Exports()
+    csv_path, json_path = exports.write([{"file": "a.jpg"}], [["a.jpg"]], ["file"])
+    folder = exports.folder
+    assert Path(csv_path).parent == folder and Path(json_path).is_file()
+    del exports
+    gc.collect()
+    assert not folder.exists()  # every app start left one in the temporary folder
+
+
 # --- hostile uploads ----------------------------------------------------------------------------------------------
 
 BAD_UPLOADS = {
