@@ -345,7 +345,7 @@ def evaluate(args) -> None:
     nearest = {name: exact_top(catalogue, vectors, 10) for name, (vectors, _) in sets.items()}
     rows = quality_rows("pooled features (`tag.image_embeddings`)", catalogue_labels, nearest["product-validation"],
                         sets["product-validation"][1], train_digests)  # fmt: skip
-    phone = [{"embedding": "pooled features",
+    phone = [{"embedding": "pooled features (`tag.image_embeddings`)",
               **phone_retrieval(catalogue_labels, nearest["phone-validation"], sets["phone-validation"][1])}]  # fmt: skip
     label_log_probs = {name: cached_label_log_probs(name, args.cache) for name in sets}
     for per_kind, name in ((similar.PER_KIND, f"re-ranked with the photo's labels, at most {similar.PER_KIND} of a kind "

@@ -112,6 +112,12 @@ class FashionTaggerConfig(PreTrainedConfig):
             pipeline also encodes the photo turned by 90, 180 and 270 degrees, and `margin` how much more upright
             a turn must look to be tagged instead of the photo as given (`FashionTaggerPreTrainedModel.turn_upright`).
             None: photos are tagged as given.
+        label_hierarchy (`dict[str, dict]`, *optional*):
+            Heads whose labels group a finer head's: `{"subCategory": {"from": "articleType", "parents": {"Dresses":
+            {"Dress": 0.997, "Topwear": 0.003}, ...}}}`. Such a head answers with the finer head's probabilities
+            summed into its groups, P(group) = sum over labels of P(label) P(group | label), the table counted on
+            the training labels by `fashion-hf calibrate`; the two heads then agree. Probability on finer labels
+            missing from the table keeps the head's own distribution.
         attribute_order (`list[str]`, *optional*):
             Head order of `attributes`; set automatically, since `config.json` is written with sorted keys.
 
@@ -150,6 +156,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         confidence_thresholds: dict[str, float] | None = None,
         ood_thresholds: dict[str, float] | None = None,
         upright_search: dict[str, float] | None = None,
+        label_hierarchy: dict[str, dict] | None = None,
         attribute_order: list[str] | None = None,
         **kwargs,
     ):
@@ -197,6 +204,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.confidence_thresholds = dict(confidence_thresholds or {})
         self.ood_thresholds = dict(ood_thresholds) if ood_thresholds else None
         self.upright_search = dict(upright_search) if upright_search else None
+        self.label_hierarchy = {name: dict(link) for name, link in (label_hierarchy or {}).items()}
         self._check_calibration()
         if registered_locally(type(self)):
             # A saved folder names its pipeline in `custom_pipelines` for trust_remote_code users, and transformers
@@ -218,6 +226,13 @@ class FashionTaggerConfig(PreTrainedConfig):
             raise ValueError(f"ood_thresholds has the limits {list(OOD_LIMITS)}, got {self.ood_thresholds!r}")
         if self.upright_search is not None and sorted(self.upright_search) != ["below", "margin"]:
             raise ValueError(f"upright_search is {{'below': ..., 'margin': ...}}, got {self.upright_search!r}")
+        for name, link in self.label_hierarchy.items():
+            finer = link.get("from")
+            if name not in self.attributes or finer not in self.attributes or finer == name:
+                raise ValueError(f"label_hierarchy[{name!r}] groups another head's labels, got {link!r}")
+            for label, groups in link.get("parents", {}).items():
+                if label not in self.attributes[finer] or not set(groups) <= set(self.attributes[name]):
+                    raise ValueError(f"label_hierarchy[{name!r}]: {label!r} -> {groups!r} is not {finer} -> {name} labels")
         for group, scaling in self.tag_score_scaling.items():
             if len(scaling) != 2:
                 raise ValueError(f"tag_score_scaling[{group!r}] is [a, b], got {scaling!r}")
@@ -238,6 +253,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         """Forget every fitted calibration value: they belong to these weights, and training changes them."""
         self.attribute_temperatures, self.tag_score_scaling, self.confidence_thresholds = {}, {}, {}
         self.ood_thresholds = self.upright_search = None
+        self.label_hierarchy = {}
 
     @property
     def encoder_description(self) -> str:
@@ -277,6 +293,7 @@ ENSEMBLE_FIELDS = ("members", "mirror_views", "domains", "member_domains", "expe
 # Fitted to one model's weights by `fashion-hf calibrate`: a member or a retrained model does not inherit them.
 CALIBRATION_FIELDS = (
     "attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds", "upright_search",
+    "label_hierarchy",
 )
 OOD_LIMITS = ("distance", "uncertainty", "turned")
 # The turns `upright_search` tries, counter-clockwise as PIL's `Image.rotate` turns (90 undoes a photo turned by 270).

@@ -118,13 +118,20 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
     def quarter_turns(self, image: Image.Image) -> np.ndarray:
         """`(3, H, W, 3)` uint8: the image turned by 90, 180 and 270 degrees counter-clockwise, each at the model's
         size (`QUARTER_TURNS`), for `FashionTaggerPreTrainedModel.turn_upright` to try on a photo that looks turned.
+        Made from its `turn_source`: a pipeline keeps that alone, and turns it only for a photo that looks turned."""
+        source = self.turn_source(image)
+        return np.stack([self.to_model_size(source.rotate(degrees, expand=True)) for degrees in QUARTER_TURNS])
 
-        Turned after a first reduction to twice the model's size: a phone photo's full resolution, turned three
-        times, would cost more than the model's work on it and add nothing at the model's size."""
-        reduced = image.copy()
+    def turn_source(self, image: Image.Image) -> Image.Image:
+        """The image reduced to fit twice the model's size (the image itself when it fits): what `quarter_turns`
+        turns. A phone photo's full resolution, turned three times, would cost more than the model's work on it and
+        add nothing at the model's size. `quarter_turns` of the image and of its turn source are the same."""
         longest = 2 * max(self.size["height"], self.size["width"])
+        if max(image.size) <= longest:
+            return image
+        reduced = image.copy()
         reduced.thumbnail((longest, longest), Image.Resampling.BICUBIC)
-        return np.stack([self.to_model_size(reduced.rotate(degrees, expand=True)) for degrees in QUARTER_TURNS])
+        return reduced
 
     def turned_pixel_values(self, quarter_turns: torch.Tensor) -> torch.Tensor:
         """`(photos, turns, H, W, 3)` uint8 quarter turns -> normalised `(turns * photos, 3, H, W)`, turn-major: the

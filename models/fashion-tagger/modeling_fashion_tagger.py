@@ -92,6 +92,34 @@ def summed_entropy(attribute_logits: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(entropies).sum(0)
 
 
+def hierarchy_table(config: FashionTaggerConfig, name: str) -> torch.Tensor:
+    """`(finer labels, labels)`: P(label of head `name` | finer label) from `config.label_hierarchy`; zero rows for
+    finer labels the table does not know."""
+    link = config.label_hierarchy[name]
+    finer, labels = config.attributes[link["from"]], config.attributes[name]
+    table = torch.zeros(len(finer), len(labels))
+    for label, groups in link["parents"].items():
+        for group, probability in groups.items():
+            table[finer.index(label), labels.index(group)] = probability
+    return table
+
+
+def follow_label_hierarchy(attribute_logits: dict[str, torch.Tensor], config: FashionTaggerConfig) -> dict[str, torch.Tensor]:
+    """The heads of `config.label_hierarchy` answered from their finer heads: log P(group) = log sum P(label)
+    P(group | label). A phone photo's articleType head, trained on specific labels, often knows "Dresses" where its
+    subCategory head says "Topwear"; summed, both say Dress."""
+    if not config.label_hierarchy:
+        return attribute_logits
+    answered = dict(attribute_logits)
+    for name, link in config.label_hierarchy.items():
+        finer = attribute_logits[link["from"]].float().softmax(-1)
+        table = hierarchy_table(config, name).to(finer.device)
+        unknown = finer @ (1.0 - table.sum(-1)).clamp_min(0.0)
+        probabilities = finer @ table + unknown[..., None] * attribute_logits[name].float().softmax(-1)
+        answered[name] = probabilities.clamp_min(1e-12).log()
+    return answered
+
+
 def select_rows(state, rows: torch.Tensor):
     """Batch rows of a decoder state: a `(layers, batch, hidden)` tensor, or tuples and lists of them (an LSTM's
     `(h, c)`, an ensemble's member states)."""
@@ -406,8 +434,9 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
             `<bos> tag ... tag <eos>` padded with `<pad>`, for teacher forcing.
 
         The loss is computed on the heads' own logits; the `attribute_logits` returned are divided by each head's
-        calibrated temperature (`config.attribute_temperatures`, 1 until `fashion-hf calibrate` sets it), unless
-        `calibrated=False` (evaluation's "before" figures).
+        calibrated temperature (`config.attribute_temperatures`, 1 until `fashion-hf calibrate` sets it), and the
+        heads of `config.label_hierarchy` answer from their finer heads, unless `calibrated=False` (evaluation's
+        "before" figures).
         """
         image_embeds = self._image_embeds(pixel_values, image_embeds)
         features = self.dropout(image_embeds)
@@ -419,6 +448,8 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
             loss = self._loss(attribute_logits, attribute_labels, tag_logits, tag_ids)
         if calibrated and self.config.attribute_temperatures:
             attribute_logits = {name: logits / self.config.temperatures(name)[0] for name, logits in attribute_logits.items()}
+        if calibrated:
+            attribute_logits = follow_label_hierarchy(attribute_logits, self.config)
         return FashionTaggerOutput(
             loss=loss, attribute_logits=attribute_logits, tag_logits=tag_logits, image_embeds=image_embeds
         )
@@ -659,8 +690,8 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
             Images from [`FashionTaggerImageProcessor`]. Not needed when `image_embeds` (from `encode_images`) are given.
 
         `attribute_logits` are the log of the averaged probabilities: their softmax is that average. With
-        `config.attribute_temperatures`, each domain's averaged probabilities are first temperature-scaled (unless
-        `calibrated=False`).
+        `config.attribute_temperatures`, each domain's averaged probabilities are first temperature-scaled, and with
+        `config.label_hierarchy` a head answers from its finer head (unless `calibrated=False`).
         """
         if attribute_labels is not None or tag_ids is not None:
             raise ValueError("an ensemble is not trained: train its members, then combine them (train/ensemble.py)")
@@ -670,6 +701,8 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
             name: self._mix(per_domain, log_weights, self.config.temperatures(name) if calibrated else None)
             for name, per_domain in self.domain_attribute_log_probs(image_embeds).items()
         }
+        if calibrated:
+            attribute_logits = follow_label_hierarchy(attribute_logits, self.config)
         return FashionTaggerOutput(attribute_logits=attribute_logits, image_embeds=image_embeds)
 
     def _decoding_start(self, image_embeds: torch.Tensor):

@@ -1,5 +1,6 @@
 """The `"fashion-tagging"` pipeline: images in, per-attribute labels and the generated tag sequence out."""
 
+import numpy as np
 import torch
 from transformers import Pipeline
 
@@ -78,12 +79,17 @@ class FashionTaggingPipeline(Pipeline):
         processor = self.image_processor
         image = processor.load_image(image)
         inputs = {"image": torch.from_numpy(processor.to_model_size(image))[None]}
-        if self.model.config.upright_search is not None:  # the turns `turn_upright` may try, made from the decoded photo
-            inputs["quarter_turns"] = torch.from_numpy(processor.quarter_turns(image))[None]
+        if self.model.config.upright_search is not None:
+            # What `turn_upright` would turn, should the photo look turned (about one in ten): the turns themselves
+            # are made in _forward, for those photos only.
+            inputs["turn_source"] = processor.turn_source(image)
         return inputs
 
-    def _encode_quarter_turns(self, quarter_turns: torch.Tensor) -> torch.Tensor:
-        """`(photos, turns, H, W, 3)` uint8 -> their embeddings, `(turns, photos, ...)` as `turn_upright` takes them."""
+    def _encode_quarter_turns(self, turn_sources: list) -> torch.Tensor:
+        """Photos' turn sources -> the embeddings of their quarter turns, `(turns, photos, ...)` as `turn_upright`
+        takes them."""
+        turns = [self.image_processor.quarter_turns(image) for image in turn_sources]
+        quarter_turns = torch.from_numpy(np.stack(turns))
         pixel_values = self.image_processor.turned_pixel_values(quarter_turns.to(self.model.device))
         image_embeds = self.encoder.encode_images(pixel_values.to(self.model.dtype))
         return image_embeds.unflatten(0, (quarter_turns.shape[1], quarter_turns.shape[0]))
@@ -92,8 +98,11 @@ class FashionTaggingPipeline(Pipeline):
         pixel_values = self.image_processor.normalize_pixels(model_inputs["image"].to(self.model.device))
         pixel_values = pixel_values.to(self.model.dtype)
         image_embeds = self.encoder.encode_images(pixel_values)
+        # The base class's collate lists a batch's turn sources; a photo run alone keeps its own as it is.
+        sources = model_inputs.get("turn_source")
+        sources = sources if isinstance(sources, list) else [sources]
         image_embeds, turned_by = self.model.turn_upright(
-            image_embeds, lambda rows: self._encode_quarter_turns(model_inputs["quarter_turns"][rows.cpu()])
+            image_embeds, lambda rows: self._encode_quarter_turns([sources[row] for row in rows.tolist()])
         )
         outputs = self.model(image_embeds=image_embeds)
         hypotheses = self.model.generate_tags(image_embeds=image_embeds, num_beams=num_beams, max_length=max_length)
