@@ -97,10 +97,13 @@ def hierarchy_table(config: FashionTaggerConfig, name: str) -> torch.Tensor:
     finer labels the table does not know."""
     link = config.label_hierarchy[name]
     finer, labels = config.attributes[link["from"]], config.attributes[name]
+    finer_index, label_index = {label: i for i, label in enumerate(finer)}, {label: i for i, label in enumerate(labels)}
+    entries = [(finer_index[label], label_index[group], probability)
+               for label, groups in link["parents"].items() for group, probability in groups.items()]  # fmt: skip
     table = torch.zeros(len(finer), len(labels))
-    for label, groups in link["parents"].items():
-        for group, probability in groups.items():
-            table[finer.index(label), labels.index(group)] = probability
+    if entries:  # built in one indexed write: this runs in every calibrated forward
+        rows, columns, probabilities = zip(*entries)
+        table[list(rows), list(columns)] = torch.tensor(probabilities)
     return table
 
 

@@ -314,7 +314,7 @@ class SimilarityIndex:
                 shown.append(index)
                 shown_of_kind[kind] += 1
         chosen = set(shown)
-        shown += [index for index in order if index not in chosen]  # only when fewer kinds than k / PER_KIND
+        shown += [index for index in order if index not in chosen]  # only when fewer kinds than k / per_kind
         return scores[shown[:k]], keys[shown[:k]]
 
     def allowed_keys(self, filters: dict | None) -> np.ndarray | None:
