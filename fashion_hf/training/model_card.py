@@ -566,6 +566,13 @@ def copy_plots(source: Path, model_folder: Path) -> list[str]:
     return copied
 
 
+def read_report(named: Path | None, beside_model: Path) -> dict | None:
+    """A report the card shows: the file named on the command line (which must exist), else the one beside the model
+    when there is one."""
+    path = named or beside_model
+    return json.loads(path.read_text()) if named is not None or path.is_file() else None
+
+
 def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_folder", type=Path, help="the folder the model was saved to")
@@ -600,13 +607,9 @@ def main(argv=None) -> Path:
         for file in copy_plots(args.metrics.parent, args.model_folder):
             print(f"copied {file} into {args.model_folder}")
     shifted = json.loads(args.shifted_metrics.read_text()) if args.shifted_metrics else None
-    user_photo_path = args.user_photo_metrics or args.model_folder / USER_PHOTO_METRICS_FILE
-    read_user_photos = args.user_photo_metrics is not None or user_photo_path.is_file()  # a named file must exist
-    user_photos = json.loads(user_photo_path.read_text()) if read_user_photos else None
-    calibration_path = args.calibration or args.model_folder / CALIBRATION_FILE
-    calibration = json.loads(calibration_path.read_text()) if args.calibration or calibration_path.is_file() else None
-    retrieval_path = args.retrieval or args.model_folder / RETRIEVAL_FILE
-    retrieval = json.loads(retrieval_path.read_text()) if args.retrieval or retrieval_path.is_file() else None
+    user_photos = read_report(args.user_photo_metrics, args.model_folder / USER_PHOTO_METRICS_FILE)
+    calibration = read_report(args.calibration, args.model_folder / CALIBRATION_FILE)
+    retrieval = read_report(args.retrieval, args.model_folder / RETRIEVAL_FILE)
     card = build_model_card(
         args.model_folder, metrics, recipe, dataset_id, base_model, args.repo_id, shifted_metrics=shifted,
         user_photo_metrics=user_photos, calibration=calibration, retrieval=retrieval, license=args.license,
