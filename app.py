@@ -782,14 +782,14 @@ def wire_feedback(feedback: FeedbackTab, session: Session, handlers: Handlers, s
 
 def load_similar_items(settings: Settings, tagger) -> SimilarItems | None:
     """What "Similar items" searches: the index in $FASHION_SIMILAR_INDEX, else the example photos indexed now (a
-    few seconds for a few dozen), else nothing. Queries run on the tagger's own model."""
+    few seconds for a few dozen), else nothing. Queries run on the tagger's own model and runtime (`tagger.encoder`)."""
     folder = os.environ.get(INDEX_ENV, "").strip()
     if folder:
-        return SimilarItems.load(folder, tagger.model, tagger.image_processor)
+        return SimilarItems.load(folder, tagger.encoder, tagger.image_processor)
     examples = Path(settings.examples_dir) if settings.examples_dir else None
     if examples is None or not any(path.suffix.lower() in accepted_suffixes() for path in examples.glob("*")):
         return None
-    return SimilarItems.of_catalogue(examples, tagger.model, tagger.image_processor, settings.model)
+    return SimilarItems.of_catalogue(examples, tagger.encoder, tagger.image_processor, settings.model)
 
 
 def build_app(

@@ -40,9 +40,10 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, PreTrainedModel
 
 from .evaluation import encode_upright
+from .modeling_fashion_tagger import FoldedTagger
 from .tag import (
     DEFAULT_MODEL,
     MANIFEST,
@@ -483,7 +484,7 @@ def build_index(
         model, processor = AutoModel.from_pretrained(model_name).eval(), AutoImageProcessor.from_pretrained(model_name)
         images = load_image_rows(catalogue, split, image_column, id_column)
         settings = TagSettings(**{**settings.__dict__, "embeddings": True, "top_k": 1})
-        tag(images, model, processor, output / TAGS_FOLDER, settings, model_name=model_name, progress=progress)
+        tag(images, FoldedTagger(model), processor, output / TAGS_FOLDER, settings, model_name=model_name, progress=progress)
         rows, manifest = read_tag_output(output / TAGS_FOLDER)
     embeddings, items = catalogue_items(rows, manifest)
     if embeddings is None:
@@ -526,7 +527,9 @@ class SimilarItems:
     """
 
     def __init__(self, index: SimilarityIndex, model, processor):
-        self.index, self.model, self.processor = index, model.eval(), processor
+        # Queries encoded as the catalogue was (`fashion-hf tag`'s runtimes): a bare model gets its batch norms folded.
+        self.index, self.processor = index, processor
+        self.model = FoldedTagger(model) if isinstance(model, PreTrainedModel) else model
         self._images = None  # the catalogue's images, opened when an item's image is first asked for
 
     @classmethod

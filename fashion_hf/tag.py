@@ -46,7 +46,8 @@ order; the shards, resuming and progress around it are the same for every engine
 Runtimes (`--runtime`): `onnx` (the local engine's default on a CPU) runs the model's image encoders in ONNX Runtime
 (`onnx_runtime.OnnxTagger`: the graphs in the model folder's `onnx/`, else exported once into a cache), the rest in
 PyTorch: the same top labels, scores within 1e-3, several times the photos/s of the pipeline called photo by photo;
-`torch` is the reference (and the default on a GPU and for Ray's actors). The manifest records it: no run mixes them.
+`torch` (the default on a GPU and for Ray's actors) runs the encoders with their batch norms folded into the
+convolutions (`FoldedTagger`). The manifest records it: no run mixes them.
 """
 
 import argparse
@@ -75,6 +76,7 @@ from transformers import AutoImageProcessor, AutoModel
 from .data import load_from_hub, local_path, read_table, load_catalogue
 from .evaluation import model_device_and_dtype
 from .image_decoding import InvalidImageError, load_rgb_image
+from .modeling_fashion_tagger import FoldedTagger
 from .runtime import cpu_threads_per_process, keep_freed_memory
 
 DEFAULT_MODEL = "models/fashion-tagger"
@@ -768,10 +770,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def with_runtime(model, source: str, runtime: str):
-    """`model` itself for "torch"; for "onnx", the model with its encoders run by ONNX Runtime (the graphs in the
-    folder's `onnx/`, else exported once into a cache: `onnx_runtime.exported_folder`)."""
+    """For "torch", the model with its encoders' batch norms folded (`FoldedTagger`); for "onnx", with its encoders
+    run by ONNX Runtime (the graphs in the folder's `onnx/`, else exported once into a cache:
+    `onnx_runtime.exported_folder`)."""
     if runtime == "torch":
-        return model
+        return FoldedTagger(model)
     from .onnx_runtime import OnnxTagger  # only here: the default runtime needs no onnxruntime
 
     return OnnxTagger.for_model(model, source)

@@ -303,10 +303,14 @@ def gated_ensemble(expert_bias: float, expert_min_weight: float = 0.01) -> Fashi
     return ensemble.eval()
 
 
-def test_a_photo_the_gate_keeps_from_the_experts_is_tagged_by_the_catalogue_members_alone_and_skips_their_encoder():
+def test_a_photo_the_gate_keeps_from_the_experts_is_tagged_by_the_catalogue_members_alone_and_skips_their_work():
     ensemble, x = gated_ensemble(expert_bias=-8.0), pixels(4)  # expert weight 3e-4 < 0.01
     catalogue_only = ensemble_of([members()[0]])
-    with mock.patch.object(ensemble.members[1], "encode_images", side_effect=AssertionError("expert encoder ran")):
+    expert = ensemble.members[1]
+    with (
+        mock.patch.object(expert, "encode_images", side_effect=AssertionError("expert encoder ran")),
+        mock.patch.object(expert, "_decoding_start", side_effect=AssertionError("expert decoder ran")),
+    ):
         embeds = ensemble.encode_images(x)
         combined = ensemble(image_embeds=embeds).attribute_logits
         tags = ensemble.generate_tags(image_embeds=embeds, num_beams=2)
@@ -332,6 +336,19 @@ def test_a_photo_the_gate_sends_to_the_experts_gets_the_gate_weighted_mixture():
             assert torch.allclose(combined[name].softmax(-1), expected, atol=1e-6)
     first_tags = ensemble.generate_tags(x, max_length=1)
     assert all(len(image[0]["tags"]) == 1 for image in first_tags)
+
+
+def test_a_batch_where_only_some_photos_reach_the_experts_decodes_each_photo_as_alone():
+    ensemble, x = gated_ensemble(expert_bias=0.0), pixels(4)
+    weights = torch.tensor([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0], [0.5, 0.5]])
+    with torch.no_grad(), mock.patch.object(ensemble, "_gate_weights", side_effect=lambda general: weights[: len(general)]):
+        embeds = ensemble.encode_images(x)
+        together = ensemble.generate_tags(image_embeds=embeds, num_beams=2)
+    for row in range(len(x)):
+        with torch.no_grad(), mock.patch.object(ensemble, "_gate_weights", return_value=weights[row : row + 1]):
+            alone = ensemble.generate_tags(image_embeds=embeds[row : row + 1], num_beams=2)
+        assert [h["tag_ids"] for h in together[row]] == [h["tag_ids"] for h in alone[0]]
+        assert [h["score"] for h in together[row]] == pytest.approx([h["score"] for h in alone[0]], abs=1e-5)
 
 
 def test_only_the_photos_the_gate_sends_to_the_experts_pay_for_their_encoder():

@@ -13,7 +13,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel
 
 from fashion_hf import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
 from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID, EOS_TAG_ID, PAD_TAG_ID
-from fashion_hf.modeling_fashion_tagger import IGNORE_INDEX, runs_bfloat16_natively, tag_conflicts
+from fashion_hf.modeling_fashion_tagger import (
+    IGNORE_INDEX,
+    FoldedTagger,
+    fold_batch_norms,
+    runs_bfloat16_natively,
+    tag_conflicts,
+)
 
 
 def pixels(batch=3, seed=0, size=(64, 48)):
@@ -342,3 +348,46 @@ def test_refresh_code_rewrites_a_folders_code_copies_and_keeps_its_stored_weight
     assert all(after[name].dtype == before[name].dtype and torch.equal(after[name], before[name]) for name in before)
     with pytest.raises(SystemExit, match="no model.safetensors"):
         refresh_code([str(tmp_path / "missing")])
+
+
+def with_trained_looking_batch_norms(model, seed=0):
+    """Batch norms with running statistics and affines far from their initial 0/1, as training leaves them."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                shape = module.running_mean.shape
+                module.running_mean.copy_(torch.randn(shape, generator=generator) * 0.5)
+                module.running_var.copy_(torch.rand(shape, generator=generator) * 2 + 0.2)
+                module.weight.copy_(torch.rand(shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(shape, generator=generator) * 0.3)
+    return model
+
+
+def test_folding_the_batch_norms_keeps_the_encoder_output_and_leaves_no_norm():
+    model = with_trained_looking_batch_norms(tiny_model())
+    norms = sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.encoder.modules())
+    assert norms > 5
+    x = pixels(4)
+    with torch.no_grad():
+        expected = model.encode_images(x)
+        folded = fold_batch_norms(model.encoder)
+        assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.modules())
+        torch.testing.assert_close(model.encode_images(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_the_folded_tagger_encodes_as_its_model_and_leaves_the_model_as_it_was():
+    model = with_trained_looking_batch_norms(tiny_model())
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tagger = FoldedTagger(model)
+    x = pixels(3)
+    with torch.no_grad():
+        torch.testing.assert_close(tagger.encode_images(x), model.encode_images(x), atol=1e-5, rtol=1e-4)
+        embeds = tagger.encode_images(x)
+        # Everything but the encoding is the model's own: heads, decoder, weights, config.
+        torch.testing.assert_close(tagger(image_embeds=embeds).attribute_logits["articleType"],
+                                   model(image_embeds=embeds).attribute_logits["articleType"])  # fmt: skip
+    assert tagger.config is model.config and tagger.generate_tags.__self__ is model
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+    assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())

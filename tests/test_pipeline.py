@@ -163,3 +163,20 @@ def test_trust_remote_code_pipeline_tags_where_fashion_hf_is_not_installed(folde
 def test_trust_remote_code_also_works_where_fashion_hf_is_installed(tiny_model_dir):
     tagger = pipeline("fashion-tagging", model=str(tiny_model_dir), trust_remote_code=True)
     assert_same_prediction(tagger(product_photo(), top_k=2), pipeline("fashion-tagging", model=str(tiny_model_dir))(product_photo(), top_k=2))
+
+
+def test_the_default_runtime_folds_the_batch_norms_and_answers_as_the_model_itself(tiny_model_dir):
+    from test_model import with_trained_looking_batch_norms
+    from transformers import AutoImageProcessor, AutoModel
+
+    from fashion_hf.modeling_fashion_tagger import FoldedTagger
+
+    model = with_trained_looking_batch_norms(AutoModel.from_pretrained(tiny_model_dir).eval())
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir)
+    folded = pipeline("fashion-tagging", model=model, image_processor=processor)
+    assert isinstance(folded.encoder, FoldedTagger) and folded.model is model
+    reference = pipeline("fashion-tagging", model=model, image_processor=processor)
+    reference.encoder = model  # the model's own encoders, batch norms unfolded
+    photos = [product_photo(colour) for colour in [(200, 30, 30), (20, 40, 160), (240, 240, 240)]]
+    for result, expected in zip(folded(photos, batch_size=3), reference(photos, batch_size=3)):
+        assert_same_prediction(result, expected)

@@ -4,6 +4,7 @@ The decoder follows Show and Tell (Vinyals et al., 2015) and the CNN-RNN multi-l
 its initial hidden state is a projection of the image embedding, and the image is not fed again at later steps.
 """
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -12,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -55,6 +57,45 @@ def create_encoder(config: FashionTaggerConfig) -> nn.Module:
 def encoder_output_width(encoder: nn.Module) -> int:
     # Some timm models (MobileNetV3) pool to `head_hidden_size`, not `num_features`.
     return getattr(encoder, "head_hidden_size", None) or encoder.num_features
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Fold every batch norm into the convolution just before it, in place, for inference: the norm's running
+    statistics and affine become the convolution's weight and bias, and only its activation (timm's `BatchNormAct2d`)
+    stays. The outputs agree to float rounding; the parameters no longer match the checkpoint's, so fold a copy."""
+    for parent in module.modules():
+        previous = None
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and isinstance(previous, nn.Conv2d) and previous.out_channels == child.num_features:
+                weight, bias = fuse_conv_bn_weights(
+                    previous.weight.float(), None if previous.bias is None else previous.bias.float(),
+                    child.running_mean.float(), child.running_var.float(), child.eps, child.weight.float(), child.bias.float(),
+                )  # fmt: skip
+                previous.weight = nn.Parameter(weight.to(previous.weight.dtype), requires_grad=False)
+                previous.bias = nn.Parameter(bias.to(previous.weight.dtype), requires_grad=False)
+                setattr(parent, name, nn.Sequential(child.drop, child.act) if hasattr(child, "act") else nn.Identity())
+            previous = child
+    return module
+
+
+class FoldedTagger:
+    """A fashion tagger whose `encode_images` runs a copy of its encoders with the batch norms folded into the
+    convolutions (`fold_batch_norms`), 1.2-1.5x faster on CPU; every other attribute (`config`, `forward`,
+    `generate_tags`, `state_dict`, ...) is the wrapped model's, which stays as it was. The copy is taken once: wrap
+    the model again after changing its weights. The pipeline's and `fashion-hf tag`'s "torch" runtime."""
+
+    def __init__(self, model: "FashionTaggerPreTrainedModel"):
+        self.model = model.eval()
+        self._folded = fold_batch_norms(copy.deepcopy(model)).eval()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)  # only reached for what this class does not define itself
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._folded.encode_images(pixel_values)
 
 
 def fast_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -668,9 +709,11 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
             for name in self.config.attributes
         }
 
-    def domain_log_probs(self, per_view_log_probs: list[torch.Tensor]) -> torch.Tensor:
-        """`(domains, batch, C)`: per domain, the log of its members' views' averaged probabilities."""
-        return torch.stack([mean_of_probabilities([per_view_log_probs[view] for view in views]) for views in self.domain_views()])
+    def domain_log_probs(self, per_view_log_probs: list[torch.Tensor], domain_views: list[list[int]] | None = None) -> torch.Tensor:
+        """`(domains, batch, C)`: per domain, the log of its members' views' averaged probabilities. `domain_views`
+        (default `self.domain_views()`) indexes `per_view_log_probs` per domain."""
+        domain_views = self.domain_views() if domain_views is None else domain_views
+        return torch.stack([mean_of_probabilities([per_view_log_probs[view] for view in views]) for views in domain_views])
 
     def _mix(self, per_domain: torch.Tensor, log_weights: torch.Tensor, temperatures: list[float] | None = None) -> torch.Tensor:
         """log of the `log_weights`-weighted (`(batch, domains)`) average of each domain's probabilities, each
@@ -709,20 +752,29 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         return FashionTaggerOutput(attribute_logits=attribute_logits, image_embeds=image_embeds)
 
     def _decoding_start(self, image_embeds: torch.Tensor):
+        weights = self.domain_weights(image_embeds)
+        # A domain that no photo of the batch weighs (the gate kept its experts from all of them) would add nothing
+        # to the mix: its members' decoders do not run. On catalogue photos that halves the decoding.
+        domains = [index for index in range(weights.shape[1]) if weights[:, index].any()]
+        views = [self.domain_views()[index] for index in domains]
+        decoded_views = [view for domain_views in views for view in domain_views]
+        members = self.view_members()
         states, steps = [], []
-        for view, member in enumerate(self.view_members()):
-            state, step = member._decoding_start(image_embeds[:, view])
+        for view in decoded_views:
+            state, step = members[view]._decoding_start(image_embeds[:, view])
             states.append(state)
             steps.append(step)
+        position = {view: index for index, view in enumerate(decoded_views)}
+        positions = [[position[view] for view in domain_views] for domain_views in views]
         # The weights travel with the states as `(1, batch, domains)`, so that beam search reorders their rows too.
-        log_weights = self.domain_weights(image_embeds).log()[None]
+        log_weights = weights[:, domains].log()[None]
 
         def step(tokens, states, banned):
             *member_states, log_weights = states
             log_probs, member_states = zip(*(member_step(tokens, state, banned) for member_step, state in zip(steps, member_states)))
-            return self._mix(self.domain_log_probs(list(log_probs)), log_weights[0]), [*member_states, log_weights]
+            return self._mix(self.domain_log_probs(list(log_probs), positions), log_weights[0]), [*member_states, log_weights]
 
         return [*states, log_weights], step
 
 
-__all__ = ["FashionTaggerEnsembleModel", "FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]
+__all__ = ["FashionTaggerEnsembleModel", "FoldedTagger", "FashionTaggerModel", "FashionTaggerOutput", "FashionTaggerPreTrainedModel"]

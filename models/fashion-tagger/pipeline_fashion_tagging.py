@@ -5,6 +5,7 @@ import torch
 from transformers import Pipeline
 
 from .configuration_fashion_tagger import PAD_TAG_ID
+from .modeling_fashion_tagger import FoldedTagger
 
 RUNTIMES = ("torch", "onnx")
 
@@ -42,7 +43,9 @@ class FashionTaggingPipeline(Pipeline):
     `runtime="onnx"` (`pipeline("fashion-tagging", model=..., runtime="onnx")`, CPU only, needs `onnxruntime`) runs
     the image encoders with ONNX Runtime, several times faster on CPU, and the rest as PyTorch does: the same top
     labels, scores within 1e-3. The graphs come from the model folder's `onnx/` (`fashion-hf export-onnx`), else are
-    exported once into `~/.cache/fashion_hf/onnx/` (see `onnx_runtime`). The default, `"torch"`, is the reference.
+    exported once into `~/.cache/fashion_hf/onnx/` (see `onnx_runtime`). The default, `"torch"`, runs a copy of the
+    encoders with their batch norms folded into the convolutions (`FoldedTagger`, taken when the pipeline is made):
+    the model's own outputs to float rounding.
     """
 
     _load_processor = False
@@ -56,8 +59,9 @@ class FashionTaggingPipeline(Pipeline):
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         self.runtime = runtime
-        self.encoder = self.model
-        if runtime != "torch":
+        if runtime == "torch":
+            self.encoder = FoldedTagger(self.model)
+        else:
             if self.model.device.type != "cpu":
                 raise ValueError(f"runtime={runtime!r} runs on the CPU; the model is on {self.model.device}: pass device='cpu'")
             from .onnx_runtime import OnnxTagger  # imported only here: the default runtime needs no onnxruntime
