@@ -286,6 +286,11 @@ def test_the_benchmark_scores_a_cache_and_times_both_indexes(tmp_path, rng, caps
     assert f"{capped} 0.333 | 1.000 |" in output
     uncapped = "| re-ranked with the photo's labels, any number of a kind (`per_kind=None`) | all validation queries (30) |"
     assert f"{uncapped} 0.333 | 0.333 |" in output  # ten red men's T-shirts
+    # the ceiling of such re-ranking: only the red men's T-shirts are their model's first kind; each other kind
+    # ranks second (tied), so within the top 5 and 10 kinds
+    assert "| 0.333 | 1.000 | 1.000 |" in output
+    ceiling = json.loads((tmp_path / "r.json").read_text())["label_ceiling"]
+    assert ceiling == pytest.approx({"own kind in the top 1": 1 / 3, "own kind in the top 5": 1.0, "own kind in the top 10": 1.0})
     # --json: what the model card's "Similar items" section reads
     from fashion_hf.training.model_card import _retrieval_section
 
