@@ -229,3 +229,28 @@ def test_load_benchmark_measures_serving_efficiency_against_the_pipeline_alone(c
     rates = [float(line.split(":")[-1].split()[0]) for line in output.splitlines() if line.startswith("the pipeline alone")]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
     assert "serving efficiency: /tag under 4 clients answered" in output
+
+
+def test_turned_photo_benchmark_tags_only_photos_the_setting_was_not_chosen_on(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    import numpy as np
+    import turned_photos
+    from test_user_photos import write_user_photos
+
+    chosen_on = set(np.random.default_rng(1).choice(205, 200, replace=False).tolist())
+    held_out = turned_photos.held_out_rows(205, 5, seed=2)
+    assert sorted(held_out) == sorted(set(range(205)) - chosen_on)  # the only five left
+    chosen_of_1000 = set(np.random.default_rng(1).choice(1000, 200, replace=False).tolist())
+    drawn = turned_photos.held_out_rows(1000, 50, seed=2)
+    assert len(set(drawn)) == 50 and not chosen_of_1000 & set(drawn)
+
+    write_product_parquet(tmp_path / "fashion-product-images", "validation", 205)
+    phone_rows = [("Shirt", "Shirts", "Topwear", index) for index in range(205)]
+    for split in ("train", "validation"):
+        write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, split, phone_rows)
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    turned_photos.main(["--model", str(tiny_model_dir), "--photos", "3", "--batch-size", "4"])
+    output = capsys.readouterr().out
+    for source in ("product validation", "phone validation"):
+        for degrees in (90, 180, 270):
+            assert f"| {source} | {degrees} | 3 |" in output
+    assert "upright photos the search turned: product validation (3) 0.00%, phone validation (3) 0.00%, phone train (30) 0.00%" in output
