@@ -279,6 +279,10 @@ def test_retrieval_figures_get_a_similar_items_section(model_folder, metrics, no
     assert "| re-ranked | 0.601 | 0.891 | 0.155 | 0.920 |" in card
     assert "| embedding alone |" not in card  # only the photos without a byte copy in the catalogue
     assert "### Similar items" not in build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL).text
+    assert "only as good as the model's" not in card  # a report without the ceiling
+    retrieval["label_ceiling"] = {"own kind in the top 1": 0.604, "own kind in the top 5": 0.879, "own kind in the top 10": 0.927}
+    card = build_model_card(model_folder, metrics, RECIPE, DATASET_ID, BASE_MODEL, retrieval=retrieval).text
+    assert "is the model's first for\n0.604 of these product photos, and among its first ten for 0.927." in card
 
 
 def test_only_existing_plots_are_embedded(model_folder, metrics, no_network):

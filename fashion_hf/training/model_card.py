@@ -220,8 +220,10 @@ def _retrieval_section(report: dict | None) -> dict | None:
         for row in report["product"]
         if row["queries"].startswith("without a byte copy")
     ]  # fmt: skip
+    ceiling = report.get("label_ceiling")
     return {"date": report["date"][:10], "catalogue": f"{report['catalogue_items']:,}", "rows": rows,
-            "queries": f"{report['product_queries']:,}", "phone_queries": f"{report['phone_queries']:,}"}  # fmt: skip
+            "queries": f"{report['product_queries']:,}", "phone_queries": f"{report['phone_queries']:,}",
+            "ceiling": {f"top_{k}": _score(ceiling[f"own kind in the top {k}"]) for k in (1, 10)} if ceiling else None}  # fmt: skip
 
 
 def _public_name(source: str) -> str:
