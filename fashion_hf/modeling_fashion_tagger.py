@@ -89,6 +89,8 @@ class FoldedTagger:
         self._folded = fold_batch_norms(copy.deepcopy(model)).eval()
 
     def __getattr__(self, name):
+        if name in ("model", "_folded"):  # asked before __init__ set them (copy, pickle): no endless recursion
+            raise AttributeError(name)
         return getattr(self.model, name)  # only reached for what this class does not define itself
 
     def __call__(self, *args, **kwargs):

@@ -1,5 +1,6 @@
 """FashionTaggerModel: outputs, loss, save/load, Auto classes, remote code, decoding."""
 
+import copy
 import json
 import os
 import subprocess
@@ -391,3 +392,6 @@ def test_the_folded_tagger_encodes_as_its_model_and_leaves_the_model_as_it_was()
     assert state.keys() == model.state_dict().keys()
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
     assert any(isinstance(module, torch.nn.BatchNorm2d) for module in model.modules())
+    copied = copy.deepcopy(tagger)  # e.g. handed to a worker: a copy works as the original
+    with torch.no_grad():
+        torch.testing.assert_close(copied.encode_images(x), tagger.encode_images(x))
