@@ -220,3 +220,11 @@ def test_the_shipped_model_answers_the_same_on_1000_validation_photos_with_onnx(
             same_tags += sum(a[0]["tag_ids"] == b[0]["tag_ids"] for a, b in zip(tags, expected_tags))
     assert worst <= 1e-3
     assert same_tags >= 0.99 * PARITY_PHOTOS
+
+
+def test_onnx_runtime_pool_threads_sleep_when_idle_instead_of_spinning():
+    from fashion_hf.onnx_runtime import session_options
+
+    options = session_options(2)
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
