@@ -86,7 +86,10 @@ class FoldedTagger:
 
     def __init__(self, model: "FashionTaggerPreTrainedModel"):
         self.model = model.eval()
-        self._folded = fold_batch_norms(copy.deepcopy(model)).eval()
+        # The copy shares every tensor with the model (folding assigns new weights, it never writes into a tensor),
+        # so only the folded convolutions take memory of their own, not the heads, decoders and detector.
+        shared = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+        self._folded = fold_batch_norms(copy.deepcopy(model, shared)).eval()
 
     def __getattr__(self, name):
         if name in ("model", "_folded"):  # asked before __init__ set them (copy, pickle): no endless recursion
