@@ -10,7 +10,9 @@ import pytest
 from helpers import COLOURS, TINY_FLAGS, product_photo, run_training
 
 from fashion_hf.training.evaluate import main as evaluate
-from fashion_hf.training.examples import default_min_tag_count, feedback_tags_to_keep
+import datasets
+
+from fashion_hf.training.examples import append_examples, default_min_tag_count, feedback_repeats, feedback_tags_to_keep
 from fashion_hf.training.train import parse_args
 
 _AT = TINY_FLAGS.index("--min-tag-count")
@@ -77,6 +79,26 @@ def test_typed_tags_need_the_configured_number_of_people():
         "lace-up", "tank",
     ]  # fmt: skip
     assert feedback_tags_to_keep(parse_args([]), people) == []  # no feedback, no typed tags
+
+
+def test_sqrt_balance_repeats_rare_kinds_more_and_keeps_the_total():
+    kinds = ["Tshirts"] * 64 + ["Caps"] * 4 + [None] * 16  # articleType, else subCategory; None: neither
+    records = datasets.Dataset.from_dict({
+        "articleType": [kind if kind == "Tshirts" else None for kind in kinds],
+        "subCategory": ["Topwear"] * 64 + ["Headwear"] * 4 + [None] * 16,
+    })  # fmt: skip
+    assert feedback_repeats(parse_args(["--feedback", "fb", "--feedback-repeats", "3"]), records) == 3
+    repeats = feedback_repeats(parse_args(["--feedback", "fb", "--feedback-repeats", "3", "--feedback-balance", "sqrt"]), records)
+    assert len(repeats) == len(kinds) and min(repeats) >= 1
+    assert sum(repeats) == 3 * len(kinds)  # --feedback-repeats copies on average
+    by_kind = {kind: sum(r for k, r in zip(kinds, repeats) if k == kind) / kinds.count(kind) for kind in ("Tshirts", "Caps", None)}
+    assert by_kind == {"Tshirts": 2.25, "Caps": 9, None: 4.5}  # in proportion to 1/sqrt(64) : 1/sqrt(4) : 1/sqrt(16)
+
+    catalogue = datasets.Dataset.from_dict({"image": ["a.jpg"], "articleType": ["Jeans"], "subCategory": ["Bottomwear"], "tags": [["denim"]]})
+    photos = records.add_column("image", [f"{index}.jpg" for index in range(len(kinds))]).add_column("tags", [["casual"]] * len(kinds))
+    appended = append_examples(catalogue, photos, ["articleType", "subCategory"], repeats)
+    assert len(appended) == 1 + sum(repeats)
+    assert Counter(appended["image"][1:]) == {f"{index}.jpg": count for index, count in enumerate(repeats)}
 
 
 @pytest.mark.slow

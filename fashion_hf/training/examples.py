@@ -5,6 +5,7 @@ so that reruns repeat).
 
 import argparse
 import math
+from collections import Counter
 
 import datasets
 import numpy as np
@@ -48,11 +49,36 @@ def replay_sample(dataset, images: int, seed: int):
     return dataset.select(sorted(rows.tolist()))
 
 
-def append_examples(train_set, extra, attributes, repeats: int = 1):
-    """Append `extra` rows (annotators' corrections, a second data set) `repeats` times, each copy augmented
-    differently. Heads `extra` does not label are missing labels, masked in the loss; rows that do not label every
-    head have `tags_known` False (`feedback_dataset.load_feedback`), and their tag sequences stay out of the
-    decoder's loss.
+def balanced_repeats(labels: list, repeats: int) -> list[int]:
+    """Copies of each row: `repeats` on average, in proportion to 1 / sqrt(how many rows share its label), and at
+    least one. Square-root balancing (Mahajan et al., 2018) lets the few photos of a rare kind (a hat among hundreds
+    of T-shirts) count for more without repeating them so often that the model learns those photos by heart. Rows
+    without a label (None) count as one more kind."""
+    counts = Counter(labels)
+    scale = repeats * len(labels) / sum(count**0.5 for count in counts.values())  # copies of a kind: scale * sqrt(count)
+    copies, seen = [], Counter()
+    for label in labels:  # a kind's copies, rounded once, spread over its rows: the first rows get one more
+        total, count = round(scale * counts[label] ** 0.5), counts[label]
+        copies.append(max(1, total // count + (seen[label] < total % count)))
+        seen[label] += 1
+    return copies
+
+
+def feedback_repeats(args, feedback) -> int | list[int]:
+    """Copies of each correction per epoch: --feedback-repeats, or per row under --feedback-balance sqrt, by the
+    finest kind the record names (articleType, else subCategory)."""
+    if args.feedback_balance == "none":
+        return args.feedback_repeats
+    columns = [feedback[name] for name in ("articleType", "subCategory") if name in feedback.column_names]
+    kinds = [next((kind for kind in row if kind is not None), None) for row in zip(*columns)] if columns else [None] * len(feedback)
+    return balanced_repeats(kinds, args.feedback_repeats)
+
+
+def append_examples(train_set, extra, attributes, repeats: int | list[int] = 1):
+    """Append `extra` rows (annotators' corrections, a second data set) `repeats` times (or `repeats[i]` times row
+    `i`), each copy augmented differently. Heads `extra` does not label are missing labels, masked in the loss; rows
+    that do not label every head have `tags_known` False (`feedback_dataset.load_feedback`), and their tag
+    sequences stay out of the decoder's loss.
     """
     columns = ["image", *attributes, data.TAGS_COLUMN, data.TAGS_KNOWN_COLUMN]
     train_set = with_tags_known(train_set)
@@ -60,7 +86,10 @@ def append_examples(train_set, extra, attributes, repeats: int = 1):
         if attribute not in extra.column_names:
             extra = extra.add_column(attribute, [None] * len(extra), feature=datasets.Value("string"))
     extra = with_tags_known(extra).select_columns(columns).cast(train_set.select_columns(columns).features)
-    return datasets.concatenate_datasets([train_set.select_columns(columns), *[extra] * repeats])
+    if isinstance(repeats, int):
+        return datasets.concatenate_datasets([train_set.select_columns(columns), *[extra] * repeats])
+    copies = [row for row, count in enumerate(repeats) for _ in range(count)]
+    return datasets.concatenate_datasets([train_set.select_columns(columns), extra.select(copies)])
 
 
 def with_tags_known(dataset):

@@ -34,6 +34,7 @@ from .examples import (
     collate,
     dataset_attributes,
     default_min_tag_count,
+    feedback_repeats,
     feedback_tag_min_contributors,
     feedback_tags_to_keep,
     load_split,
@@ -278,7 +279,7 @@ def train_model(args, command: str, final: bool = True) -> Path:
     typed_tags = []
     if args.feedback:
         feedback = feedback_dataset.load_feedback(args.feedback, attributes)
-        train_set = append_examples(train_set, feedback, attributes, args.feedback_repeats)
+        train_set = append_examples(train_set, feedback, attributes, feedback_repeats(args, feedback))
         typed_tags = feedback_tags_to_keep(args)
     if args.mix_dataset:
         train_set = append_examples(train_set, mix_split(args), attributes, args.mix_repeats)

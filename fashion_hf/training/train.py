@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--feedback-repeats", type=int, default=1,
         help="times each feedback record is seen per epoch (differently augmented): a few thousand corrections "
         "beside tens of thousands of catalogue images would otherwise barely move the model")
+    add("--feedback-balance", choices=("none", "sqrt"), default="none",
+        help="sqrt: repeat each correction in proportion to 1 / sqrt(corrections of its articleType, else "
+        "subCategory), --feedback-repeats times on average, so that rare kinds weigh more")
     add("--mix-dataset", default=None, metavar="NAME",
         help="a second built-in data set whose train split joins the training data (e.g. clothing-user-photos: "
         "phone photos with subCategory and articleType only; the heads it does not label are masked)")
