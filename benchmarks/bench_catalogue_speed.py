@@ -9,10 +9,13 @@ as encoded bytes:
   the allocator setting `fashion-hf tag` makes);
 - (c) tag, onnx: the same call with the model's encoders in ONNX Runtime (`OnnxTagger`), float32, without the
   allocator setting (ONNX Runtime keeps its own buffers: the fast path must not need it);
-- (d) tag, onnx int8: the same with the INT8 graphs, when `--onnx-folder` holds them.
+- (d) tag, onnx int8: the same with the INT8 graphs, when `--onnx-folder` holds them;
+- (e) tag, one-pass: with `--one-pass MODEL`, (b) with that model instead (one encoder pass per photo, e.g. the
+  distilled lite0 tagger that was the default model before the ensemble): what a one-pass model gives.
 
 Then the app's case: one photo at a time through the pipeline, PyTorch (as app.py runs it, with the allocator
-setting) against `runtime="onnx"` (without it). Photos/s and the ratios are medians of the per-round figures.
+setting) against `runtime="onnx"` (without it), and the `--one-pass` model's pipeline. Photos/s and the ratios are
+medians of the per-round figures.
 
 glibc's allocator settings are per process: the variants "without" run with the mmap and trim thresholds set back to
 glibc's initial 128 KiB, the others with `keep_freed_memory()`. (Never set, glibc raises the mmap threshold by itself
@@ -53,6 +56,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="models/fashion-tagger")
     parser.add_argument("--onnx-folder", default=None, help="graphs to run (default: the model's, or the cache's)")
+    parser.add_argument("--one-pass", default=None, metavar="MODEL", help="also measure this (one-pass) model")
     parser.add_argument("--photos", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -67,6 +71,8 @@ def main(argv=None) -> dict:
     taggers = {"onnx": OnnxTagger(model, onnx_folder)}
     if (onnx_folder / graph_name(model.config.photo_domains()[0], quantized=True)).is_file():
         taggers["onnx int8"] = OnnxTagger(model, onnx_folder, quantized=True)
+    one_pass = AutoModel.from_pretrained(args.one_pass).eval() if args.one_pass else None
+    one_pass_processor = AutoImageProcessor.from_pretrained(args.one_pass) if args.one_pass else None
     today = pipeline("fashion-tagging", model=model, image_processor=processor)
     onnx_pipeline = pipeline("fashion-tagging", model=model, image_processor=processor, runtime="onnx")
     onnx_pipeline.encoder = taggers["onnx"]  # the graphs under test (the same export as the one it found)
@@ -77,17 +83,18 @@ def main(argv=None) -> dict:
         glibc_initial_thresholds()
         today(photos)
 
-    def tag_with(tagger, allocator_setting: bool):
+    def tag_with(tagger, allocator_setting: bool, tagger_processor=processor):
         def run():
             keep_freed_memory() if allocator_setting else glibc_initial_thresholds()
-            tag(images, tagger, processor, output, settings, limit=len(photos), overwrite=True, progress=False)
+            tag(images, tagger, tagger_processor, output, settings, limit=len(photos), overwrite=True, progress=False)
 
         return run
 
     throughput = interleaved(
         {"(a) pipeline, today": pipeline_today, "(b) tag, torch": tag_with(model, allocator_setting=True),
          **{f"({letter}) tag, {name}": tag_with(tagger, allocator_setting=False)
-            for letter, (name, tagger) in zip("cd", taggers.items())}},
+            for letter, (name, tagger) in zip("cd", taggers.items())},
+         **({"(e) tag, one-pass": tag_with(one_pass, True, one_pass_processor)} if one_pass else {})},
         repeats=args.repeats,
     )  # fmt: skip
 
@@ -101,12 +108,15 @@ def main(argv=None) -> dict:
 
     latency = interleaved(
         {"pipeline, torch": single_photo(today, allocator_setting=True),
-         "pipeline, onnx": single_photo(onnx_pipeline, allocator_setting=False)},
+         "pipeline, onnx": single_photo(onnx_pipeline, allocator_setting=False),
+         **({"pipeline, one-pass": single_photo(pipeline("fashion-tagging", model=one_pass, image_processor=one_pass_processor),
+                                                allocator_setting=True)} if one_pass else {})},
         repeats=args.repeats,
     )  # fmt: skip
 
     print(runtime_line())
-    print(f"{len(photos)} product validation photos, {args.repeats} rounds, model {args.model}, graphs {onnx_folder}\n")
+    print(f"{len(photos)} product validation photos, {args.repeats} rounds, model {args.model}, graphs {onnx_folder}"
+          + (f", one-pass model {args.one_pass}" if one_pass else "") + "\n")
     print("| variant | photos/s | x (a) | seconds per round |")
     print("|---|---|---|---|")
     baseline = throughput["(a) pipeline, today"]
