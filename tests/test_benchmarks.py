@@ -254,3 +254,21 @@ def test_turned_photo_benchmark_tags_only_photos_the_setting_was_not_chosen_on(c
         for degrees in (90, 180, 270):
             assert f"| {source} | {degrees} | 3 |" in output
     assert "upright photos the search turned: product validation (3) 0.00%, phone validation (3) 0.00%, phone train (30) 0.00%" in output
+
+
+def test_catalogue_speed_benchmark_measures_a_one_pass_model_beside_the_ensemble(capsys, tmp_path, monkeypatch, tiny_model_dir, tiny_ensemble_dir):
+    import bench_catalogue_speed
+    from fashion_hf.onnx_runtime import CACHE_ENV
+
+    write_product_parquet(tmp_path / "fashion-product-images", "validation", 6)
+    monkeypatch.setattr(bench_catalogue_speed, "PRODUCT_IMAGES", tmp_path / "fashion-product-images")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "onnx-cache"))  # the export goes to a fresh cache, never the user's
+    results = bench_catalogue_speed.main([
+        "--model", str(tiny_ensemble_dir), "--one-pass", str(tiny_model_dir), "--photos", "4", "--repeats", "1", "--batch-size", "2",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert f"one-pass model {tiny_model_dir}" in output
+    assert set(results) == {"(a) pipeline, today", "(b) tag, torch", "(c) tag, onnx", "(e) tag, one-pass",
+                            "pipeline, torch", "pipeline, onnx", "pipeline, one-pass"}  # fmt: skip
+    assert results["(e) tag, one-pass"]["photos_per_second"] > 0 and results["pipeline, one-pass"]["ms_per_photo"] > 0
+    assert "| (e) tag, one-pass |" in output and "| pipeline, one-pass |" in output
