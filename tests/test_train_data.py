@@ -6,12 +6,11 @@ import json
 import sys
 from collections import Counter
 
+import datasets
 import pytest
 from helpers import COLOURS, TINY_FLAGS, product_photo, run_training
 
 from fashion_hf.training.evaluate import main as evaluate
-import datasets
-
 from fashion_hf.training.examples import append_examples, default_min_tag_count, feedback_repeats, feedback_tags_to_keep
 from fashion_hf.training.train import parse_args
 

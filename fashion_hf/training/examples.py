@@ -86,9 +86,10 @@ def append_examples(train_set, extra, attributes, repeats: int | list[int] = 1):
         if attribute not in extra.column_names:
             extra = extra.add_column(attribute, [None] * len(extra), feature=datasets.Value("string"))
     extra = with_tags_known(extra).select_columns(columns).cast(train_set.select_columns(columns).features)
-    if isinstance(repeats, int):
-        return datasets.concatenate_datasets([train_set.select_columns(columns), *[extra] * repeats])
-    copies = [row for row, count in enumerate(repeats) for _ in range(count)]
+    if isinstance(repeats, int):  # whole copies one after another, as the per-row seeds of earlier runs saw them
+        copies = [row for _ in range(repeats) for row in range(len(extra))]
+    else:
+        copies = [row for row, count in enumerate(repeats) for _ in range(count)]
     return datasets.concatenate_datasets([train_set.select_columns(columns), extra.select(copies)])
 
 
