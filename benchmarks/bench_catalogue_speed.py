@@ -71,11 +71,13 @@ def main(argv=None) -> dict:
     taggers = {"onnx": OnnxTagger(model, onnx_folder)}
     if (onnx_folder / graph_name(model.config.photo_domains()[0], quantized=True)).is_file():
         taggers["onnx int8"] = OnnxTagger(model, onnx_folder, quantized=True)
-    one_pass = AutoModel.from_pretrained(args.one_pass).eval() if args.one_pass else None
-    one_pass_processor = AutoImageProcessor.from_pretrained(args.one_pass) if args.one_pass else None
     today = pipeline("fashion-tagging", model=model, image_processor=processor)
     onnx_pipeline = pipeline("fashion-tagging", model=model, image_processor=processor, runtime="onnx")
     onnx_pipeline.encoder = taggers["onnx"]  # the graphs under test (the same export as the one it found)
+    one_pass_pipeline = None
+    if args.one_pass:  # loaded as MODEL is, so both go through the same code
+        one_pass_pipeline = pipeline("fashion-tagging", model=AutoModel.from_pretrained(args.one_pass).eval(),
+                                     image_processor=AutoImageProcessor.from_pretrained(args.one_pass))
     settings = TagSettings(batch_size=args.batch_size, num_workers=default_num_workers())
     output = Path(tempfile.mkdtemp(prefix="bench-catalogue-"))
 
@@ -94,7 +96,8 @@ def main(argv=None) -> dict:
         {"(a) pipeline, today": pipeline_today, "(b) tag, torch": tag_with(model, allocator_setting=True),
          **{f"({letter}) tag, {name}": tag_with(tagger, allocator_setting=False)
             for letter, (name, tagger) in zip("cd", taggers.items())},
-         **({"(e) tag, one-pass": tag_with(one_pass, True, one_pass_processor)} if one_pass else {})},
+         **({"(e) tag, one-pass": tag_with(one_pass_pipeline.model, True, one_pass_pipeline.image_processor)}
+            if one_pass_pipeline else {})},
         repeats=args.repeats,
     )  # fmt: skip
 
@@ -109,14 +112,13 @@ def main(argv=None) -> dict:
     latency = interleaved(
         {"pipeline, torch": single_photo(today, allocator_setting=True),
          "pipeline, onnx": single_photo(onnx_pipeline, allocator_setting=False),
-         **({"pipeline, one-pass": single_photo(pipeline("fashion-tagging", model=one_pass, image_processor=one_pass_processor),
-                                                allocator_setting=True)} if one_pass else {})},
+         **({"pipeline, one-pass": single_photo(one_pass_pipeline, allocator_setting=True)} if one_pass_pipeline else {})},
         repeats=args.repeats,
     )  # fmt: skip
 
     print(runtime_line())
     print(f"{len(photos)} product validation photos, {args.repeats} rounds, model {args.model}, graphs {onnx_folder}"
-          + (f", one-pass model {args.one_pass}" if one_pass else "") + "\n")
+          + (f", one-pass model {args.one_pass}" if one_pass_pipeline else "") + "\n")
     print("| variant | photos/s | x (a) | seconds per round |")
     print("|---|---|---|---|")
     baseline = throughput["(a) pipeline, today"]
