@@ -119,8 +119,9 @@ def test_feedback_records_join_the_training_data(tiny_catalogue, tmp_path):
                 consent=True, model_id="tiny", model_revision="0",
             )  # fmt: skip
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
-    log = run_training([*flags, "--feedback", str(tmp_path / "feedback")], launcher=(sys.executable,))
+    log = run_training([*flags, "--feedback", str(tmp_path / "feedback"), "--augment", "phone"], launcher=(sys.executable,))
     assert "train 26 / eval 12 images" in log  # 24 catalogue rows + 2 corrected records
+    assert "8 backdrops cut from the run's user photos" in log  # the 4 corners of each record's photo
     assert json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())["train_images"] == 26
 
 

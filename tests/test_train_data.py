@@ -11,7 +11,13 @@ import pytest
 from helpers import COLOURS, TINY_FLAGS, product_photo, run_training
 
 from fashion_hf.training.evaluate import main as evaluate
-from fashion_hf.training.examples import append_examples, default_min_tag_count, feedback_repeats, feedback_tags_to_keep
+from fashion_hf.training.examples import (
+    append_examples,
+    default_min_tag_count,
+    feedback_repeats,
+    feedback_tags_to_keep,
+    replay_sample,
+)
 from fashion_hf.training.train import parse_args
 
 _AT = TINY_FLAGS.index("--min-tag-count")
@@ -98,6 +104,19 @@ def test_sqrt_balance_repeats_rare_kinds_more_and_keeps_the_total():
     appended = append_examples(catalogue, photos, ["articleType", "subCategory"], repeats)
     assert len(appended) == 1 + sum(repeats)
     assert Counter(appended["image"][1:]) == {f"{index}.jpg": count for index, count in enumerate(repeats)}
+
+
+def test_replay_favouring_the_corrected_kinds_spreads_half_of_it_evenly_over_them():
+    kinds = ["Tshirts"] * 900 + ["Dresses"] * 40 + ["Caps"] * 10 + ["Watches"] * 50
+    catalogue = datasets.Dataset.from_dict({"image": [f"{index}.jpg" for index in range(len(kinds))], "articleType": kinds})
+    uniform = replay_sample(catalogue, 200, seed=7)
+    assert uniform["image"] == replay_sample(catalogue, 200, seed=7)["image"]  # seeded: every member replays these rows
+    favoured = replay_sample(catalogue, 200, seed=7, favoured_kinds={"Tshirts", "Dresses", "Caps"})
+    counts = Counter(favoured["articleType"])
+    assert len(favoured) == 200 and len(set(favoured["image"])) == 200
+    assert counts["Caps"] == 10 and counts["Dresses"] >= 33  # every cap; 33 dresses first, then a uniform share
+    assert Counter(uniform["articleType"])["Dresses"] < 20
+    assert favoured["image"] == sorted(favoured["image"], key=lambda name: int(name[:-4]))  # in catalogue order
 
 
 @pytest.mark.slow

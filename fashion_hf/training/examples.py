@@ -15,7 +15,7 @@ from torch import nn
 from .. import data
 from ..configuration_fashion_tagger import BOS_TAG_ID, DEFAULT_FEEDBACK_TAG_MIN_CONTRIBUTORS, PAD_TAG_ID
 from ..feedback import dataset as feedback_dataset
-from .augment import AUGMENTATIONS
+from .augment import augmentation
 
 
 def load_split(args, split: str):
@@ -41,12 +41,29 @@ def default_min_tag_count(args, train_images: int) -> int:
     return min(20, max(3, math.ceil(train_images / 1000)))
 
 
-def replay_sample(dataset, images: int, seed: int):
-    """`images` rows drawn at random with `seed` (the same rows on every run and in every ensemble member)."""
+def replay_sample(dataset, images: int, seed: int, favoured_kinds=()):
+    """`images` rows drawn at random with `seed` (the same rows on every run and in every ensemble member). With
+    `favoured_kinds` (articleTypes), half of them are spread evenly over those kinds' rows first, so that a kind
+    rare in the catalogue (dresses, caps) is replayed as often as a common one."""
     if images >= len(dataset):
         return dataset
-    rows = np.random.default_rng(seed).choice(len(dataset), images, replace=False)
-    return dataset.select(sorted(rows.tolist()))
+    rng = np.random.default_rng(seed)
+    if not favoured_kinds:
+        return dataset.select(sorted(rng.choice(len(dataset), images, replace=False).tolist()))
+    kinds = np.array(dataset["articleType"], dtype=object)
+    per_kind = images // 2 // len(favoured_kinds)
+    rows = []
+    for kind in sorted(favoured_kinds):
+        of_kind = np.flatnonzero(kinds == kind)
+        rows += rng.choice(of_kind, min(per_kind, len(of_kind)), replace=False).tolist()
+    others = np.setdiff1d(np.arange(len(dataset)), rows)
+    rows += rng.choice(others, images - len(rows), replace=False).tolist()
+    return dataset.select(sorted(rows))
+
+
+def corrected_kinds(args) -> set[str]:
+    """The articleTypes the run's user photos name (`--replay-kinds corrected` favours them in the replay)."""
+    return {kind for dataset in user_photo_sets(args) if "articleType" in dataset.column_names for kind in dataset["articleType"] if kind}
 
 
 def balanced_repeats(labels: list, repeats: int) -> list[int]:
@@ -110,9 +127,9 @@ def dataset_attributes(args, dataset) -> list[str]:
 class TaggingExamples(torch.utils.data.Dataset):
     """Rows of a tagging dataset -> model inputs. Augmentation is seeded per (seed, view, index): reruns repeat."""
 
-    def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0):
+    def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0, backdrops=()):
         self.dataset, self.config, self.processor = dataset, config, processor
-        self.augment, self.augment_strength, self.seed, self.view = AUGMENTATIONS[augment], augment_strength, seed, view
+        self.augment, self.augment_strength, self.seed, self.view = augmentation(augment, backdrops), augment_strength, seed, view
         self.tag_vocabulary = config.tag_to_id()
 
     def __len__(self):
@@ -157,6 +174,14 @@ def feedback_tag_min_contributors(args) -> int:
 def mix_split(args):
     """The train split of `--mix-dataset`, a built-in data set read from its default place."""
     return load_split(argparse.Namespace(**{**vars(args), "dataset": args.mix_dataset, "data_source": None}), "train")
+
+
+def backdrop_photos(args, photos: int = 300) -> list:
+    """A seeded sample of the run's user photos whose corners `--augment phone` puts behind studio shots."""
+    images = []
+    for dataset in user_photo_sets(args):
+        images += replay_sample(dataset, photos, args.seed)["image"]
+    return images
 
 
 def user_photo_sets(args) -> list:

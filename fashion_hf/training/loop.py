@@ -27,11 +27,14 @@ from ..feedback import dataset as feedback_dataset
 from ..modeling_fashion_tagger import IGNORE_INDEX
 from ..pipeline_fashion_tagging import save_tagger
 from ..runtime import cpu_threads_per_process
+from .augment import backdrop_patches
 from .distillation import distillation_term, load_teachers, start_model_term
 from .examples import (
     TaggingExamples,
     append_examples,
+    backdrop_photos,
     collate,
+    corrected_kinds,
     dataset_attributes,
     default_min_tag_count,
     feedback_repeats,
@@ -214,10 +217,10 @@ def train_epoch(tagger, loader, optimizer, scheduler, accelerator, epoch, frozen
     return {"train/loss": float(np.mean(losses)), "train/lr": scheduler.get_last_lr()[1]}
 
 
-def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, processor):
+def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, processor, backdrops=()):
     """Run the frozen trunk once: `cache_views` views per training image (the first clean), one per eval image."""
     def loader(dataset, augment_strength, view):
-        examples = TaggingExamples(dataset, config, processor, args.augment, augment_strength, args.seed, view)
+        examples = TaggingExamples(dataset, config, processor, args.augment, augment_strength, args.seed, view, backdrops)
         return torch.utils.data.DataLoader(examples, batch_size=256, num_workers=args.num_workers, collate_fn=collate)
 
     total = args.cache_views * math.ceil(len(train_set) / 256) + math.ceil(len(eval_set) / 256)
@@ -239,8 +242,10 @@ def cached_loaders(args, accelerator, tagger, train_set, eval_set, config, proce
     return train_loader, eval_loader
 
 
-def image_loaders(args, train_set, eval_set, config, processor, epoch):
-    train_examples = TaggingExamples(train_set, config, processor, args.augment, args.augment_strength, args.seed, 1000 + epoch)
+def image_loaders(args, train_set, eval_set, config, processor, epoch, backdrops=()):
+    train_examples = TaggingExamples(
+        train_set, config, processor, args.augment, args.augment_strength, args.seed, 1000 + epoch, backdrops
+    )
     train_loader = torch.utils.data.DataLoader(
         train_examples, batch_size=args.batch_size, shuffle=True, num_workers=args.num_workers, collate_fn=collate
     )
@@ -271,7 +276,8 @@ def train_model(args, command: str, final: bool = True) -> Path:
 
     train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
     if args.replay_images:
-        train_set = replay_sample(train_set, args.replay_images, args.seed)
+        favoured = corrected_kinds(args) if args.replay_kinds == "corrected" else ()
+        train_set = replay_sample(train_set, args.replay_images, args.seed, favoured)
     test_set = load_split(args, args.test_split) if args.test_split else None
     used_splits = [args.train_split, args.eval_split, *([args.test_split] if args.test_split else [])]
     splits = {split: data.describe_split(args.dataset, split, eval_set) for split in used_splits}
@@ -288,10 +294,13 @@ def train_model(args, command: str, final: bool = True) -> Path:
     train_set = data.apply_vocabulary(train_set, config.attributes, config.tags)
     eval_set = data.apply_vocabulary(eval_set, config.attributes, config.tags)
     processor = FashionTaggerImageProcessor.from_model_config(config)
+    backdrops = backdrop_patches(map(processor.load_image, backdrop_photos(args))) if args.augment == "phone" else []
     accelerator.print(f"train {len(train_set)} / eval {len(eval_set)} images; heads {list(config.attributes)}; "
                       f"{len(config.tags)} tags; encoder weights: {getattr(config, 'encoder_weights', 'random')}")
     if typed_tags:
         accelerator.print(f"typed feedback tags in the vocabulary: {typed_tags}")
+    if backdrops:
+        accelerator.print(f"--augment phone: {len(backdrops)} backdrops cut from the run's user photos")
 
     frozen_stages = args.frozen_stages if args.frozen_stages == "all" else int(args.frozen_stages)
     cached = frozen_stages == "all" or frozen_stages > 0
@@ -333,7 +342,7 @@ def train_model(args, command: str, final: bool = True) -> Path:
         distill = partial(start_model_term, start_model, args.distill_weight, args.distill_temperature)
     if cached and progress.epoch < args.epochs:
         freeze(inner.trunk)
-        cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor)
+        cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor, backdrops)
         cached_train, cached_eval = accelerator.prepare(cached_train, cached_eval)
 
     for epoch in range(progress.epoch, total_epochs):
@@ -343,7 +352,7 @@ def train_model(args, command: str, final: bool = True) -> Path:
             train_loader, eval_loader = cached_train, cached_eval
         else:
             freeze(inner.trunk, False)
-            train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch))
+            train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch, backdrops))
         metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, distill)
         metrics |= validate(tagger, eval_loader, accelerator, list(config.attributes))
         metrics["epoch_seconds"] = time.time() - epoch_started

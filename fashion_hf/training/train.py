@@ -85,6 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--replay-images", type=int, default=None,
         help="train on this many images of the train split, drawn with --seed, instead of all of it: with --init-from "
         "and --feedback, the catalogue replayed beside the corrections so that the model forgets nothing")
+    add("--replay-kinds", default="all", choices=["all", "corrected"],
+        help="all: the replayed images drawn uniformly; corrected: half of them spread evenly over the articleTypes "
+        "the corrections (and --mix-dataset) name, so that a kind rare in the catalogue is replayed as often")
     add("--feedback-tag-min-contributors", type=int, default=None,
         help="people who must type a feedback tag for it to join the vocabulary (default: the config's, 3)")
     add("--limit-train", type=int, default=None)
@@ -137,7 +140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["channels_last", "contiguous"],
         help="layout of the encoder's feature maps: channels_last trains lite0 ~2x faster on CPU (oneDNN) and suits tensor cores",
     )
-    add("--augment", default="product", choices=sorted(AUGMENTATIONS), help="product: backdrops, zoom, crops; geometric: flip, crop")
+    add(
+        "--augment",
+        default="product",
+        choices=sorted(AUGMENTATIONS),
+        help="product: backdrops, zoom, crops; phone: also a camera angle, drape, room light and backdrops cut from the "
+        "run's user photos (--feedback, --mix-dataset); geometric: flip, crop",
+    )
     add("--augment-strength", type=float, default=1.0)
     add("--num-workers", type=int, default=2)
     add("--seed", type=int, default=42)
