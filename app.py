@@ -26,6 +26,9 @@ Named API endpoints (gradio_client):
 The "Similar items" gallery and /similar search the index folder in $FASHION_SIMILAR_INDEX (`fashion-hf index`), else
 the example photos, indexed at start.
 Bad input raises `gr.Error` (`AppError` in gradio_client) with a message naming the input and what would be valid.
+
+Plain HTTP, one request a photo (`serving.rest`; the same answer as /tag, a JSON `{"error": ...}` refusal otherwise):
+    curl --data-binary @photo.jpg "http://127.0.0.1:7860/v1/tag?name=photo.jpg"
 """
 
 import functools
@@ -54,6 +57,7 @@ from serving.corrections import (
 )
 from serving.errors import FeedbackError, RequestError, UploadError, shown
 from serving.model_card import model_card_markdown
+from serving.rest import rest_routes
 from serving.service import TOP_K, TaggerService
 from serving.settings import Settings
 from serving.tagger import load_tagger
@@ -108,10 +112,12 @@ THUMBNAIL_SIZE = (256, 256)
 FILTERS_EXAMPLE = '{"gender": "Women", "articleType": ["Tops", "Tshirts"]}'
 
 
-def launch_options(settings: Settings) -> dict:
-    """Keyword arguments for `demo.launch()`: upload limit, theme and CSS (Gradio 6 takes them at launch)."""
+def launch_options(settings: Settings, service: TaggerService | None = None) -> dict:
+    """Keyword arguments for `demo.launch()`: upload limit, theme and CSS (Gradio 6 takes them at launch), and with
+    the app's `service` its plain HTTP route, `POST /v1/tag` (`serving.rest`)."""
     examples = Path(settings.examples_dir).resolve() if settings.examples_dir else None
     return {
+        **({"app_kwargs": {"routes": rest_routes(service)}} if service is not None else {}),
         "max_file_size": settings.max_upload_bytes,
         "theme": gr.themes.Soft(),
         "css": CSS,
@@ -837,7 +843,8 @@ def main() -> None:
     limit_malloc_arenas()
     keep_freed_memory()
     settings = Settings.from_env()
-    build_app(settings).launch(**launch_options(settings))
+    demo = build_app(settings)
+    demo.launch(**launch_options(settings, demo.service))
 
 
 if __name__ == "__main__":

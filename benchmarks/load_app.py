@@ -20,6 +20,7 @@ photos/s (serving efficiency), p95 reported. `--record` appends the table to BEN
     python benchmarks/load_app.py                              # 60 s per run, 16 + 8 clients
     python benchmarks/load_app.py --duration 5 --clients 4 --feedback-clients 2 --single-requests 10   # dry run
     python benchmarks/load_app.py --client rest                # the server's own capacity on a small machine
+    python benchmarks/load_app.py --client bytes               # /tag as one plain POST a photo (POST /v1/tag)
 """
 
 import argparse
@@ -61,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--client", choices=sorted(CALLERS), default="gradio_client",
-        help="gradio_client (default), or rest: Gradio's REST API with httpx, a lighter client to measure the server",
+        help="gradio_client (default); rest: Gradio's REST API with httpx, a lighter client to measure the server; "
+        "bytes: /tag as one POST of the photo's bytes to the app's /v1/tag",
     )  # fmt: skip
     parser.add_argument("--runtime-seconds", type=float, default=20.0,
                         help="seconds of the pipeline's own batched run, before and after the server (default 20)")
@@ -121,7 +123,17 @@ class RestCaller:
         return self._call("feedback", [self._file(photo), correction, tags, True])
 
 
-CALLERS = {"gradio_client": GradioClientCaller, "rest": RestCaller}
+class BytesCaller(RestCaller):
+    """/tag through the app's plain HTTP route, `POST /v1/tag` with the photo's bytes as the body: one request a
+    photo instead of Gradio's three. /feedback still goes through Gradio's REST API."""
+
+    def tag(self, photo: str) -> dict:
+        response = self.http.post("v1/tag", params={"name": Path(photo).name}, content=Path(photo).read_bytes())
+        response.raise_for_status()
+        return response.json()
+
+
+CALLERS = {"gradio_client": GradioClientCaller, "rest": RestCaller, "bytes": BytesCaller}
 
 
 class Recorder:

@@ -54,6 +54,11 @@ def read_upload(payload, limits: ImageLimits) -> Upload:
             raise UploadError(f"{shown(name)}: the pasted image could not be read.") from None
     elif not path:
         raise UploadError(f"{shown(name)}: the upload did not arrive; please upload it again.")
+    return decoded_upload(source, name, path, limits)
+
+
+def decoded_upload(source, name: str, path: str | None, limits: ImageLimits) -> Upload:
+    """`source` (a path or the file's bytes) decoded within `limits`, or `UploadError` naming `name`."""
     try:
         decoded = read_image(source, limits, name)
     except InvalidImageError as error:

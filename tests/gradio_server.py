@@ -39,7 +39,7 @@ def serving(demo, settings):
         server_port=free_port(),
         prevent_thread_lock=True,
         quiet=True,
-        **app.launch_options(settings),
+        **app.launch_options(settings, demo.service),
     )
     try:
         yield url

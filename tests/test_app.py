@@ -280,6 +280,84 @@ def test_file_over_the_upload_limit_is_refused(client, served, files):
     assert response.status_code == 413
 
 
+# --- POST /v1/tag: one request a photo ------------------------------------------------------------------------------
+
+
+def post_photo(url: str, data, name: str = "photo.jpg", **options) -> httpx.Response:
+    return httpx.post(url + "v1/tag", params={"name": name}, content=data, timeout=60, **options)
+
+
+def test_v1_tag_answers_in_one_request_what_tag_answers(client, served, files):
+    photo = encode(product_photo(colour=(30, 160, 60)))
+    response = post_photo(served[1], photo)
+    assert response.status_code == 200 and response.headers["content-type"] == "application/json"
+    result = response.json()
+    assert_contract(result, served[0].service.config)
+    through_gradio = client.predict(handle_file(files("photo.jpg", photo)), api_name="/tag")
+    assert [t["tag"] for t in result["tags"]] == [t["tag"] for t in through_gradio["tags"]]
+    for name, predictions in through_gradio["attributes"].items():
+        assert [p["label"] for p in result["attributes"][name]] == [p["label"] for p in predictions]
+        assert [p["score"] for p in result["attributes"][name]] == pytest.approx([p["score"] for p in predictions], abs=1e-5)
+
+
+@pytest.mark.parametrize("name, data, message", BAD_UPLOADS.values(), ids=list(BAD_UPLOADS))
+def test_v1_tag_refuses_a_bad_photo_with_a_json_error_naming_it(served, name, data, message):
+    response = post_photo(served[1], data, name=name)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert re.search(message, error) and name in error and "/tmp/" not in error
+    assert_contract(post_photo(served[1], encode(product_photo())).json(), served[0].service.config)  # still serving
+
+
+def test_v1_tag_refuses_a_body_over_the_upload_limit_declared_or_streamed(served):
+    big = encode(Image.new("RGB", (800, 600)), "BMP")  # 1.4 MB > 1 MB
+    declared = post_photo(served[1], big, name="huge.bmp")
+    assert declared.status_code == 413 and "huge.bmp is over the 1 MB upload limit" in declared.json()["error"]
+    chunks = (big[start : start + 65536] for start in range(0, len(big), 65536))
+    streamed = post_photo(served[1], chunks, name="huge.bmp")  # chunked: no Content-Length to check first
+    assert streamed.status_code == 413
+    assert httpx.get(served[1] + "v1/tag", timeout=10).status_code == 405
+
+
+def test_v1_tag_batches_concurrent_requests_with_the_pages(served, monkeypatch):
+    batcher, batch_sizes = served[0].service._tag_batcher, []
+    run_batch = batcher._run_batch
+
+    def slow_run_batch(uploads):
+        batch_sizes.append(len(uploads))
+        time.sleep(0.5)
+        return run_batch(uploads)
+
+    monkeypatch.setattr(batcher, "_run_batch", slow_run_batch)
+    photos = [encode(product_photo(colour=(i * 50, 90, 200)), "PNG") for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda data: post_photo(served[1], data, name="photo.png"), photos * 2))
+    assert [response.status_code for response in responses] == [200] * 8
+    assert sum(batch_sizes) == 8 and max(batch_sizes) > 1, batch_sizes
+    for first, again in zip(responses[:4], responses[4:]):
+        assert first.json()["attributes"] == again.json()["attributes"]
+
+
+def test_v1_tag_says_busy_when_more_photos_wait_than_the_queue_holds(app_module, settings, monkeypatch):
+    small_queue = app_module.Settings(**{**vars(settings), "max_batch_size": 1, "queue_size": 1})  # 2 may wait
+    demo = app_module.build_app(small_queue)
+    release = threading.Event()
+    run_batch = demo.service._tag_batcher._run_batch
+    monkeypatch.setattr(demo.service._tag_batcher, "_run_batch", lambda uploads: release.wait(30) and run_batch(uploads))
+    try:
+        with serving(demo, small_queue) as url, ThreadPoolExecutor(3) as pool:
+            waiting = [pool.submit(post_photo, url, encode(product_photo())) for _ in range(2)]
+            deadline = time.monotonic() + 20
+            while len(demo.service._tag_batcher._waiting) < 1 and time.monotonic() < deadline:
+                time.sleep(0.05)  # until one photo is in the held batch and the other waits behind it
+            busy = post_photo(url, encode(product_photo()))
+            release.set()
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "5" and "busy" in busy.json()["error"]
+            assert [future.result().status_code for future in waiting] == [200, 200]
+    finally:
+        demo.service.store.close(push=False)
+
+
 def _exif_rotated() -> bytes:
     exif = Image.Exif()
     exif[274] = 6
