@@ -16,6 +16,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from .errors import UploadError, shown
 from .uploads import decoded_upload
@@ -69,6 +70,8 @@ def rest_routes(service) -> list[APIRoute]:
             return refusal(413, f"{shown(name)} is over the {settings.max_upload_mb:g} MB upload limit.")
         except UploadError as error:
             return refusal(400, str(error))
+        except ClientDisconnect:  # the sender left mid-upload: nothing to tag, nobody to answer
+            return refusal(400, "The upload was interrupted.")
         except Exception:  # noqa: BLE001 - logged here; the caller learns only that its photo was not tagged
             logger.exception("POST %s failed", TAG_PATH)
             return refusal(500, "The photo could not be tagged: the server failed. Try again later.")

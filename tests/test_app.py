@@ -319,6 +319,17 @@ def test_v1_tag_refuses_a_body_over_the_upload_limit_declared_or_streamed(served
     assert httpx.get(served[1] + "v1/tag", timeout=10).status_code == 405
 
 
+def test_v1_tag_shrugs_off_a_sender_who_leaves_mid_upload(served, caplog):
+    def leaving():
+        yield encode(product_photo(size=(300, 400)), "BMP")[:4096]
+        raise ConnectionAbortedError("the phone lost its signal")
+
+    with pytest.raises(ConnectionAbortedError):
+        post_photo(served[1], leaving(), name="half.bmp")
+    assert post_photo(served[1], encode(product_photo())).status_code == 200  # still serving
+    assert not [record for record in caplog.records if record.levelname == "ERROR"]  # nothing logged as a failure
+
+
 def test_v1_tag_batches_concurrent_requests_with_the_pages(served, monkeypatch):
     batcher, batch_sizes = served[0].service._tag_batcher, []
     run_batch = batcher._run_batch
