@@ -6,30 +6,38 @@ from concurrent.futures import Future
 
 
 class RequestBatcher:
-    """Runs concurrent requests' items through one batched call, each caller waiting for its own result.
+    """Runs concurrent requests' items through batched calls, each caller waiting for its own result.
 
     Inputs are checked by their own request before they join (a broken upload fails only its sender, which Gradio's
-    `batch=True` cannot do: one exception fails every request of the batch). One batch runs at a time: items that
-    arrive while it runs wait, and the first of their callers to find the batcher free runs them all (up to
-    `max_batch_size`) as the next batch. A second batch beside a running one would mostly be a lone arrival, which
-    costs nearly as much as a full batch and slows it (`BENCHMARKS.md`, "Serving efficiency"). Callers wait on a
-    condition, never on a lock that a batch holds: one whose item another caller's batch took returns as soon as
-    that batch ends.
+    `batch=True` cannot do: one exception fails every request of the batch). Items that arrive while a batch runs
+    wait, and the first of their callers allowed to start runs them all (up to `max_batch_size`) as the next batch.
+    Up to `max_running` batches run at once, but one starts beside a running batch only when at least `min_beside`
+    items wait (default half a batch): a lone arrival beside a batch costs nearly as much as a full one and slows it
+    (`BENCHMARKS.md`, "Serving efficiency"), while two half batches keep both cores busy where one batch's
+    single-threaded parts leave one idle ("two batches at once"). Callers wait on a condition, never on a lock that
+    a batch holds: one whose item another caller's batch took returns as soon as that batch ends.
     """
 
-    def __init__(self, run_batch, max_batch_size: int):
-        self._run_batch, self._max_batch_size = run_batch, max_batch_size
+    def __init__(self, run_batch, max_batch_size: int, max_running: int = 1, min_beside: int | None = None):
+        self._run_batch, self._max_batch_size, self._max_running = run_batch, max_batch_size, max_running
+        self._min_beside = max(1, max_batch_size // 2) if min_beside is None else min_beside
         self._waiting: list[tuple[object, Future]] = []
-        self._running = False
+        self._running = 0
         self._changed = threading.Condition()
+
+    def _may_start(self) -> bool:
+        if self._running == 0:
+            return True
+        return self._running < self._max_running and len(self._waiting) >= self._min_beside
 
     def __call__(self, item):
         future = Future()
         with self._changed:
             self._waiting.append((item, future))
+            self._changed.notify_all()  # enough may now wait to start a batch beside a running one
         while not _taken(future):
             with self._changed:
-                while self._running and not _taken(future):
+                while not self._may_start() and not _taken(future):
                     self._changed.wait()
                 if _taken(future):
                     break
@@ -37,12 +45,12 @@ class RequestBatcher:
                 del self._waiting[: self._max_batch_size]
                 for _, taken in batch:
                     taken.set_running_or_notify_cancel()
-                self._running = True
+                self._running += 1
             try:
                 self._run(batch)
             finally:
                 with self._changed:
-                    self._running = False
+                    self._running -= 1
                     self._changed.notify_all()
         return future.result()
 

@@ -47,7 +47,9 @@ class TaggerService:
         self.predictions = PredictionCache()
         # Model runs at once, whichever event asks (the page's batched tagging, /tag, /tag_many, heatmaps).
         self.model_slots = threading.Semaphore(settings.concurrency)
-        self._tag_batcher = RequestBatcher(lambda uploads: self.predict(uploads)[0], settings.max_batch_size)
+        self._tag_batcher = RequestBatcher(
+            lambda uploads: self.predict(uploads)[0], settings.max_batch_size, max_running=settings.concurrency
+        )
         self.detail_tags = [text for text, group in self.config.tags if group == DETAIL_GROUP]
         self.examples = self._load_examples()
         self._exports = Exports()
