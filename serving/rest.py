@@ -19,7 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from .errors import UploadError, shown
-from .uploads import decoded_upload
 
 logger = logging.getLogger("fashion_hf.app")
 
@@ -51,10 +50,7 @@ def rest_routes(service) -> list[APIRoute]:
     waiting = 0  # requests between arrival and answer; changed only on the event loop's thread
 
     def tag_bytes(data: bytes, name: str) -> dict:
-        if not data:
-            raise UploadError(f"{shown(name)}: the request body is empty; send the image file's bytes.")
-        upload = decoded_upload(data, name, None, service.tagger.image_processor.image_limits)
-        return service.tag(upload)
+        return service.tag(service.read_bytes(data, name))
 
     async def tag_photo(request: Request, name: str = "image") -> JSONResponse:
         """Tag one photo: the request body is the image file. Answers /tag's JSON."""

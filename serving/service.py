@@ -20,7 +20,7 @@ from .errors import FeedbackError, StorageError, UploadError, shown, storage_pro
 from .exports import Exports
 from .settings import Settings
 from .tagger import served_revision
-from .uploads import Upload, read_upload
+from .uploads import Upload, decoded_upload, read_upload
 from .views import needs_a_second_look, queue_caption
 
 logger = logging.getLogger("fashion_hf.app")
@@ -59,6 +59,10 @@ class TaggerService:
     def read_upload(self, payload) -> Upload:
         """Decode one uploaded image safely, or raise `UploadError` naming the file and what would be valid."""
         return read_upload(payload, self.tagger.image_processor.image_limits)
+
+    def read_bytes(self, data: bytes, name: str) -> Upload:
+        """Decode an image file's bytes (`POST /v1/tag`'s body) as `read_upload` decodes an upload."""
+        return decoded_upload(data, name, None, self.tagger.image_processor.image_limits)
 
     def many_payloads(self, payloads) -> list:
         """The files of a several-images request, or `UploadError` when there are none or too many."""
