@@ -118,21 +118,22 @@ def photographed_backdrop(size, rng: np.random.Generator, patches) -> Image.Imag
     return patch.resize(size, Image.Resampling.BILINEAR)
 
 
-def camera_angle(image: Image.Image, rng: np.random.Generator, fill=(255, 255, 255)) -> Image.Image:
+def camera_angle(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """A camera not square to the item: each corner of the frame moves inwards by up to 12% of its side."""
     width, height = image.size
     corners = [[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]
     shift = rng.uniform(0, 0.12, size=(4, 2)) * [width, height] * [[1, 1], [-1, 1], [-1, -1], [1, -1]]
     moved = (np.array(corners) + shift).round().astype(int).tolist()
-    return F.perspective(image, corners, moved, fill=list(fill))
+    return F.perspective(image, corners, moved, fill=[255, 255, 255])
 
 
-def drape(image: Image.Image, rng: np.random.Generator, fill=(255, 255, 255)) -> Image.Image:
+def drape(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Fabric lying or hanging unevenly: a smooth random displacement of up to ~3% of the frame (a 4x4 grid of
     offsets, upsampled), the low-frequency part of creases and folds."""
     grid = torch.from_numpy(rng.normal(0, 0.03, size=(1, 2, 4, 4))).float()
-    displacement = torch.nn.functional.interpolate(grid, size=(image.height, image.width), mode="bicubic", align_corners=True)
-    return F.elastic(image, displacement.permute(0, 2, 3, 1), fill=list(fill))
+    size = (image.height, image.width)
+    displacement = torch.nn.functional.interpolate(grid, size=size, mode="bicubic", align_corners=True)
+    return F.elastic(image, displacement.permute(0, 2, 3, 1), fill=[255, 255, 255])
 
 
 def uneven_light(image: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -63,7 +63,11 @@ def replay_sample(dataset, images: int, seed: int, favoured_kinds=()):
 
 def corrected_kinds(args) -> set[str]:
     """The articleTypes the run's user photos name (`--replay-kinds corrected` favours them in the replay)."""
-    return {kind for dataset in user_photo_sets(args) if "articleType" in dataset.column_names for kind in dataset["articleType"] if kind}
+    kinds = set()
+    for dataset in user_photo_sets(args):
+        if "articleType" in dataset.column_names:
+            kinds.update(kind for kind in dataset["articleType"] if kind)
+    return kinds
 
 
 def balanced_repeats(labels: list, repeats: int) -> list[int]:
@@ -129,7 +133,8 @@ class TaggingExamples(torch.utils.data.Dataset):
 
     def __init__(self, dataset, config, processor, augment="product", augment_strength=0.0, seed=0, view=0, backdrops=()):
         self.dataset, self.config, self.processor = dataset, config, processor
-        self.augment, self.augment_strength, self.seed, self.view = augmentation(augment, backdrops), augment_strength, seed, view
+        self.augment, self.augment_strength = augmentation(augment, backdrops), augment_strength
+        self.seed, self.view = seed, view
         self.tag_vocabulary = config.tag_to_id()
 
     def __len__(self):

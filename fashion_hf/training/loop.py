@@ -342,7 +342,9 @@ def train_model(args, command: str, final: bool = True) -> Path:
         distill = partial(start_model_term, start_model, args.distill_weight, args.distill_temperature)
     if cached and progress.epoch < args.epochs:
         freeze(inner.trunk)
-        cached_train, cached_eval = cached_loaders(args, accelerator, inner, train_set, eval_set, config, processor, backdrops)
+        cached_train, cached_eval = cached_loaders(
+            args, accelerator, inner, train_set, eval_set, config, processor, backdrops
+        )
         cached_train, cached_eval = accelerator.prepare(cached_train, cached_eval)
 
     for epoch in range(progress.epoch, total_epochs):
@@ -352,7 +354,8 @@ def train_model(args, command: str, final: bool = True) -> Path:
             train_loader, eval_loader = cached_train, cached_eval
         else:
             freeze(inner.trunk, False)
-            train_loader, eval_loader = accelerator.prepare(*image_loaders(args, train_set, eval_set, config, processor, epoch, backdrops))
+            loaders = image_loaders(args, train_set, eval_set, config, processor, epoch, backdrops)
+            train_loader, eval_loader = accelerator.prepare(*loaders)
         metrics = train_epoch(tagger, train_loader, optimizer, scheduler, accelerator, epoch, frozen_phase, distill)
         metrics |= validate(tagger, eval_loader, accelerator, list(config.attributes))
         metrics["epoch_seconds"] = time.time() - epoch_started
