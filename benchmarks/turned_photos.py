@@ -12,8 +12,9 @@ degrees (reduced first, as `fashion-hf calibrate` turns them, then turned counte
 - handled: the turned photo gets the upright photo's subCategory and articleType, or is flagged as not a product
   photo (issue 17 accepts either);
 - turned back: the pipeline's `turned_by` undoes the turn;
-- upright turned: upright photos the search turned (it should leave them): on the same photos, and on every photo
-  of the phone photos' train split (2,610, not used for the choice either).
+- upright turned / flagged: upright photos the search turned (it should leave them), and upright photos flagged
+  (by the detector, or because a turn looked more upright by over `flag_margin`): on the same photos, and on the
+  first 10 x `--photos` photos of the phone photos' train split (not used for the choice either).
 """
 
 import argparse
@@ -45,18 +46,26 @@ def top_labels(result: dict) -> tuple:
     return tuple(result["attributes"][name][0]["label"] for name in COMPARED if name in result["attributes"])
 
 
-def turned_photo_rows(tagger, name: str, dataset, batch_size: int) -> tuple[list[dict], float]:
+def flagged(results: list[dict]) -> list[bool]:
+    return [bool(a["out_of_distribution"] and a["out_of_distribution"]["flagged"]) for a in results]
+
+
+def turned_photo_rows(tagger, name: str, dataset, batch_size: int) -> tuple[list[dict], dict]:
     upright = answers(tagger, rotated(dataset, 0), batch_size)
     rows = []
     for degrees in TURNS:
         turned = answers(tagger, rotated(dataset, degrees), batch_size)
         same = [top_labels(a) == top_labels(b) for a, b in zip(turned, upright)]
-        flagged = [bool(a["out_of_distribution"] and a["out_of_distribution"]["flagged"]) for a in turned]
         back = [(a["turned_by"] + degrees) % 360 == 0 for a in turned]
         rows.append({"photos": name, "turned by": degrees, "count": len(turned),
-                     "handled": np.mean(np.logical_or(same, flagged)), "same labels": np.mean(same),
-                     "flagged": np.mean(flagged), "turned back": np.mean(back)})  # fmt: skip
-    return rows, float(np.mean([a["turned_by"] != 0 for a in upright]))
+                     "handled": np.mean(np.logical_or(same, flagged(turned))), "same labels": np.mean(same),
+                     "flagged": np.mean(flagged(turned)), "turned back": np.mean(back)})  # fmt: skip
+    return rows, upright_effects(upright)
+
+
+def upright_effects(upright: list[dict]) -> dict[str, float]:
+    """What the search and the detector did to photos that were upright: turned them, or flagged them."""
+    return {"turned": float(np.mean([a["turned_by"] != 0 for a in upright])), "flagged": float(np.mean(flagged(upright)))}
 
 
 def main(argv=None) -> None:
@@ -71,21 +80,22 @@ def main(argv=None) -> None:
         "product validation": data.load_fashion_product_images(split="validation"),
         "phone validation": data.load_clothing_user_photos(split="validation"),
     }
-    rows, upright_turned = [], {}
+    rows, upright = [], {}
     for name, dataset in sources.items():
         sample = dataset.select(held_out_rows(len(dataset), args.photos, args.seed))
-        source_rows, upright_turned[f"{name} ({len(sample)})"] = turned_photo_rows(tagger, name, sample, args.batch_size)
+        source_rows, upright[f"{name} ({len(sample)})"] = turned_photo_rows(tagger, name, sample, args.batch_size)
         rows += source_rows
     phone_train = data.load_clothing_user_photos(split="train")
     phone_train = phone_train.select(range(min(len(phone_train), 10 * args.photos)))
-    upright = answers(tagger, rotated(phone_train, 0), args.batch_size)
-    upright_turned[f"phone train ({len(upright)})"] = float(np.mean([a["turned_by"] != 0 for a in upright]))
+    upright[f"phone train ({len(phone_train)})"] = upright_effects(answers(tagger, rotated(phone_train, 0), args.batch_size))
 
     header = list(rows[0])
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for row in rows:
         print("| " + " | ".join(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row.values()) + " |")
-    print("\nupright photos the search turned: " + ", ".join(f"{name} {share:.2%}" for name, share in upright_turned.items()))
+    for effect in ("turned", "flagged"):
+        shares = ", ".join(f"{name} {effects[effect]:.2%}" for name, effects in upright.items())
+        print(f"\nupright photos {effect}: {shares}")
 
 
 if __name__ == "__main__":

@@ -113,10 +113,10 @@ def model_device_and_dtype(model) -> tuple[torch.device, torch.dtype]:
     return parameter.device, parameter.dtype
 
 
-def encode_upright(model, processor, images: list, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_upright(model, processor, images: list, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`model.encode_images(pixel_values)` of `images` (decoded), with the photos that look turned encoded the right way
     up where the model's `upright_search` finds a turn that is (`turn_upright`): the embeddings the pipeline tags,
-    and the degrees each photo was turned for them."""
+    the degrees each photo was turned for them, and each photo's `turn_gain` (for `ood_scores`)."""
     image_embeds = model.encode_images(pixel_values)
 
     def encode_turns(rows: torch.Tensor) -> torch.Tensor:
@@ -155,7 +155,7 @@ def predict(model, processor, dataset, batch_size: int = 64, num_beams: int = 1,
         with torch.inference_mode(), tqdm(total=len(dataset), unit="img", desc="evaluate", disable=not progress) as bar:
             for batch in dataset.select_columns(["image"]).iter(batch_size=batch_size):
                 pixel_values = processor(batch["image"], return_tensors="pt")["pixel_values"].to(device, dtype)
-                image_embeds, _ = encode_upright(model, processor, batch["image"], pixel_values)
+                image_embeds, _, _ = encode_upright(model, processor, batch["image"], pixel_values)
                 outputs = model(image_embeds=image_embeds)
                 for name in config.attributes:
                     probs[name].append(outputs.attribute_logits[name].float().softmax(-1).cpu().numpy())

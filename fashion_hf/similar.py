@@ -558,7 +558,7 @@ class SimilarItems:
         -> log-probability (for `SimilarityIndex.search` to re-rank with)."""
         images = [self.processor.load_image(image) for image in images]
         pixel_values = self.processor(images, return_tensors="pt")["pixel_values"].to(self.model.device, self.model.dtype)
-        image_embeds, _ = encode_upright(self.model, self.processor, images, pixel_values)
+        image_embeds, _, _ = encode_upright(self.model, self.processor, images, pixel_values)
         log_probs = {
             name: logits.float().log_softmax(-1).cpu().numpy()
             for name, logits in self.model(image_embeds=image_embeds).attribute_logits.items()

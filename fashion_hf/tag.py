@@ -333,12 +333,12 @@ def predict_batch(model, processor, pixels: torch.Tensor, settings: TagSettings)
         turned_values = processor.turned_pixel_values(turns.to(device)).to(dtype)
         return model.encode_images(turned_values).unflatten(0, (turns.shape[1], turns.shape[0]))
 
-    image_embeds, turned_by = model.turn_upright(image_embeds, encode_turns)
+    image_embeds, turned_by, turn_gain = model.turn_upright(image_embeds, encode_turns)
     logits = model(image_embeds=image_embeds).attribute_logits
     hypotheses = model.generate_tags(
         image_embeds=image_embeds, num_beams=settings.num_beams, max_length=settings.max_tags
     )
-    ood_scores = model.ood_scores(image_embeds, logits)
+    ood_scores = model.ood_scores(image_embeds, logits, turn_gain)
     ood_scores = [None] * len(pixels) if ood_scores is None else ood_scores.float().tolist()
     attributes = model.config.attributes
     ranked = {name: ranked_labels(labels, logits[name], settings.top_k) for name, labels in attributes.items()}

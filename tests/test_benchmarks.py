@@ -253,7 +253,31 @@ def test_turned_photo_benchmark_tags_only_photos_the_setting_was_not_chosen_on(c
     for source in ("product validation", "phone validation"):
         for degrees in (90, 180, 270):
             assert f"| {source} | {degrees} | 3 |" in output
-    assert "upright photos the search turned: product validation (3) 0.00%, phone validation (3) 0.00%, phone train (30) 0.00%" in output
+    assert "upright photos turned: product validation (3) 0.00%, phone validation (3) 0.00%, phone train (30) 0.00%" in output
+    assert "upright photos flagged: product validation (3) " in output
+
+
+def test_ood_pipeline_benchmark_scores_held_out_halves_against_other_photos(capsys, tmp_path, monkeypatch):
+    import ood_pipeline
+    from helpers import flat_colour, product_photo, save_model_with_detector
+    from test_user_photos import write_user_photos
+
+    model = save_model_with_detector(tmp_path / "model", {})
+    for split, count in (("train", 1), ("validation", 12)):  # validation's red photos copy train's: left out
+        write_product_parquet(tmp_path / "fashion-product-images", split, count)
+    write_user_photos(tmp_path / data.CLOTHING_USER_PHOTOS, "validation", [("Shirt", "Shirts", "Topwear", i) for i in range(8)])
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    (tmp_path / "ood").mkdir()
+    flat_colour().save(tmp_path / "ood" / "flat.png")
+    product_photo().save(tmp_path / "ood" / "product.png")  # the photo the tiny detector was fitted on: passes
+    report = ood_pipeline.main(["--model", str(model), "--ood-photos", str(tmp_path / "ood"), "--batch-size", "4"])
+    output = capsys.readouterr().out
+    assert set(report["sets"]) == {"product", "phone", "real non-fashion", "generated"}
+    assert report["sets"]["real non-fashion"] == {"count": 2, "flagged": 0.5, "auroc": pytest.approx(report["sets"]["real non-fashion"]["auroc"])}
+    assert 0.0 <= report["sets"]["generated"]["auroc"] <= 1.0 and "auroc" not in report["sets"]["product"]
+    assert "| real non-fashion | 2 | 50.0% |" in output
+    report = ood_pipeline.main(["--model", str(model), "--ood-photos", str(tmp_path / "ood"), "--upright-search", "null"])
+    assert report["upright_search"] is None
 
 
 def test_catalogue_speed_benchmark_measures_a_one_pass_model_beside_the_ensemble(capsys, tmp_path, monkeypatch, tiny_model_dir, tiny_ensemble_dir):

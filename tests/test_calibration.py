@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import tagging_model, tiny_config, write_product_parquet
+from helpers import product_photo, save_model_with_detector, tagging_model, tiny_config, write_product_parquet
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import pipeline
@@ -433,13 +433,68 @@ def test_turn_upright_tags_the_turn_that_looks_clearly_more_upright(monkeypatch)
         asked.append(rows.tolist())
         return torch.stack([embeds[rows] + 10 * (turn + 1) for turn in range(3)])
 
-    chosen, turned_by = model.turn_upright(embeds, encode_turns)
+    chosen, turned_by, turn_gain = model.turn_upright(embeds, encode_turns)
     assert asked == [[2, 3]]  # only the photos that may be turned are encoded again
     assert turned_by.tolist() == [0, 0, 180, 0]
     assert chosen[2].tolist() == [22.0] * 3 and torch.equal(chosen[[0, 1, 3]], embeds[[0, 1, 3]])
+    # Only photo 3 was tried and kept as given: its best turn looked 0.5 - 0.3 more upright.
+    torch.testing.assert_close(turn_gain, torch.tensor([0.0, 0.0, 0.0, 0.2]))
     model.config.upright_search = None
-    same, none_turned = model.turn_upright(embeds, encode_turns)
-    assert same is embeds and not none_turned.any() and len(asked) == 1
+    same, none_turned, no_gain = model.turn_upright(embeds, encode_turns)
+    assert same is embeds and not none_turned.any() and not no_gain.any() and len(asked) == 1
+
+
+def test_a_turn_gain_over_the_flag_margin_flags_the_photo_as_turned():
+    model = tagging_model()
+    processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
+    with torch.no_grad():
+        embeds = model.encode_images(processor([Image.new("RGB", (48, 64), c) for c in ("red", "navy")], return_tensors="pt")["pixel_values"])
+        width = model.ood_features(embeds).shape[1]
+        model.config.ood_thresholds = {"distance": 1e9, "uncertainty": 1e9, "turned": 0.5}
+        model.register_buffer("ood_means", torch.zeros(2, width))
+        model.register_buffer("ood_precision", torch.eye(width))
+        model.register_buffer("ood_turned", torch.zeros(width + 1))  # the turned probe says 0.5: at its limit
+        logits = model(image_embeds=embeds).attribute_logits
+        turn_gain = torch.tensor([0.0, 0.3])
+        model.config.upright_search = {"below": 0.5, "margin": 0.9}
+        torch.testing.assert_close(model.ood_signals(embeds, logits, turn_gain)["turned"], torch.ones(2))
+        model.config.upright_search["flag_margin"] = 0.25
+        signals = model.ood_signals(embeds, logits, turn_gain)
+        torch.testing.assert_close(signals["turned"], torch.tensor([1.0, 0.3 / 0.25]))
+        assert (model.ood_scores(embeds, logits, turn_gain) > 1).tolist() == [False, True]
+        assert (model.ood_scores(embeds, logits) > 1).tolist() == [False, False]  # no search, no gain
+
+
+def test_the_pipeline_flags_a_photo_whose_turn_looked_more_upright_by_over_the_flag_margin(tmp_path):
+    folder = save_model_with_detector(tmp_path / "model", {}, upright_search=True)
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text())
+    config["ood_thresholds"]["distance"] = 1e9  # only the turn can flag
+    photo = product_photo((200, 30, 30))
+    photo.paste((20, 20, 20), (0, 0, photo.width, photo.height // 4))  # a dark band on top: its turns differ
+    photos = [photo.rotate(degrees, expand=True) for degrees in (0, 90, 180, 270)]
+
+    def answers(upright_search):
+        config_file.write_text(json.dumps({**config, "upright_search": upright_search}))
+        return pipeline("fashion-tagging", model=str(folder))(photos)
+
+    # Every photo's turns are tried (below 1) and none is turned (no gain exceeds 1).
+    kept = answers({"below": 1.0, "margin": 1.0})
+    flagged = answers({"below": 1.0, "margin": 1.0, "flag_margin": 0.01})
+    assert [a["turned_by"] for a in kept + flagged] == [0] * 8
+    assert not any(a["out_of_distribution"]["flagged"] for a in kept)
+    assert any(a["out_of_distribution"]["flagged"] for a in flagged)  # the probe is sharp: a turn looks upright
+    for before, after in zip(kept, flagged):
+        assert after["attributes"] == before["attributes"]  # flagged, not re-tagged
+        if after["out_of_distribution"]["flagged"]:
+            assert after["out_of_distribution"]["reason"] == "turned"
+
+
+@pytest.mark.parametrize("search", [{"below": 0.3}, {"below": 0.3, "margin": 0.9, "flag_margin": 0.0},
+                                    {"below": 0.3, "margin": 0.9, "limit": 0.4}])
+def test_config_refuses_a_malformed_upright_search(search):
+    with pytest.raises(ValueError, match="upright_search"):
+        tiny_config(upright_search=search)
 
 
 def test_quarter_turns_are_the_photo_turned_at_the_model_size():
@@ -472,16 +527,18 @@ def test_only_upright_search_refits_the_orientation_of_a_calibrated_model(calibr
     for key in set(before) - {"ood_orientation"}:
         assert torch.equal(after[key], before[key])  # everything else as calibrated
     config = json.loads((tmp_path / "model" / "config.json").read_text())
-    assert config["upright_search"] == {"below": 0.6, "margin": calibrate.UPRIGHT_SEARCH["margin"]}
+    assert config["upright_search"] == {"below": 0.6, "margin": calibrate.UPRIGHT_SEARCH["margin"],
+                                        "flag_margin": calibrate.UPRIGHT_SEARCH["flag_margin"]}
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["ood"]  # the full report is kept
     # --turned-photos 0: new limits for the probe the model has, measured again, nothing fitted
     again = calibrate.main([str(tmp_path / "model"), "--only-upright-search", "--turned-photos", "0",
                             "--output", str(tmp_path / "out2"), "--save-to", str(tmp_path / "model2"),
                             "--data-source", str(root / "data"), "--no-user-photos", "--rotated-photos", "4",
-                            "--upright-margin", "0.9", "--no-progress"])  # fmt: skip
+                            "--upright-margin", "0.9", "--upright-flag-margin", "0", "--no-progress"])  # fmt: skip
     kept = load_file(tmp_path / "model2" / "model.safetensors")
     assert torch.equal(kept["ood_orientation"], after["ood_orientation"])
-    assert again["upright_search"]["margin"] == 0.9 and 0.0 <= again["rotated"]["sources"]["product"]["0"]["searched"] <= 1.0
+    assert again["upright_search"] == {"below": calibrate.UPRIGHT_SEARCH["below"], "margin": 0.9}  # 0: no flag
+    assert 0.0 <= again["rotated"]["sources"]["product"]["0"]["searched"] <= 1.0
     import shutil
 
     without_probe = shutil.copytree(root / "calibrated", tmp_path / "without-probe")

@@ -74,7 +74,7 @@ class PerfectModel(torch.nn.Module):
         return torch.round(red * 255 / STEP)[:, None]
 
     def turn_upright(self, image_embeds, encode_turns):  # every photo is upright
-        return image_embeds, torch.zeros(len(image_embeds), dtype=torch.long)
+        return image_embeds, torch.zeros(len(image_embeds), dtype=torch.long), torch.zeros(len(image_embeds))
 
     def forward(self, image_embeds):
         items = image_embeds[:, 0].long().tolist()

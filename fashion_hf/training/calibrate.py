@@ -71,8 +71,10 @@ IN_DISTRIBUTION_FLAGGED = 0.03  # the detector flags at most this share of each 
 # of 0.3 handled 94-97.5% of turned photos but turned 2.7% of upright product photos and cost up to 1.6 points of
 # product accuracy; 0.7 turned 0.5% of them and cost 0.36 points of articleType, which took it under issue 3's 0.90.
 # 0.9 turns 0.02% of them (articleType -0.02 points) and still handles 81-84% of turned photos (70-81% without the
-# search). A turn can only win by 0.9 for a photo under 0.1 upright, so trying turns below 0.1 loses nothing.
-UPRIGHT_SEARCH = {"below": 0.1, "margin": 0.9}
+# search). A photo tried and left as given is flagged as turned where a turn still looked more upright by over
+# `flag_margin` 0.4: the doubtful ones, which 0.9 leaves alone (BENCHMARKS.md, "Turned photos: flagged when a turn
+# looks more upright"). Trying turns below 0.3 rather than 0.1 gives that flag more of them to catch.
+UPRIGHT_SEARCH = {"below": 0.3, "margin": 0.9, "flag_margin": 0.4}
 # Coarse head -> the finer head whose labels it groups (`config.label_hierarchy`). Only subCategory: phone photos'
 # articleType head knew dresses its subCategory head called Topwear (+2.4 points of phone subCategory, measured);
 # masterCategory is right 99% of the time on its own.
@@ -447,6 +449,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="upright probability under which a photo's quarter turns are tried (config.upright_search)")
     parser.add_argument("--upright-margin", type=float, default=UPRIGHT_SEARCH["margin"],
                         help="how much more upright a turn must look to be tagged instead")
+    parser.add_argument("--upright-flag-margin", type=float, default=UPRIGHT_SEARCH["flag_margin"],
+                        help="how much more upright a turn of a photo left as given may look before it is flagged "
+                             "as turned (0: never flagged so)")
     parser.add_argument("--only-upright-search", action="store_true",
                         help="a calibrated model: fit only its orientation probe (and measure rotated photos)")
     parser.add_argument("--limit", type=int, default=None, help="at most N photos per split (a quick run)")
@@ -464,11 +469,11 @@ def tagged_upright(model, processor, dataset, batch_size: int, heads: list[str])
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             pixel_values = processor(batch, return_tensors="pt")["pixel_values"]
-            image_embeds, turned_by = encode_upright(model, processor, batch, pixel_values)
+            image_embeds, turned_by, turn_gain = encode_upright(model, processor, batch, pixel_values)
             logits = model(image_embeds=image_embeds).attribute_logits
             for head in heads:
                 answers[head].append(logits[head].argmax(-1).numpy())
-            answers["flagged"].append((model.ood_scores(image_embeds, logits) > 1).numpy())
+            answers["flagged"].append((model.ood_scores(image_embeds, logits, turn_gain) > 1).numpy())
             answers["turned_by"].append(turned_by.numpy())
             # A photo left as given kept its own embedding: under `below`, its turns were encoded and tried.
             below = model.config.upright_search["below"] if model.config.upright_search else 0.0
@@ -535,7 +540,8 @@ def fit_upright_search(args) -> dict:
 
 
 def upright_search_of(args) -> dict:
-    return {"below": args.upright_below, "margin": args.upright_margin}
+    search = {"below": args.upright_below, "margin": args.upright_margin}
+    return search | ({"flag_margin": args.upright_flag_margin} if args.upright_flag_margin else {})
 
 
 def main(argv=None) -> dict:

@@ -204,6 +204,8 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
             for source, turns in rotated.items()
         ),
         "upright_turned": ", ".join(f"{source} {_percent(turns['0']['turned'])}" for source, turns in rotated.items() if "0" in turns),
+        "upright_flagged": ", ".join(f"{source} {_percent(turns['0']['flagged'])}" for source, turns in rotated.items() if "flagged" in turns.get("0", {})),
+        "flag_margin": (report.get("upright_search") or {}).get("flag_margin"),
         "plots": [{"file": file, "title": title} for file, title in CALIBRATION_PLOTS if (model_folder / file).is_file()],
     }
 

@@ -111,6 +111,8 @@ class FashionTaggerConfig(PreTrainedConfig):
             probability (a four-way probe of the embedding, fitted by `fashion-hf calibrate`) under which the
             pipeline also encodes the photo turned by 90, 180 and 270 degrees, and `margin` how much more upright
             a turn must look to be tagged instead of the photo as given (`FashionTaggerPreTrainedModel.turn_upright`).
+            Optional `flag_margin`: a photo left as given whose best turn looks more upright than it by more than
+            this is flagged as turned (`ood_signals`' `turned`): it is neither surely upright nor surely turned.
             None: photos are tagged as given.
         label_hierarchy (`dict[str, dict]`, *optional*):
             Heads whose labels group a finer head's: `{"subCategory": {"from": "articleType", "parents": {"Dresses":
@@ -224,8 +226,14 @@ class FashionTaggerConfig(PreTrainedConfig):
                 raise ValueError(f"confidence_thresholds[{name!r}] = {threshold!r}: a head's threshold is in [0, 1]")
         if self.ood_thresholds is not None and sorted(self.ood_thresholds) != sorted(OOD_LIMITS):
             raise ValueError(f"ood_thresholds has the limits {list(OOD_LIMITS)}, got {self.ood_thresholds!r}")
-        if self.upright_search is not None and sorted(self.upright_search) != ["below", "margin"]:
-            raise ValueError(f"upright_search is {{'below': ..., 'margin': ...}}, got {self.upright_search!r}")
+        if self.upright_search is not None and not (
+            {"below", "margin"} <= set(self.upright_search) <= {"below", "margin", "flag_margin"}
+            and 0 < self.upright_search.get("flag_margin", 1.0) <= 1.0
+        ):
+            raise ValueError(
+                f"upright_search is {{'below': ..., 'margin': ...}}, with an optional 'flag_margin' in (0, 1], "
+                f"got {self.upright_search!r}"
+            )
         for name, link in self.label_hierarchy.items():
             finer = link.get("from")
             if name not in self.attributes or finer not in self.attributes or finer == name:

@@ -245,37 +245,46 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
         probe = self.ood_orientation.float()
         return (self.ood_features(image_embeds).float() @ probe[:, :-1].T + probe[:, -1]).softmax(-1)[:, 0]
 
-    def turn_upright(self, image_embeds: torch.Tensor, encode_turns) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embeddings to tag each photo by, and the degrees (counter-clockwise) each was turned for it.
+    def turn_upright(self, image_embeds: torch.Tensor, encode_turns) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embeddings to tag each photo by, the degrees (counter-clockwise) each was turned for it, and each
+        photo's `turn_gain`: how much more upright its best turn looked than the photo as tagged.
 
         A photo whose upright probability is under `config.upright_search["below"]` is also encoded turned by each of
         `QUARTER_TURNS`: `encode_turns(rows)` gives those rows' embeddings so turned, `(len(QUARTER_TURNS), rows,
         ...)`. The most upright turn replaces the photo where it looks upright by `margin` more than the photo as
         given; the margin keeps upright photos the probe is unsure of from being turned (`fashion-hf calibrate`
-        measures both: its report's `rotated` section). Without
+        measures both: its report's `rotated` section). A photo left as given keeps its gain, which `ood_signals`
+        flags above `flag_margin`; a turned photo, or one whose turns were not tried, has a gain of 0. Without
         `upright_search`, or for photos that look upright, the embeddings are returned as they are, turned by 0.
         """
         turned_by = torch.zeros(len(image_embeds), dtype=torch.long, device=image_embeds.device)
+        turn_gain = torch.zeros(len(image_embeds), device=image_embeds.device)
         search = self.config.upright_search
         if search is None:
-            return image_embeds, turned_by
+            return image_embeds, turned_by, turn_gain
         upright = self.upright_probability(image_embeds)
         rows = torch.nonzero(upright < search["below"]).flatten()
         if not len(rows):
-            return image_embeds, turned_by
+            return image_embeds, turned_by, turn_gain
         turns = encode_turns(rows)
         candidates = torch.stack([self.upright_probability(embeds) for embeds in turns])  # (turns, rows)
         best, best_turn = candidates.max(0)
-        better = best - upright[rows] > search["margin"]
+        gain = best - upright[rows]
+        better = gain > search["margin"]
         chosen, chosen_turn = rows[better], best_turn[better]
         image_embeds = image_embeds.clone()
         image_embeds[chosen] = turns[chosen_turn, torch.nonzero(better).flatten()].to(image_embeds.dtype)
         turned_by[chosen] = torch.as_tensor(QUARTER_TURNS, device=turned_by.device)[chosen_turn]
-        return image_embeds, turned_by
+        turn_gain[rows[~better]] = gain[~better]
+        return image_embeds, turned_by, turn_gain
 
-    def ood_signals(self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    def ood_signals(
+        self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor], turn_gain: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | None:
         """Each out-of-distribution signal (`config.ood_thresholds`' keys) divided by its limit, `(batch,)` each:
-        above 1 is beyond what held-out product and phone photos reach. None without a detector."""
+        above 1 is beyond what held-out product and phone photos reach. None without a detector. `turn_gain`, from
+        `turn_upright`, also raises `turned` to `turn_gain / upright_search["flag_margin"]` where the config has one:
+        a photo whose quarter turn looked clearly more upright, though not enough to be tagged turned."""
         limits = self.config.ood_thresholds
         if limits is None:
             return None
@@ -284,13 +293,19 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
             "uncertainty": summed_entropy(attribute_logits),
             "turned": self.turned_probability(image_embeds),
         }
-        return {name: value / limits[name] for name, value in signals.items()}
+        signals = {name: value / limits[name] for name, value in signals.items()}
+        flag_margin = (self.config.upright_search or {}).get("flag_margin")
+        if turn_gain is not None and flag_margin is not None:
+            signals["turned"] = torch.maximum(signals["turned"], turn_gain.float() / flag_margin)
+        return signals
 
-    def ood_scores(self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def ood_scores(
+        self, image_embeds: torch.Tensor, attribute_logits: dict[str, torch.Tensor], turn_gain: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """`(batch,)`: how far each photo is beyond what the model knows, 1 at the edge: the largest of
         `ood_signals` (its embedding's distance to the training photos, its heads' summed entropy from `forward`'s
         `attribute_logits`, the chance it is turned). Above 1: not an upright product photo. None without a detector."""
-        signals = self.ood_signals(image_embeds, attribute_logits)
+        signals = self.ood_signals(image_embeds, attribute_logits, turn_gain)
         return None if signals is None else torch.stack(list(signals.values())).amax(0)
 
     def scaled_tag_score(self, log_prob: float, group: str) -> float:

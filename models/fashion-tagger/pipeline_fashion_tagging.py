@@ -30,7 +30,8 @@ class FashionTaggingPipeline(Pipeline):
     95% of the time on held-out photos (never True for a head without one). `out_of_distribution["score"]` says how
     far the photo is beyond what the model knows (`model.ood_signals`, each relative to its limit in
     `config.ood_thresholds`; `reason` names the largest: `distance` of its embedding to the training photos,
-    `uncertainty` of its heads, or `turned`, the photo looks on its side or upside down), and `flagged` when it is
+    `uncertainty` of its heads, or `turned`, the photo looks on its side or upside down, or one of its quarter turns
+    looked clearly more upright though not enough to be tagged turned), and `flagged` when it is
     above 1: the photo does not look like an upright clothing or accessory photo, and its labels are guesses. It is
     None for a model without a detector. `turned_by` is 0, or the degrees (counter-clockwise: 90, 180, 270) the photo
     was turned before it was tagged, because it looked on its side or upside down and that turn looked upright
@@ -105,7 +106,7 @@ class FashionTaggingPipeline(Pipeline):
         # The base class's collate lists a batch's turn sources; a photo run alone keeps its own as it is.
         sources = model_inputs.get("turn_source")
         sources = sources if isinstance(sources, list) else [sources]
-        image_embeds, turned_by = self.model.turn_upright(
+        image_embeds, turned_by, turn_gain = self.model.turn_upright(
             image_embeds, lambda rows: self._encode_quarter_turns([sources[row] for row in rows.tolist()])
         )
         outputs = self.model(image_embeds=image_embeds)
@@ -119,7 +120,7 @@ class FashionTaggingPipeline(Pipeline):
             tag_ids[row, : len(hypothesis["tag_ids"])] = torch.tensor(hypothesis["tag_ids"], dtype=torch.long)
             tag_scores[row, : len(hypothesis["tags"])] = torch.tensor([tag["score"] for tag in hypothesis["tags"]])
         probabilities = {f"probs:{name}": logits.float().softmax(-1).cpu() for name, logits in outputs.attribute_logits.items()}
-        signals = self.model.ood_signals(image_embeds, outputs.attribute_logits) or {}
+        signals = self.model.ood_signals(image_embeds, outputs.attribute_logits, turn_gain) or {}
         ood = {f"ood:{name}": values.float().cpu() for name, values in signals.items()}
         return {**probabilities, **ood, "tag_ids": tag_ids, "tag_scores": tag_scores, "turned_by": turned_by.cpu()}
 
