@@ -315,6 +315,11 @@ def test_calibrate_writes_its_report_and_plots(calibrated_run):
     heads = report["heads"]["product"]
     assert {"before", "after", "coverage_curve"} <= set(heads["baseColour"])
     assert set(report["ood"]["auroc"]) == {"generated", "photos"}
+    # Through the upright search, as the pipeline answers: the same sets, the held-out half measured again.
+    searched = report["ood"]["through_search"]
+    assert set(searched["flagged"]) == {"product", "generated", "photos"} and set(searched["auroc"]) == {"generated", "photos"}
+    assert searched["flagged"]["photos"] in {share / 4 for share in range(5)}  # a share of the 4 photos
+    assert all(0.0 <= value <= 1.0 for value in searched["auroc"].values())
     assert set(report["rotated"]["sources"]["product"]) == {"0", "90", "180", "270"}
     assert report["upright_search"] == calibrate.UPRIGHT_SEARCH
 
@@ -372,6 +377,10 @@ def test_evaluate_and_the_model_card_show_the_calibration(calibrated_run):
     temperature = report["attribute_temperatures"][DEFAULT_DOMAIN]["gender"]
     assert f"| gender | {temperature:.2f} |" in card
     assert "![Reliability diagrams, product photos (held-out half)](reliability_product.png)" in card
+    searched = report["ood"]["through_search"]
+    as_served = card.split("as the pipeline answers")[1].split("Photos turned")[0]
+    assert f"real photos of other things {searched['auroc']['photos']:.3f}" in as_served.split("; AUROC ")[1]
+    assert "Where a turn looks more upright by over 0.4 but not clearly" in card
 
 
 def test_the_turned_probe_and_the_joint_limits():
@@ -529,7 +538,9 @@ def test_only_upright_search_refits_the_orientation_of_a_calibrated_model(calibr
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["upright_search"] == {"below": 0.6, "margin": calibrate.UPRIGHT_SEARCH["margin"],
                                         "flag_margin": calibrate.UPRIGHT_SEARCH["flag_margin"]}
-    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["ood"]  # the full report is kept
+    written = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert written["ood"]["auroc"] == json.loads((root / "calibrated" / "calibration.json").read_text())["ood"]["auroc"]
+    assert set(written["ood"]["through_search"]["auroc"]) == {"generated"}  # measured again; no --ood-photos here
     # --turned-photos 0: new limits for the probe the model has, measured again, nothing fitted
     again = calibrate.main([str(tmp_path / "model"), "--only-upright-search", "--turned-photos", "0",
                             "--output", str(tmp_path / "out2"), "--save-to", str(tmp_path / "model2"),

@@ -327,9 +327,9 @@ def over_limits(signals: dict[str, np.ndarray], limits: dict[str, float]) -> np.
 # -- the command -----------------------------------------------------------------------------------------------------
 
 
-def held_out_sources(model, processor, args) -> tuple[dict, dict]:
-    """`(fitting, held out)` scores per source: product validation photos without the copies of training photos,
-    halved by image digest, and (when the data is there) the phone photos, halved by photographer."""
+def validation_sources(args) -> dict[str, tuple[Dataset, list]]:
+    """`(photos, keys to halve them by)` per source: product validation photos without the copies of training photos,
+    keyed by image digest, and (when the data is there) the phone photos, keyed by photographer."""
     product = data.load_fashion_product_images(args.data_source, split="validation")
     copies = set(duplicate_rows(product, data.load_fashion_product_images(args.data_source, split="train")))
     product = product.select([row for row in range(len(product)) if row not in copies])
@@ -337,14 +337,28 @@ def held_out_sources(model, processor, args) -> tuple[dict, dict]:
     if args.user_photos:
         phone = data.load_clothing_user_photos(args.user_photos_source, split="validation")
         sources["phone"] = (phone, phone.with_format(None)["sender_id"])
+    if args.limit:
+        sources = {name: (dataset.select(range(min(args.limit, len(dataset)))), keys[: args.limit])
+                   for name, (dataset, keys) in sources.items()}  # fmt: skip
+    return sources
+
+
+def held_out_sources(model, processor, args) -> tuple[dict, dict]:
+    """`(fitting, held out)` scores per source of `validation_sources`, halved by their keys."""
     fitting, held_out = {}, {}
-    for name, (dataset, keys) in sources.items():
-        if args.limit:
-            dataset, keys = dataset.select(range(min(args.limit, len(dataset)))), keys[: args.limit]
+    for name, (dataset, keys) in validation_sources(args).items():
         scores = collect(model, processor, dataset, args.batch_size, with_tags=name == "product", progress=not args.no_progress)
         fit_rows, held_out_rows = halves(keys)
         fitting[name], held_out[name] = scores.rows(fit_rows), scores.rows(held_out_rows)
     return fitting, held_out
+
+
+def outside_images(args) -> dict[str, Dataset]:
+    """What is not a product photo: generated images, and the real photos of `--ood-photos` when given."""
+    images = {"generated": image_dataset([image for _, image in generated_non_photos()])}
+    if args.ood_photos:
+        images["photos"] = image_dataset(photos_in(args.ood_photos))
+    return images
 
 
 @dataclass
@@ -461,10 +475,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def tagged_upright(model, processor, dataset, batch_size: int, heads: list[str]) -> dict[str, np.ndarray]:
-    """Per photo, what the pipeline answers: each of `heads`' top label index (after `turn_upright`), whether it is
-    flagged, and the degrees it was turned for it."""
+    """Per photo, what the pipeline answers: each of `heads`' top label index (after `turn_upright`), its
+    out-of-distribution score and whether that flags it, and the degrees it was turned for it."""
     images = [image.convert("RGB") for image in dataset.with_format(None)["image"]]
-    answers = {head: [] for head in heads} | {"flagged": [], "turned_by": [], "searched": []}
+    answers = {head: [] for head in heads} | {"ood_score": [], "flagged": [], "turned_by": [], "searched": []}
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
@@ -473,12 +487,30 @@ def tagged_upright(model, processor, dataset, batch_size: int, heads: list[str])
             logits = model(image_embeds=image_embeds).attribute_logits
             for head in heads:
                 answers[head].append(logits[head].argmax(-1).numpy())
-            answers["flagged"].append((model.ood_scores(image_embeds, logits, turn_gain) > 1).numpy())
+            ood_scores = model.ood_scores(image_embeds, logits, turn_gain)
+            answers["ood_score"].append(ood_scores.numpy())
+            answers["flagged"].append((ood_scores > 1).numpy())
             answers["turned_by"].append(turned_by.numpy())
             # A photo left as given kept its own embedding: under `below`, its turns were encoded and tried.
             below = model.config.upright_search["below"] if model.config.upright_search else 0.0
             answers["searched"].append(((turned_by != 0) | (model.upright_probability(image_embeds) < below)).numpy())
     return {name: np.concatenate(values) for name, values in answers.items()}
+
+
+def searched_ood_report(model, processor, args, outside: dict[str, Dataset]) -> dict:
+    """The detector as the pipeline applies it: the held-out halves and `outside` tagged through the upright search,
+    which may turn a photo or flag it for a turn that looks more upright (the detector's own figures score photos
+    as given). The share of each set flagged, and the AUROC of each outside set against the held-out photos."""
+    scores = {}
+    for name, (dataset, keys) in validation_sources(args).items():
+        scores[name] = tagged_upright(model, processor, dataset.select(halves(keys)[1]), args.batch_size, [])["ood_score"]
+    inside = np.concatenate(list(scores.values()))
+    for name, dataset in outside.items():
+        scores[name] = tagged_upright(model, processor, dataset, args.batch_size, [])["ood_score"]
+    return {
+        "flagged": {name: float((values > 1).mean()) for name, values in scores.items()},
+        "auroc": {name: binary_auroc(inside, scores[name]) for name in outside},
+    }
 
 
 def rotation_report(model, processor, args) -> dict:
@@ -528,6 +560,8 @@ def fit_upright_search(args) -> dict:
     previous = args.model / CALIBRATION_FILE
     report = json.loads(previous.read_text()) if previous.is_file() else {"files": [CALIBRATION_FILE]}
     report["upright_search"] = model.config.upright_search
+    if "ood" in report:
+        report["ood"]["through_search"] = searched_ood_report(model, processor, args, outside_images(args))
     report["rotated"] = rotation_report(model, processor, args)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / CALIBRATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -580,10 +614,7 @@ def main(argv=None) -> dict:
         "heads": {name: head_report(config, scores, thresholds) for name, scores in held_out.items()},
         "tags": tag_report(held_out["product"], tag_scaling),
     }
-    generated = generated_non_photos()
-    images = {"generated": image_dataset([image for _, image in generated])}
-    if args.ood_photos:
-        images["photos"] = image_dataset(photos_in(args.ood_photos))
+    images = outside_images(args)
     outside_scores = {name: collect(model, processor, found, args.batch_size, with_tags=False, progress=False)
                       for name, found in images.items()}  # fmt: skip
     signals = {name: raw_signals(scores, config, detector) for name, scores in {**held_out, **outside_scores}.items()}
@@ -595,8 +626,10 @@ def main(argv=None) -> dict:
         "flagged_by": {name: {s: float((v / limits[s] > 1).mean()) for s, v in values.items()} for name, values in signals.items()},
         "auroc": {name: binary_auroc(inside, scored[name]) for name in outside_scores},
         "auroc_all": binary_auroc(inside, np.concatenate([scored[name] for name in outside_scores])),
-        "generated_kinds": sorted({kind for kind, _ in generated}),
+        "generated_kinds": sorted({kind for kind, _ in generated_non_photos()}),
     }
+    if config.upright_search is not None:
+        report["ood"]["through_search"] = searched_ood_report(model, processor, args, images)
     if args.rotated_photos:
         report["rotated"] = rotation_report(model, processor, args)
 

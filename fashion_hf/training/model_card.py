@@ -197,8 +197,10 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "tags_before": f"{report['tags']['overall']['ece_before']:.3f}",
         "tags_after": f"{report['tags']['overall']['ece_after']:.3f}",
         "fitting_budget": _percent(ood.get("fitting_budget")).replace(".0%", "%"),
-        "flagged": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {_percent(share)}" for name, share in ood["flagged"].items()),
-        "auroc": ", ".join(f"{OOD_SET_NAMES.get(name, name)} {value:.3f}" for name, value in ood["auroc"].items()),
+        "flagged": _ood_figures(ood["flagged"], _percent),
+        "auroc": _ood_figures(ood["auroc"], lambda value: f"{value:.3f}"),
+        "searched_flagged": _ood_figures(ood.get("through_search", {}).get("flagged", {}), _percent),
+        "searched_auroc": _ood_figures(ood.get("through_search", {}).get("auroc", {}), lambda value: f"{value:.3f}"),
         "rotated": "; ".join(
             f"{source} " + ", ".join(f"{degrees}° {_percent(entry['handled'])}" for degrees, entry in turns.items() if degrees != "0")
             for source, turns in rotated.items()
@@ -208,6 +210,11 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "flag_margin": (report.get("upright_search") or {}).get("flag_margin"),
         "plots": [{"file": file, "title": title} for file, title in CALIBRATION_PLOTS if (model_folder / file).is_file()],
     }
+
+
+def _ood_figures(figures: dict[str, float], show) -> str:
+    """`{set: figure}` -> "held-out product photos 0.5%, ...", the sets named for a reader."""
+    return ", ".join(f"{OOD_SET_NAMES.get(name, name)} {show(value)}" for name, value in figures.items())
 
 
 def _retrieval_section(report: dict | None) -> dict | None:
