@@ -5,10 +5,10 @@ photos of other things and generated images, and how well its score ranks them (
     python benchmarks/ood_pipeline.py                     # the shipped model as configured
     python benchmarks/ood_pipeline.py --upright-search '{"below": 0.1, "margin": 0.9}'   # another setting, same photos
 
-`fashion-hf calibrate` measures its detector on the embeddings of photos as given. The pipeline first tries the
-quarter turns of photos that look turned (`config.upright_search`), tags a turn instead where it looks clearly
-upright, and flags a photo whose turn looks more upright by over `flag_margin`: both change what is flagged. This
-scores what a user gets. In-distribution photos are calibration's held-out halves (product validation without its
+The pipeline first tries the quarter turns of photos that look turned (`config.upright_search`), tags a turn
+instead where it looks clearly upright, and flags a photo whose turn looks more upright by over `flag_margin`: both
+change what is flagged. `fashion-hf calibrate` measures that too (`ood.through_search`), with the model's own
+encoders; this scores what a user gets, through `pipeline("fashion-tagging")`, and can try another setting. In-distribution photos are calibration's held-out halves (product validation without its
 copies of training photos, halved by image digest; phone validation halved by photographer), the ones its figures
 are measured on; out of distribution, the photos of `--ood-photos` and `generated_non_photos()`.
 """
@@ -22,28 +22,20 @@ from bench_utils import PRODUCT_IMAGES  # noqa: F401  (sets HF_HUB_OFFLINE first
 from PIL import Image
 from transformers import pipeline  # noqa: E402
 
-from fashion_hf import data  # noqa: E402
-from fashion_hf.calibration import binary_auroc  # noqa: E402
-from fashion_hf.training.calibrate import generated_non_photos, halves  # noqa: E402
-from fashion_hf.training.evaluate import duplicate_rows  # noqa: E402
+from fashion_hf.training.calibrate import flag_report, generated_non_photos, held_out_half, validation_sources  # noqa: E402
 
 IN_DISTRIBUTION = ("product", "phone")
 
 
 def held_out_photos(limit: int | None) -> dict[str, list[Image.Image]]:
     """Calibration's held-out halves, the first `limit` photos of each (all without one)."""
-    product = data.load_fashion_product_images(split="validation")
-    copies = set(duplicate_rows(product, data.load_fashion_product_images(split="train")))
-    product = product.select([row for row in range(len(product)) if row not in copies])
-    phone = data.load_clothing_user_photos(split="validation")
-    sets = {"product": (product, data.image_sha256s(product)), "phone": (phone, phone.with_format(None)["sender_id"])}
     photos = {}
-    for name, (dataset, keys) in sets.items():
-        _, held_out = halves(keys)
-        rows = held_out[:limit].tolist()
-        if not rows:
+    for name, (dataset, keys) in validation_sources().items():
+        held_out = held_out_half(dataset, keys)
+        held_out = held_out.select(range(min(limit, len(held_out)))) if limit else held_out
+        if not len(held_out):
             raise SystemExit(f"no held-out {name} photos: the {name} validation split is empty or all copies of train")
-        photos[name] = [image.convert("RGB") for image in dataset.select(rows).with_format(None)["image"]]
+        photos[name] = [image.convert("RGB") for image in held_out.with_format(None)["image"]]
     return photos
 
 
@@ -74,14 +66,15 @@ def main(argv=None) -> dict:
         "generated": [image.convert("RGB") for _, image in generated_non_photos()],
     }
     scores = {name: ood_scores(tagger, images, args.batch_size) for name, images in sets.items()}
-    in_distribution = np.concatenate([scores[name] for name in IN_DISTRIBUTION])
+    measured = flag_report({name: scores[name] for name in IN_DISTRIBUTION},
+                           {name: values for name, values in scores.items() if name not in IN_DISTRIBUTION})  # fmt: skip
     report = {"upright_search": tagger.model.config.upright_search, "sets": {}}
     print(f"upright_search: {json.dumps(report['upright_search'])}\n")
     print("| photos | count | flagged | AUROC against the product and phone photos |\n|---|---:|---:|---:|")
     for name, values in scores.items():
-        entry = {"count": len(values), "flagged": float((values > 1).mean())}
-        if name not in IN_DISTRIBUTION:
-            entry["auroc"] = binary_auroc(in_distribution, values)
+        entry = {"count": len(values), "flagged": measured["flagged"][name]}
+        if name in measured["auroc"]:
+            entry["auroc"] = measured["auroc"][name]
         report["sets"][name] = entry
         auroc = f"{entry['auroc']:.3f}" if "auroc" in entry else "–"
         print(f"| {name} | {entry['count']} | {entry['flagged']:.1%} | {auroc} |")

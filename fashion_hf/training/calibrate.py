@@ -327,26 +327,39 @@ def over_limits(signals: dict[str, np.ndarray], limits: dict[str, float]) -> np.
 # -- the command -----------------------------------------------------------------------------------------------------
 
 
-def validation_sources(args) -> dict[str, tuple[Dataset, list]]:
+def validation_sources(
+    data_source=None, user_photos_source=None, user_photos: bool = True, limit: int | None = None
+) -> dict[str, tuple[Dataset, list]]:
     """`(photos, keys to halve them by)` per source: product validation photos without the copies of training photos,
-    keyed by image digest, and (when the data is there) the phone photos, keyed by photographer."""
-    product = data.load_fashion_product_images(args.data_source, split="validation")
-    copies = set(duplicate_rows(product, data.load_fashion_product_images(args.data_source, split="train")))
+    keyed by image digest, and (with `user_photos`) the phone photos, keyed by photographer; the first `limit` of
+    each when given."""
+    product = data.load_fashion_product_images(data_source, split="validation")
+    copies = set(duplicate_rows(product, data.load_fashion_product_images(data_source, split="train")))
     product = product.select([row for row in range(len(product)) if row not in copies])
     sources = {"product": (product, data.image_sha256s(product))}
-    if args.user_photos:
-        phone = data.load_clothing_user_photos(args.user_photos_source, split="validation")
+    if user_photos:
+        phone = data.load_clothing_user_photos(user_photos_source, split="validation")
         sources["phone"] = (phone, phone.with_format(None)["sender_id"])
-    if args.limit:
-        sources = {name: (dataset.select(range(min(args.limit, len(dataset)))), keys[: args.limit])
+    if limit:
+        sources = {name: (dataset.select(range(min(limit, len(dataset)))), keys[:limit])
                    for name, (dataset, keys) in sources.items()}  # fmt: skip
     return sources
 
 
-def held_out_sources(model, processor, args) -> tuple[dict, dict]:
+def sources_of(args) -> dict[str, tuple[Dataset, list]]:
+    """`validation_sources` as the command's arguments name them."""
+    return validation_sources(args.data_source, args.user_photos_source, args.user_photos, args.limit)
+
+
+def held_out_half(dataset: Dataset, keys: list) -> Dataset:
+    """The half of `dataset` calibration measures on (`halves`' second)."""
+    return dataset.select(halves(keys)[1])
+
+
+def held_out_sources(model, processor, args, sources: dict) -> tuple[dict, dict]:
     """`(fitting, held out)` scores per source of `validation_sources`, halved by their keys."""
     fitting, held_out = {}, {}
-    for name, (dataset, keys) in validation_sources(args).items():
+    for name, (dataset, keys) in sources.items():
         scores = collect(model, processor, dataset, args.batch_size, with_tags=name == "product", progress=not args.no_progress)
         fit_rows, held_out_rows = halves(keys)
         fitting[name], held_out[name] = scores.rows(fit_rows), scores.rows(held_out_rows)
@@ -497,19 +510,24 @@ def tagged_upright(model, processor, dataset, batch_size: int, heads: list[str])
     return {name: np.concatenate(values) for name, values in answers.items()}
 
 
-def searched_ood_report(model, processor, args, outside: dict[str, Dataset]) -> dict:
+def searched_ood_report(model, processor, args, sources: dict, outside: dict[str, Dataset]) -> dict:
     """The detector as the pipeline applies it: the held-out halves and `outside` tagged through the upright search,
     which may turn a photo or flag it for a turn that looks more upright (the detector's own figures score photos
-    as given). The share of each set flagged, and the AUROC of each outside set against the held-out photos."""
-    scores = {}
-    for name, (dataset, keys) in validation_sources(args).items():
-        scores[name] = tagged_upright(model, processor, dataset.select(halves(keys)[1]), args.batch_size, [])["ood_score"]
-    inside = np.concatenate(list(scores.values()))
-    for name, dataset in outside.items():
-        scores[name] = tagged_upright(model, processor, dataset, args.batch_size, [])["ood_score"]
+    as given): `flag_report` of the held-out halves of `sources` against `outside`."""
+    def scores(dataset):
+        return tagged_upright(model, processor, dataset, args.batch_size, [])["ood_score"]
+
+    inside = {name: scores(held_out_half(dataset, keys)) for name, (dataset, keys) in sources.items()}
+    return flag_report(inside, {name: scores(dataset) for name, dataset in outside.items()})
+
+
+def flag_report(inside: dict[str, np.ndarray], outside: dict[str, np.ndarray]) -> dict:
+    """Out-of-distribution scores per set -> the share of each set flagged (above 1), and the AUROC of each
+    `outside` set against all the `inside` ones together."""
+    pooled = np.concatenate(list(inside.values()))
     return {
-        "flagged": {name: float((values > 1).mean()) for name, values in scores.items()},
-        "auroc": {name: binary_auroc(inside, scores[name]) for name in outside},
+        "flagged": {name: float((values > 1).mean()) for name, values in {**inside, **outside}.items()},
+        "auroc": {name: binary_auroc(pooled, values) for name, values in outside.items()},
     }
 
 
@@ -561,7 +579,8 @@ def fit_upright_search(args) -> dict:
     report = json.loads(previous.read_text()) if previous.is_file() else {"files": [CALIBRATION_FILE]}
     report["upright_search"] = model.config.upright_search
     if "ood" in report:
-        report["ood"]["through_search"] = searched_ood_report(model, processor, args, outside_images(args))
+        outside = outside_images(args)
+        report["ood"]["through_search"] = searched_ood_report(model, processor, args, sources_of(args), outside)
     report["rotated"] = rotation_report(model, processor, args)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / CALIBRATION_FILE).write_text(json.dumps(report, indent=2) + "\n")
@@ -586,7 +605,8 @@ def main(argv=None) -> dict:
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
     processor = FashionTaggerImageProcessor.from_pretrained(args.model)
     model.config.without_calibration()  # fitted on the model's own scores, never on an earlier calibration's
-    fitting, held_out = held_out_sources(model, processor, args)
+    sources = sources_of(args)  # read once: finding validation's copies of training photos hashes the train split
+    fitting, held_out = held_out_sources(model, processor, args, sources)
     config = model.config
     # The temperatures go into the config at once: what is fitted after them (thresholds, the heads' uncertainty)
     # reads the scores as the calibrated model will serve them. The model's own outputs here stay uncalibrated:
@@ -619,17 +639,18 @@ def main(argv=None) -> dict:
                       for name, found in images.items()}  # fmt: skip
     signals = {name: raw_signals(scores, config, detector) for name, scores in {**held_out, **outside_scores}.items()}
     scored = {name: over_limits(values, limits) for name, values in signals.items()}
-    inside = np.concatenate([scored[name] for name in held_out])
+    inside = {name: scored[name] for name in held_out}
+    measured = flag_report(inside, {name: scored[name] for name in outside_scores})
     report["ood"] = {
         "fitting_budget": IN_DISTRIBUTION_FLAGGED,
-        "flagged": {name: float((values > 1).mean()) for name, values in scored.items()},
+        "flagged": measured["flagged"],
         "flagged_by": {name: {s: float((v / limits[s] > 1).mean()) for s, v in values.items()} for name, values in signals.items()},
-        "auroc": {name: binary_auroc(inside, scored[name]) for name in outside_scores},
-        "auroc_all": binary_auroc(inside, np.concatenate([scored[name] for name in outside_scores])),
+        "auroc": measured["auroc"],
+        "auroc_all": binary_auroc(np.concatenate(list(inside.values())), np.concatenate([scored[name] for name in outside_scores])),
         "generated_kinds": sorted({kind for kind, _ in generated_non_photos()}),
     }
     if config.upright_search is not None:
-        report["ood"]["through_search"] = searched_ood_report(model, processor, args, images)
+        report["ood"]["through_search"] = searched_ood_report(model, processor, args, sources, images)
     if args.rotated_photos:
         report["rotated"] = rotation_report(model, processor, args)
 
