@@ -39,8 +39,13 @@ def random_background(size, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
-def replace_background(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    return Image.composite(random_background(image.size, rng), image, background_mask(image))
+def replace_background(
+    image: Image.Image, rng: np.random.Generator, backdrops=(), from_border: bool = False
+) -> Image.Image:
+    """The studio white (`background_mask`) replaced by a random backdrop, or by one of `backdrops` (photographed
+    patches, `backdrop_patches`) where there are any."""
+    backdrop = photographed_backdrop(image.size, rng, backdrops) if backdrops else random_background(image.size, rng)
+    return Image.composite(backdrop, image, background_mask(image, from_border))
 
 
 def zoom_out(image: Image.Image, rng: np.random.Generator, fill=(255, 255, 255)) -> Image.Image:
@@ -161,8 +166,7 @@ def augment_phone_photo(image: Image.Image, rng: np.random.Generator, strength: 
     if rng.random() < 0.3 * strength:
         image = tilt(image, rng)
     if rng.random() < 0.7 * strength:  # after the geometry, so the white its corners and canvas left is backdrop too
-        backdrop = photographed_backdrop(image.size, rng, backdrops) if backdrops else random_background(image.size, rng)
-        image = Image.composite(backdrop, image, background_mask(image, from_border=True))
+        image = replace_background(image, rng, backdrops, from_border=True)
     if rng.random() < 0.5 * strength:
         image = random_resized_crop(image, rng)
     if rng.random() < 0.5 * strength:

@@ -61,10 +61,11 @@ def replay_sample(dataset, images: int, seed: int, favoured_kinds=()):
     return dataset.select(sorted(rows))
 
 
-def corrected_kinds(args) -> set[str]:
-    """The articleTypes the run's user photos name (`--replay-kinds corrected` favours them in the replay)."""
+def corrected_kinds(user_photos: list) -> set[str]:
+    """The articleTypes the run's user photos (`user_photo_sets`) name: `--replay-kinds corrected` favours them in
+    the replay."""
     kinds = set()
-    for dataset in user_photo_sets(args):
+    for dataset in user_photos:
         if "articleType" in dataset.column_names:
             kinds.update(kind for kind in dataset["articleType"] if kind)
     return kinds
@@ -181,11 +182,12 @@ def mix_split(args):
     return load_split(argparse.Namespace(**{**vars(args), "dataset": args.mix_dataset, "data_source": None}), "train")
 
 
-def backdrop_photos(args, photos: int = 300) -> list:
-    """A seeded sample of the run's user photos whose corners `--augment phone` puts behind studio shots."""
+def backdrop_photos(user_photos: list, seed: int, photos: int = 300) -> list:
+    """A seeded sample of the run's user photos (`user_photo_sets`) whose corners `--augment phone` puts behind
+    studio shots."""
     images = []
-    for dataset in user_photo_sets(args):
-        images += replay_sample(dataset, photos, args.seed)["image"]
+    for dataset in user_photos:
+        images += replay_sample(dataset, photos, seed)["image"]
     return images
 
 

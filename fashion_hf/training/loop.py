@@ -43,6 +43,7 @@ from .examples import (
     load_split,
     mix_split,
     replay_sample,
+    user_photo_sets,
 )
 from .feature_cache import CachedFeatures, compute_trunk_features, freeze, split_encoder
 from .recipe import model_recipe, push_to_hub, write_recipe
@@ -275,8 +276,10 @@ def train_model(args, command: str, final: bool = True) -> Path:
         torch.set_num_threads(args.cpu_threads or cpu_threads_per_process(local_processes))
 
     train_set, eval_set = load_split(args, args.train_split), load_split(args, args.eval_split)
+    # Read once for the options that look at them (the training rows of feedback are read with the vocabulary below).
+    user_photos = user_photo_sets(args) if args.replay_kinds == "corrected" or args.augment == "phone" else []
     if args.replay_images:
-        favoured = corrected_kinds(args) if args.replay_kinds == "corrected" else ()
+        favoured = corrected_kinds(user_photos) if args.replay_kinds == "corrected" else ()
         train_set = replay_sample(train_set, args.replay_images, args.seed, favoured)
     test_set = load_split(args, args.test_split) if args.test_split else None
     used_splits = [args.train_split, args.eval_split, *([args.test_split] if args.test_split else [])]
@@ -294,7 +297,9 @@ def train_model(args, command: str, final: bool = True) -> Path:
     train_set = data.apply_vocabulary(train_set, config.attributes, config.tags)
     eval_set = data.apply_vocabulary(eval_set, config.attributes, config.tags)
     processor = FashionTaggerImageProcessor.from_model_config(config)
-    backdrops = backdrop_patches(map(processor.load_image, backdrop_photos(args))) if args.augment == "phone" else []
+    backdrops = []
+    if args.augment == "phone":
+        backdrops = backdrop_patches(map(processor.load_image, backdrop_photos(user_photos, args.seed)))
     accelerator.print(f"train {len(train_set)} / eval {len(eval_set)} images; heads {list(config.attributes)}; "
                       f"{len(config.tags)} tags; encoder weights: {getattr(config, 'encoder_weights', 'random')}")
     if typed_tags:
