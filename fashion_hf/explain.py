@@ -135,8 +135,9 @@ def overlay_heatmap(
 ) -> Image.Image:
     """Blend a Grad-CAM map over the photo it explains, shown with its longer side at `max_side` pixels.
 
-    `heatmap` covers the model input, which is the photo padded to the model's aspect ratio: the map is stretched
-    over that padded canvas and the photo's own region is cut back out, so it lines up with the photo.
+    `image` is the photo as the image processor frames it (`processor.framed`: a landscape phone photo without its
+    side strips). `heatmap` covers the model input, which is that image padded to the model's aspect ratio: the map
+    is stretched over that padded canvas and the image's own region is cut back out, so it lines up with it.
     `input_size` is the model's `(height, width)`.
     """
     image = image.convert("RGB")

@@ -109,7 +109,7 @@ class TaggerService:
         with self.model_slots:
             cam = grad_cam(self.tagger.model, pixel_values, attribute, label_ids)
         size = (processor.size["height"], processor.size["width"])
-        overlays = [overlay_heatmap(upload.image, heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
+        overlays = [overlay_heatmap(processor.framed(upload.image), heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
         return overlays, cam.attribute, time.perf_counter() - start
 
     def export(self, rows: list[dict], table: list[list], headers: list[str]) -> tuple[str, str]:

@@ -218,7 +218,8 @@ def test_heatmaps_explain_the_label_the_prediction_ranked_first(service, files):
     expected = grad_cam(service.tagger.model, pixel_values, attribute, [label_id])
     size = (processor.size["height"], processor.size["width"])
     assert explained == attribute and expected.labels == [runner_up]
-    assert np.array_equal(np.asarray(overlay), np.asarray(overlay_heatmap(upload.image, expected.maps[0], size)))
+    framed = processor.framed(upload.image)
+    assert np.array_equal(np.asarray(overlay), np.asarray(overlay_heatmap(framed, expected.maps[0], size)))
 
 
 def test_several_images_give_a_table_with_csv_and_json(client, service, files):

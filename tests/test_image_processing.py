@@ -89,10 +89,61 @@ def test_a_batch_of_mixed_inputs():
 
 
 def test_wide_images_are_padded_not_squashed():
-    wide = Image.new("RGB", (200, 50), (0, 0, 0))
+    wide = Image.new("RGB", (200, 50), (255, 255, 255))
+    wide.paste(Image.new("RGB", (196, 50), (0, 0, 0)), (2, 0))  # a wide item on studio white: padded, not cropped
     values = pixel_values(wide)[0]
     assert values[:, 0, :].mean() > 0.9  # top rows are white padding
     assert values[:, 32, :].mean() < -0.9  # the black strip stays in the middle
+
+
+def scene_photo(size=(400, 300)) -> Image.Image:
+    """A landscape phone-style photo: a blue item in the middle of a grey room, a red mark at each far side."""
+    width, height = size
+    image = Image.new("RGB", size, (120, 110, 100))
+    image.paste(Image.new("RGB", (width // 4, height // 2), (30, 30, 200)), (3 * width // 8, height // 4))
+    for left in (0, width - width // 10):
+        image.paste(Image.new("RGB", (width // 10, height), (220, 20, 20)), (left, 0))
+    return image
+
+
+def test_a_landscape_photo_of_a_scene_loses_its_sides_down_to_square():
+    photo = scene_photo()
+    assert processor.framed(photo).size == (300, 300)
+    pixels = processor.to_model_size(photo)
+    assert pixels.shape == (64, 48, 3)
+    red = (pixels[..., 0] > 180) & (pixels[..., 1] < 80)
+    assert not red.any()  # the far sides are cut off, not squeezed in
+    white_rows = (pixels.min(-1) > 250).all(1)
+    assert white_rows[:7].all() and not white_rows[8:56].any()  # square into 48 x 64: 8 white rows above and below
+    blue = (pixels[..., 2] > 180) & (pixels[..., 0] < 80)
+    letterboxed = FashionTaggerImageProcessor(size={"height": 64, "width": 48}, widest_aspect=None).to_model_size(photo)
+    blue_letterboxed = (letterboxed[..., 2] > 180) & (letterboxed[..., 0] < 80)
+    assert blue.sum() > 1.5 * blue_letterboxed.sum()  # letterboxed, the item keeps about 56% of its size
+
+
+def test_a_wide_studio_shot_on_white_is_padded_whole():
+    sunglasses = Image.new("RGB", (400, 200), (255, 255, 255))
+    sunglasses.paste(Image.new("RGB", (360, 40), (10, 10, 10)), (20, 80))
+    assert processor.framed(sunglasses) is sunglasses
+    pixels = processor.to_model_size(sunglasses)
+    dark_columns = (pixels.max(-1) < 60).any(0)
+    assert dark_columns[3] and dark_columns[-4] and not dark_columns[[0, -1]].any()  # both ends, with white beyond
+
+
+@pytest.mark.parametrize("size", [(300, 400), (300, 300), (90, 160)])
+def test_portrait_and_square_photos_are_never_cropped(size):
+    photo = scene_photo(size)
+    assert processor.framed(photo) is photo
+
+
+def test_widest_aspect_round_trips_and_none_turns_cropping_off(tmp_path):
+    FashionTaggerImageProcessor(widest_aspect=1.25).save_pretrained(tmp_path)
+    loaded = FashionTaggerImageProcessor.from_pretrained(tmp_path)
+    assert loaded.widest_aspect == 1.25 and loaded.framed(scene_photo()).size == (375, 300)
+    never = FashionTaggerImageProcessor(widest_aspect=None)
+    assert never.framed(scene_photo()).size == (400, 300)
+    with pytest.raises(ValueError, match="widest_aspect must be positive"):
+        FashionTaggerImageProcessor(widest_aspect=0)
 
 
 @pytest.mark.parametrize(

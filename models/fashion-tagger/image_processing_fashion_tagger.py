@@ -1,4 +1,4 @@
-"""Image processor of the fashion tagger: decode anything image-like safely, then resize, pad and normalise.
+"""Image processor of the fashion tagger: decode anything image-like safely, frame, resize, pad and normalise.
 
 Decoding is `image_decoding`'s (the project's one safe decoder). The image is resized before it is padded, so the
 padded canvas is the model's input size, never one sized from the image's long side.
@@ -18,6 +18,31 @@ from .image_decoding import (
     InvalidImageError,
     load_rgb_image,
 )
+
+
+WIDEST_ASPECT = 1.0  # square keeps 75% of a 4:3 photo's width; the input's 3:4 would keep 56%, for no more gain
+# A side strip counts as studio white when this share of its pixels is at least this bright in every channel.
+STUDIO_WHITE_LEVEL = 235
+STUDIO_WHITE_SHARE = 0.9
+
+
+def crop_sides(image: Image.Image, widest_aspect: float) -> Image.Image:
+    """Cut equal strips off the left and right of an image wider than `widest_aspect` (width / height) down to it."""
+    width = max(1, round(image.height * widest_aspect))
+    if image.width <= width:
+        return image
+    left = (image.width - width) // 2
+    return image.crop((left, 0, left + width, image.height))
+
+
+def has_white_sides(image: Image.Image, strip: int = 2) -> bool:
+    """Whether the image's left and right edges are studio white, as around a product shot."""
+    strip = min(strip, image.width)
+    sides = np.concatenate([
+        np.asarray(image.crop((0, 0, strip, image.height))),
+        np.asarray(image.crop((image.width - strip, 0, image.width, image.height))),
+    ])
+    return bool((sides.min(-1) >= STUDIO_WHITE_LEVEL).mean() >= STUDIO_WHITE_SHARE)
 
 
 def fit_and_pad(image: Image.Image, height: int, width: int) -> Image.Image:
@@ -43,7 +68,8 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
     Accepts PIL images, numpy arrays (HxW, HxWx3, HxWx4; uint8, uint16 or 0..1 floats), file paths and encoded bytes.
     Encoded images must be JPEG, PNG, WebP, GIF, BMP or TIFF (`image_decoding.ACCEPTED_FORMATS`). Every input
     becomes upright RGB: EXIF orientation is applied; L, LA, P, RGBA, CMYK and 16-bit images are converted,
-    transparency flattened onto white. The image is resized to fit the model's input, padded with white to its aspect ratio and normalised.
+    transparency flattened onto white. A landscape photo of a scene is framed first (`framed`); the image is then
+    resized to fit the model's input, padded with white to its aspect ratio and normalised.
     Anything that is not an image raises [`InvalidImageError`] naming the input.
 
     Args:
@@ -58,6 +84,9 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
             (at most 20:1 either way, `image_decoding.MAX_ASPECT_RATIO`).
         max_file_bytes (`int`, *optional*, defaults to 20 MiB):
             Largest encoded file accepted.
+        widest_aspect (`float`, *optional*, defaults to 1.0):
+            Width / height beyond which a photo without studio-white sides is cropped at both sides (`framed`).
+            `None` never crops.
     """
 
     model_input_names = ["pixel_values"]
@@ -69,6 +98,7 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         image_std: list[float] | None = None,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        widest_aspect: float | None = WIDEST_ASPECT,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -77,6 +107,9 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
         self.image_std = list(image_std or [0.5, 0.5, 0.5])
         self.max_image_pixels = max_image_pixels
         self.max_file_bytes = max_file_bytes
+        if widest_aspect is not None and widest_aspect <= 0:
+            raise ValueError(f"widest_aspect must be positive or None, got {widest_aspect}")
+        self.widest_aspect = widest_aspect
 
     @property
     def backend(self) -> str:
@@ -110,9 +143,22 @@ class FashionTaggerImageProcessor(BaseImageProcessor):
             pixel_values = pixel_values.numpy()
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
 
+    def framed(self, image: Image.Image) -> Image.Image:
+        """The part of an RGB PIL image the model sees: all of it, except that a photo wider than `widest_aspect`
+        whose sides are a scene rather than studio white loses equal strips at both sides down to that aspect.
+
+        Why: a landscape phone photo (a cap on a bed) letterboxed into the portrait input keeps about half its
+        height, so the item shrinks and sits between white bands no phone photo has. Cropping to square keeps it
+        large (BENCHMARKS.md, "Landscape phone photos"). A studio shot on white loses nothing by padding, and a wide
+        product (sunglasses, a belt) would lose its ends by cropping, so it is left whole.
+        """
+        if self.widest_aspect is None or image.width <= self.widest_aspect * image.height or has_white_sides(image):
+            return image
+        return crop_sides(image, self.widest_aspect)
+
     def to_model_size(self, image: Image.Image) -> np.ndarray:
-        """An RGB PIL image -> `(H, W, 3)` uint8 at the model's size, padded with white to its aspect ratio."""
-        image = fit_and_pad(image, self.size["height"], self.size["width"])
+        """An RGB PIL image -> `(H, W, 3)` uint8 at the model's size: `framed`, fitted, padded with white."""
+        image = fit_and_pad(self.framed(image), self.size["height"], self.size["width"])
         return np.array(image)  # writable, so torch.from_numpy shares it without a warning
 
     def quarter_turns(self, image: Image.Image) -> np.ndarray:
