@@ -8,9 +8,10 @@ photos of other things and generated images, and how well its score ranks them (
 The pipeline first tries the quarter turns of photos that look turned (`config.upright_search`), tags a turn
 instead where it looks clearly upright, and flags a photo whose turn looks more upright by over `flag_margin`: both
 change what is flagged. `fashion-hf calibrate` measures that too (`ood.through_search`), with the model's own
-encoders; this scores what a user gets, through `pipeline("fashion-tagging")`, and can try another setting. In-distribution photos are calibration's held-out halves (product validation without its
-copies of training photos, halved by image digest; phone validation halved by photographer), the ones its figures
-are measured on; out of distribution, the photos of `--ood-photos` and `generated_non_photos()`.
+encoders; this scores what a user gets, through `pipeline("fashion-tagging")`, and can try another setting.
+In-distribution photos are calibration's held-out halves (product validation without its copies of training photos,
+halved by image digest; phone validation halved by photographer), the ones its figures are measured on; out of
+distribution, the photos of `--ood-photos` and `generated_non_photos()`.
 """
 
 import argparse

@@ -102,14 +102,15 @@ class TaggerService:
         to find it (an ensemble would run all its encoder passes for that)."""
         start = time.perf_counter()
         processor = self.tagger.image_processor
-        pixel_values = processor([upload.image for upload in uploads], return_tensors="pt")["pixel_values"]
+        framed = [processor.framed(upload.image) for upload in uploads]  # what the model sees, and the overlay shows
+        pixel_values = processor(framed, return_tensors="pt")["pixel_values"]
         attribute = explained_attribute(self.config)
         labels = self.config.attributes[attribute]
         label_ids = [labels.index(prediction["attributes"][attribute][0]["label"]) for prediction in predictions]
         with self.model_slots:
             cam = grad_cam(self.tagger.model, pixel_values, attribute, label_ids)
         size = (processor.size["height"], processor.size["width"])
-        overlays = [overlay_heatmap(processor.framed(upload.image), heatmap, size) for upload, heatmap in zip(uploads, cam.maps)]
+        overlays = [overlay_heatmap(image, heatmap, size) for image, heatmap in zip(framed, cam.maps)]
         return overlays, cam.attribute, time.perf_counter() - start
 
     def export(self, rows: list[dict], table: list[list], headers: list[str]) -> tuple[str, str]:

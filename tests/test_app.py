@@ -222,6 +222,14 @@ def test_heatmaps_explain_the_label_the_prediction_ranked_first(service, files):
     assert np.array_equal(np.asarray(overlay), np.asarray(overlay_heatmap(framed, expected.maps[0], size)))
 
 
+def test_the_heatmap_of_a_landscape_phone_photo_covers_the_square_the_model_saw(service, files):
+    room = Image.new("RGB", (400, 300), (120, 110, 100))  # a scene at the sides: the processor crops it to square
+    room.paste(product_photo(size=(120, 160)), (140, 70))
+    upload = service.read_upload(files("room.jpg", encode(room)))
+    (overlay,), _, _ = service.heatmaps([upload], service.predict([upload])[0])
+    assert overlay.size == (384, 384)  # letterboxed, it would be the whole 4:3 photo, 384 x 288
+
+
 def test_several_images_give_a_table_with_csv_and_json(client, service, files):
     good = [files(f"item-{i}.jpg", encode(product_photo(colour=(i * 90, 40, 40)))) for i in range(2)]
     bad = files("notes.txt", b"not an image")
