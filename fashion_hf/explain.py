@@ -68,8 +68,11 @@ def grad_cam(model, pixel_values: torch.Tensor, attribute: str | None = None, la
             else:
                 weights = pixel_values.new_full((len(pixel_values), len(members)), 1 / len(members))
         used = [index for index in range(len(members)) if weights[:, index].any()]
-        cams = {index: _class_activation(members[index], pixel_values, attribute, label_ids)[0] for index in used}
-        size = cams[used[0]].shape[-2:]
+        cams = {
+            index: _class_activation(members[index], model.member_pixel_values(index, pixel_values), attribute, label_ids)[0]
+            for index in used
+        }
+        size = max((cams[index].shape[-2:] for index in used), key=lambda shape: shape.numel())  # the finest map
         cams = sum(
             F.interpolate(cams[index][:, None], size=size, mode="bilinear")[:, 0] * weights[:, index, None, None]
             for index in used

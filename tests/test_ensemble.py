@@ -120,10 +120,41 @@ def test_members_must_share_the_vocabularies_and_input():
     first = tagging_model()
     with pytest.raises(ValueError, match="share attributes"):
         FashionTaggerEnsembleConfig.from_members([first.config, tagging_model(attributes={"gender": ["Men", "Women"]}).config])
-    with pytest.raises(ValueError, match="share image_size"):
-        FashionTaggerEnsembleConfig.from_members([first.config, tagging_model(image_size=(96, 72)).config])
+    with pytest.raises(ValueError, match="share one aspect ratio"):
+        FashionTaggerEnsembleConfig.from_members([first.config, tagging_model(image_size=(64, 64)).config])
     with pytest.raises(ValueError, match="only"):
         FashionTaggerEnsembleConfig(members=[{"encoder_name": "test_efficientnet", "attributes": {}}])
+
+
+def test_a_member_trained_smaller_sees_the_photo_reduced_to_its_own_size(tmp_path):
+    """A member may have its own input size (an expert that needs more of a phone photo's detail): the ensemble's
+    processor makes the largest, and a member trained smaller gets it averaged down, 2x2 pixels to one."""
+    small, large = tagging_model(image_size=(32, 24)), tagging_model(image_size=(64, 48))
+    ensemble = ensemble_of([small, large])
+    assert ensemble.config.image_size == [64, 48]
+    assert [member["image_size"] for member in ensemble.config.members] == [[32, 24], [64, 48]]
+    assert ensemble.config.encoder_description == "test_efficientnet + test_efficientnet at 64x48, with mirrored photos"
+    x = pixels(2, size=(64, 48))
+    with torch.no_grad():
+        embeds = ensemble.encode_images(x)
+        reduced = torch.nn.functional.avg_pool2d(x, 2)
+        torch.testing.assert_close(embeds[:, 0], small.encode_images(reduced))
+        torch.testing.assert_close(embeds[:, 1], small.encode_images(reduced.flip(-1)))
+        torch.testing.assert_close(embeds[:, 2], large.encode_images(x))
+    save_ensemble(ensemble, FashionTaggerImageProcessor.from_model_config(ensemble.config), tmp_path, torch.float32)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert [member.config.image_size for member in loaded.members] == [[32, 24], [64, 48]]
+    assert FashionTaggerImageProcessor.from_pretrained(tmp_path).size == {"height": 64, "width": 48}
+    with pytest.raises(ValueError, match="share one aspect ratio"):
+        FashionTaggerEnsembleConfig.from_members([small.config, tagging_model(image_size=(64, 32)).config])
+
+
+def test_an_ensemble_saved_before_members_had_their_own_size_runs_every_member_at_its_size():
+    config = ensemble_of(members()).config.to_dict()
+    for member in config["members"]:
+        del member["image_size"]
+    loaded = FashionTaggerEnsembleConfig(**{key: value for key, value in config.items() if key != "model_type"})
+    assert [member.image_size for member in loaded.member_configs()] == [loaded.image_size] * 2
 
 
 def test_both_models_name_what_they_need_without_images_or_embeddings():

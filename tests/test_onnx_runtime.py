@@ -36,11 +36,11 @@ def pixels(batch=4, seed=0, size=(64, 48)):
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
-def gated_ensemble(rows_for_experts: str) -> FashionTaggerEnsembleModel:
+def gated_ensemble(rows_for_experts: str, expert_size=(64, 48)) -> FashionTaggerEnsembleModel:
     """A catalogue member and a user-photo expert (an LSTM) behind a gate that gives the expert `"none"`, `"all"` or
     `"half"` of `pixels()`: the two rows whose general embedding lies furthest along one direction."""
     torch.manual_seed(0)
-    models = [tagging_model(), tagging_model(decoder_type="lstm", decoder_hidden_size=24)]
+    models = [tagging_model(), tagging_model(decoder_type="lstm", decoder_hidden_size=24, image_size=expert_size)]
     config = FashionTaggerEnsembleConfig.from_members(
         [model.config for model in models], domains=["catalogue", "user-photos"], member_domains=["catalogue", "user-photos"]
     )
@@ -94,6 +94,12 @@ def test_a_gated_ensembles_experts_run_only_on_the_photos_the_gate_gives_them(ro
     assert_same_answers(ensemble, onnx_tagger, pixels())
     expected_rows = {"none": [], "half": [2], "all": [4]}[rows_for_experts]
     assert expert_rows == expected_rows
+
+
+def test_an_expert_with_a_larger_input_exports_with_the_catalogue_members_reduction_in_their_graph(tmp_path):
+    ensemble = gated_ensemble("all", expert_size=(128, 96))
+    onnx_tagger = OnnxTagger(ensemble, export_onnx(ensemble, tmp_path))
+    assert_same_answers(ensemble, onnx_tagger, pixels(size=(128, 96)))
 
 
 class RecordingSession:
