@@ -314,12 +314,24 @@ def test_the_start_model_teaches_every_head_a_label_does_not_contradict():
     assert 0 < only_gender < everywhere and torch.allclose(only_gender, gender_alone)
 
 
+def two_shirt_corrections(folder):
+    """A feedback store of two phone-size photos corrected to Shirts (articleType only)."""
+    from fashion_hf.feedback import FeedbackStore
+
+    with FeedbackStore(folder) as store:
+        for colour in ("Red", "Blue"):
+            store.add(
+                product_photo(COLOURS[colour], size=(90, 70)), predicted={"attributes": {}, "tags": []},
+                corrected_attributes={"articleType": "Shirts"}, corrected_tags=[], consent=True, model_id="tiny",
+                model_revision="0",
+            )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_init_from_an_ensemble_with_experts_trains_only_its_experts_and_fits_the_gate_again(trained, tiny_catalogue,
                                                                                            tmp_path):
     """The next turn of the loop: the shipped ensemble already has user-photo experts. They continue on the new
     corrections; the catalogue members stay as they are; the gate is fitted again."""
-    from fashion_hf.feedback import FeedbackStore
     from fashion_hf.training.combine import combine_models, save
 
     first_stage, _ = trained
@@ -331,13 +343,7 @@ def test_init_from_an_ensemble_with_experts_trains_only_its_experts_and_fits_the
         start.gate.bias.copy_(torch.tensor([0.0, -9.0]))  # a gate that knows nothing yet
     save(start, fashion_hf.FashionTaggerImageProcessor.from_pretrained(first_stage / "model"), tmp_path / "start", torch.float16)
     start = AutoModel.from_pretrained(tmp_path / "start")
-    with FeedbackStore(tmp_path / "feedback") as store:
-        for colour in ("Red", "Blue"):
-            store.add(
-                product_photo(COLOURS[colour], size=(90, 70)), predicted={"attributes": {}, "tags": []},
-                corrected_attributes={"articleType": "Shirts"}, corrected_tags=[], consent=True, model_id="tiny",
-                model_revision="0",
-            )  # fmt: skip
+    two_shirt_corrections(tmp_path / "feedback")
     flags = ["--data-source", str(tiny_catalogue), *TINY_FLAGS, "--epochs", "1", "--output-dir", str(tmp_path / "run")]
     log = run_training([*flags, "--init-from", str(tmp_path / "start"), "--feedback", str(tmp_path / "feedback"),
                         "--replay-images", "10"], launcher=(sys.executable,))  # fmt: skip
@@ -352,3 +358,62 @@ def test_init_from_an_ensemble_with_experts_trains_only_its_experts_and_fits_the
     assert not torch.equal(model.gate.bias, start.gate.bias)  # fitted on this run's photos
     recipe = json.loads((tmp_path / "run" / "model" / "recipe.json").read_text())
     assert recipe["gate"]["fitted_on"]["user-photos"] == 2
+
+
+@pytest.mark.slow
+def test_a_new_expert_with_its_own_encoder_and_input_size_joins_an_ensembles_experts(trained, tiny_catalogue, tmp_path):
+    """train.py --vocabulary-from an ensemble trains a new model on its labels and tags (here at twice its input
+    size); train/ensemble.py --add-experts-to adds it to the ensemble's user-photo experts, keeps every member it had
+    and fits the gate again on the corrections; the recipe records both."""
+    from fashion_hf.training import ensemble as ensemble_script
+    from fashion_hf.training.combine import combine_models, save
+
+    first_stage, _ = trained
+    member = fashion_hf.FashionTaggerModel.from_pretrained(first_stage / "model", dtype=torch.float32)
+    start = combine_models([member, member], domains=["catalogue", "user-photos"], member_domains=["catalogue", "user-photos"])
+    save(start, fashion_hf.FashionTaggerImageProcessor.from_pretrained(first_stage / "model"), tmp_path / "start", torch.float16)
+    (tmp_path / "start" / "recipe.json").write_text(json.dumps({"command": "train.py ...", "wall_time_seconds": 60.0,
+                                                                "members": [{"folder": "m"}] * 2}))  # fmt: skip
+    two_shirt_corrections(tmp_path / "feedback")
+    flags = list(TINY_FLAGS)  # the vocabulary is the ensemble's, so no --min-tag-count; twice the input size
+    del flags[flags.index("--min-tag-count") : flags.index("--min-tag-count") + 2]
+    flags[flags.index("--image-size") + 1 : flags.index("--image-size") + 3] = ["128", "96"]
+    run_training(["--data-source", str(tiny_catalogue), *flags, "--epochs", "1", "--output-dir", str(tmp_path / "new"),
+                  "--vocabulary-from", str(tmp_path / "start"), "--feedback", str(tmp_path / "feedback"),
+                  "--replay-images", "10"], launcher=(sys.executable,))  # fmt: skip
+    new = fashion_hf.FashionTaggerModel.from_pretrained(tmp_path / "new" / "model")
+    assert new.config.attributes == start.config.attributes and new.config.tags == start.config.tags
+    assert new.config.image_size == [128, 96]
+
+    output = tmp_path / "with-new-expert"
+    ensemble_script.main([str(tmp_path / "new" / "model"), "--add-experts-to", str(tmp_path / "start"), "--feedback",
+                          str(tmp_path / "feedback"), "--data-source", str(tiny_catalogue), "--output-dir", str(output)])  # fmt: skip
+    model = AutoModel.from_pretrained(output)
+    assert model.config.member_domains == ["catalogue", "user-photos", "user-photos"]
+    assert [m.config.image_size for m in model.members] == [[64, 48], [64, 48], [128, 96]]
+    assert fashion_hf.FashionTaggerImageProcessor.from_pretrained(output).size == {"height": 128, "width": 96}
+    for kept, before in zip(model.members[:2], start.members):
+        assert torch.equal(kept.heads["articleType"].weight.float(), before.heads["articleType"].weight.to(torch.float16).float())
+    recipe = json.loads((output / "recipe.json").read_text())
+    assert recipe["gate"]["fitted_on"] == {"catalogue": 24, "user-photos": 2}
+    assert recipe["members"][-1]["folder"] == str(tmp_path / "new" / "model")
+    assert recipe["members"][-1]["domain"] == "user-photos" and recipe["added_experts"]["to"] == str(tmp_path / "start")
+    member_seconds = json.loads((tmp_path / "new" / "model" / "recipe.json").read_text())["wall_time_seconds"]
+    assert member_seconds < recipe["wall_time_seconds"] < 60.0 + member_seconds  # the new member's time and this step's
+    card = (output / "README.md").read_text()
+    assert "`test_efficientnet` at 128x96, with a GRU" in card and "`test_efficientnet` at 64x48, with a GRU" in card
+    assert recipe["members"][-1]["continue_with"] == {"frozen_stages": "2", "cache_views": 2}
+    assert pipeline("fashion-tagging", model=str(output))(product_photo())["attributes"]
+
+    # The next turn of the loop: each expert continues; the added one keeps the encoder freezing it was trained with.
+    flags[flags.index("--frozen-stages") + 1] = "1"
+    run_training(["--data-source", str(tiny_catalogue), *flags, "--epochs", "1", "--output-dir", str(tmp_path / "next"),
+                  "--init-from", str(output), "--feedback", str(tmp_path / "feedback"), "--replay-images", "10"],
+                 launcher=(sys.executable,))  # fmt: skip
+    frozen = [json.loads((tmp_path / "next" / "members" / index / "model" / "recipe.json").read_text())["arguments"]["frozen_stages"]
+              for index in ("1", "2")]  # fmt: skip
+    assert frozen == ["1", "2"]
+    assert json.loads((tmp_path / "next" / "model" / "recipe.json").read_text())["members"][-1]["continue_with"]["frozen_stages"] == "2"
+    with pytest.raises(SystemExit):
+        ensemble_script.main([str(tmp_path / "new" / "model"), "--add-experts-to", str(tmp_path / "start"), "--output-dir",
+                              str(tmp_path / "no-photos")])  # fmt: skip

@@ -18,7 +18,9 @@ from .combine import combine, combine_models, save as save_ensemble
 from .examples import load_split, replay_sample, user_photo_sets
 from .loop import add_detail_tags, finish, train_model
 from .recipe import (
+    CONTINUE_WITH,
     WALL_TIME,
+    keep_continue_with,
     continued_ensemble_recipe,
     read_key,
     read_recipe,
@@ -61,10 +63,14 @@ def continue_ensemble(args, command: str) -> Path:
 
     combining_started = time.time()  # the members' recipes hold their own training time, resumed sessions included
     member_recipes = [read_recipe(folder) for folder in member_folders]
-    members_lineage = [{"folder": str(folder), "stages": stages_of(r)} for folder, r in zip(member_folders, member_recipes)]
+    members_lineage = [
+        {"folder": str(folder), "stages": stages_of(r), **keep_continue_with(earlier_members[index])}
+        for index, folder, r in zip(trained, member_folders, member_recipes)
+    ]
     gate = None
     if learns_user_photos:
-        combined, gate = combine_with_experts(args, ensemble, general, member_folders, processor)
+        experts = [FashionTaggerModel.from_pretrained(folder, dtype=torch.float32) for folder in member_folders]
+        combined, gate = combine_with_experts(args, ensemble, general, experts, processor)
         members_lineage = [
             *({"folder": f"{args.init_from} (member {index + 1}, unchanged)", "stages": earlier_members[index].get("stages", []),
                "domain": config.domains[0]} for index in general),
@@ -93,15 +99,16 @@ def train_member(args, command: str, ensemble, processor, earlier_members: list[
         if stages:  # the member's own history, for the lineage in recipe.json
             write_recipe(start, stages_recipe(stages))
         resume = args.resume and any((member_dir / "checkpoints").glob("checkpoint_*"))
-        overrides = {"init_from": str(start), "output_dir": str(member_dir), "push_to_hub": None, "resume": resume}
+        overrides = {"init_from": str(start), "output_dir": str(member_dir), "push_to_hub": None, "resume": resume,
+                     **earlier_members[index].get(CONTINUE_WITH, {})}  # fmt: skip
         train_model(argparse.Namespace(**{**vars(args), **overrides}), command, final=False)
     return member_dir / "model"
 
 
-def combine_with_experts(args, ensemble, general: list[int], expert_folders: list[Path], processor):
-    """`ensemble`'s `general` members unchanged, the trained experts beside them, and the gate fitted on the
-    run's user photos against a seeded catalogue sample. Returns the ensemble and the gate's record for the recipe."""
-    experts = [FashionTaggerModel.from_pretrained(folder, dtype=torch.float32) for folder in expert_folders]
+def combine_with_experts(args, ensemble, general: list[int], experts: list[FashionTaggerModel], processor):
+    """`ensemble`'s `general` members unchanged, the trained `experts` beside them, and the gate fitted on the
+    run's user photos (`--feedback`, `--mix-dataset`) against a seeded catalogue sample. Returns the ensemble and
+    the gate's record for the recipe. `processor` is set to the combined input size (the largest member's)."""
     general_members = [ensemble.members[index] for index in general]
     new_tags = [text for text, group in experts[0].config.tags if [text, group] not in general_members[0].config.tags]
     for member in general_members:  # typed feedback tags the experts learned; the catalogue members rank them last
@@ -112,6 +119,7 @@ def combine_with_experts(args, ensemble, general: list[int], expert_folders: lis
         member_domains=[ensemble.config.domains[0]] * len(general_members) + [USER_PHOTOS_DOMAIN] * len(experts),
         expert_min_weight=ensemble.config.expert_min_weight,
     )  # fmt: skip
+    processor.size = dict(zip(("height", "width"), combined.config.image_size))
     catalogue = replay_sample(load_split(args, args.train_split), GATE_CATALOGUE_PHOTOS, args.seed)
     inputs = [domain_gate.gate_inputs(combined, processor, catalogue)]
     inputs += [domain_gate.gate_inputs(combined, processor, photos) for photos in user_photo_sets(args)]

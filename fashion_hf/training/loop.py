@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
+from transformers import PreTrainedConfig, get_cosine_schedule_with_warmup
 
 from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
 from .. import data
@@ -86,9 +86,14 @@ def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> Fashion
             model.config.decoder_matmul_dtype = args.decoder_matmul_dtype
         add_detail_tags(model, keep_detail_tags)
         return model
-    min_tag_count = default_min_tag_count(args, len(train_dataset))
-    heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=min_tag_count,
-                                        keep_detail_tags=keep_detail_tags)  # fmt: skip
+    if args.vocabulary_from:  # a new member for that model's ensemble: the same labels and tags, in the same order
+        known, _ = PreTrainedConfig.get_config_dict(args.vocabulary_from)
+        heads = {name: known["attributes"][name] for name in known.get("attribute_order") or known["attributes"]}
+        tags = known["tags"]
+    else:
+        min_tag_count = default_min_tag_count(args, len(train_dataset))
+        heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=min_tag_count,
+                                            keep_detail_tags=keep_detail_tags)  # fmt: skip
     size = {"image_size": list(args.image_size)} if args.image_size else {}  # else the configuration's default
     config = FashionTaggerConfig(
         encoder_name=args.encoder_name,
@@ -105,6 +110,8 @@ def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> Fashion
         feedback_tag_min_contributors=feedback_tag_min_contributors(args),
     )
     model = FashionTaggerModel(config)
+    if args.vocabulary_from:
+        add_detail_tags(model, keep_detail_tags)
     if args.pretrained != "none":
         model.config.encoder_weights = load_pretrained_encoder(model, args.pretrained)
     return model
@@ -385,7 +392,7 @@ def train_model(args, command: str, final: bool = True) -> Path:
             args, command, seconds=seconds_before + time.time() - started,
             devices=f"{accelerator.num_processes} x {accelerator.device.type}", best_epoch=progress.best_epoch,
             images={"train": len(train_set), "eval": len(eval_set), **({"test": len(test_set)} if test_set is not None else {})},
-            splits=splits, min_tag_count=default_min_tag_count(args, len(train_set)) if not args.init_from else None,
+            splits=splits, min_tag_count=None if args.init_from or args.vocabulary_from else default_min_tag_count(args, len(train_set)),
             feedback_tags=typed_tags,
         )  # fmt: skip
         if not final:

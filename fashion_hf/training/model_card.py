@@ -29,7 +29,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .recipe import ARGUMENTS, OLD_SPELLINGS, TRAIN_IMAGES, WALL_TIME, read_key, spellings
+from .recipe import ARGUMENTS, CONTINUE_WITH, OLD_SPELLINGS, TRAIN_IMAGES, WALL_TIME, read_key, spellings
 
 TEMPLATE = Path(__file__).with_name("model_card_template.md")
 TASK_TYPE = "image-classification"
@@ -481,6 +481,14 @@ def build_model_card(
     attributes = config.get("attributes", {})
     tags = config.get("tags", [])
     members = config.get("members") if config.get("model_type") == "fashion-tagger-ensemble" else None
+    if members:  # each at its own input size; a member added with its encoder frozen says so (recipe.CONTINUE_WITH)
+        lineage = recipe.get("members") or []
+        lineage = lineage if len(lineage) == len(members) else [{}] * len(members)
+        members = [
+            {"image_size": config.get("image_size"), **member,
+             "frozen_encoder": (line.get(CONTINUE_WITH) or {}).get("frozen_stages") == "all"}
+            for member, line in zip(members, lineage)
+        ]  # fmt: skip
     stages, total_wall_time = _stages(recipe, [member["encoder_name"] for member in members or []])
     confusion_head = metrics.get("confusion_matrix_attribute")
     titles = dict(PLOTS)

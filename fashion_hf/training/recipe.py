@@ -15,10 +15,16 @@ from pathlib import Path
 
 import torch
 
+from ..configuration_fashion_tagger import USER_PHOTOS_DOMAIN
+
 RECIPE_FILE = "recipe.json"
 WALL_TIME = "wall_time_seconds"
 TRAIN_IMAGES = "train_images"
 ARGUMENTS = "arguments"
+# A member added to an ensemble (`ensemble.py --add-experts-to`) continues, in later `--init-from` runs, with the
+# encoder freezing it was trained with, not the run's: a frozen ImageNet encoder at a larger input stays frozen.
+CONTINUE_WITH = "continue_with"
+ENCODER_FLAGS = ("frozen_stages", "cache_views")
 OLD_SPELLINGS = {WALL_TIME: ("wall_time_s",), TRAIN_IMAGES: ("train_examples",), ARGUMENTS: ("hyperparameters",)}
 STAGE_KEYS = ("command", WALL_TIME, "hardware", "wall_time_note")  # what a run says about itself in a later history
 
@@ -159,6 +165,31 @@ def combined_ensemble_recipe(args, command: str, seconds: float, dataset_id: str
         # Each member's best epoch was chosen on its evaluation split; which members to combine is judged here.
         "selected_on": {"split": args.eval_split, "choices": ["each member's best epoch", "the ensemble's members"]},
         ARGUMENTS: vars(args),
+    }
+
+
+def keep_continue_with(member: dict) -> dict:
+    """The `CONTINUE_WITH` entry of a member's lineage, to pass on to the next one."""
+    return {CONTINUE_WITH: member[CONTINUE_WITH]} if CONTINUE_WITH in member else {}
+
+
+def added_experts_recipe(args, command: str, seconds: float, earlier: dict, gate: dict, base_models: list[str]) -> dict:
+    """The recipe of an ensemble that `ensemble.py --add-experts-to` gave more user-photo experts: `earlier`, the
+    recipe of the ensemble it added them to, with the added members' lineage, the new gate and the time they took."""
+    added = [
+        {"folder": folder, "stages": previous_stages(folder), "domain": USER_PHOTOS_DOMAIN,
+         CONTINUE_WITH: {flag: read_recipe(folder)[ARGUMENTS][flag] for flag in ENCODER_FLAGS}}
+        for folder in args.members
+    ]  # fmt: skip
+    added_seconds = sum(read_key(stage, WALL_TIME) or 0 for member in added for stage in member["stages"][-1:])
+    return {
+        **earlier,
+        "command": command,
+        WALL_TIME: round(added_seconds + seconds, 1),  # from the ensemble it started from, as a continued one counts
+        "base_model": base_models,
+        "members": [*earlier.get("members", []), *added],
+        "added_experts": {"to": args.add_experts_to, "members": args.members, "seconds": round(seconds, 1), ARGUMENTS: vars(args)},
+        "gate": gate,
     }
 
 

@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--init-from", default=None,
         help="start from this model folder: a model (keeps its heads and tags; typed feedback tags are added) or an "
         "ensemble (each member continues training in turn, then they are combined again)")
+    add("--vocabulary-from", default=None, metavar="MODEL",
+        help="a new model with MODEL's head labels and tag vocabulary instead of the data's: a member to join "
+        "MODEL's ensemble (train/ensemble.py --add-experts-to), e.g. with another encoder or input size")
     add("--encoder-name", default="tf_efficientnet_lite0")
     add("--image-size", type=int, nargs=2, default=None, metavar=("HEIGHT", "WIDTH"),
         help="input size (default 128 96; with --init-from, the model's own size unless given)")
@@ -181,6 +184,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--distill-from needs images, not cached features: use it with --frozen-stages 0")
     if args.distill_from and args.distill_from_start:
         parser.error("use one of --distill-from and --distill-from-start")
+    if args.vocabulary_from and args.init_from:
+        parser.error("--init-from keeps its model's vocabulary: use one of --init-from and --vocabulary-from")
     if args.distill_from_start and not args.init_from:
         parser.error("--distill-from-start needs --init-from: the model to start from")
     return args
