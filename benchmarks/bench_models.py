@@ -5,8 +5,9 @@ For each model folder, interleaved in the same rounds (so background load falls 
 - one photo: `tagger(photo)` for each of `--single` photos in turn, as the app tags one upload (seconds per photo);
 - a batch: `tagger(photos, batch_size=32)` on `--batch` photos, as a catalogue run (photos per second).
 
-Photos are real product photos from the validation split of Fashion Product Images. Ratios are to the first model,
-per round (median, lowest, highest).
+Photos are real product photos from the validation split of Fashion Product Images, or with `--phone-photos` the
+phone photos of `clothing-user-photos` validation (what a Space visitor uploads, and what the user-photo experts
+run on). Ratios are to the first model, per round (median, lowest, highest).
 
     python benchmarks/bench_models.py models/fashion-tagger outputs/fashion-product-images-distill/model --repeats 7
 """
@@ -26,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("models", nargs="+", help="model folders; ratios are to the first")
     parser.add_argument("--data-source", default=None,
                         help="Fashion Product Images folder or Hub id (default: as fashion_hf.data finds it)")  # fmt: skip
+    parser.add_argument("--phone-photos", action="store_true", help="phone photos (clothing-user-photos) instead")
     parser.add_argument("--single", type=int, default=16, help="photos tagged one by one per round")
     parser.add_argument("--batch", type=int, default=256, help="photos tagged in batches of 32 per round")
     parser.add_argument("--repeats", type=int, default=7)
@@ -38,11 +40,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     keep_freed_memory()
-    dataset = data.load_fashion_product_images(args.data_source, split="validation")
+    if args.phone_photos:
+        dataset = data.load_clothing_user_photos(split="validation")
+    else:
+        dataset = data.load_fashion_product_images(args.data_source, split="validation")
     photos = list(dataset.select(range(min(args.batch, len(dataset))))["image"])
     taggers = {folder: pipeline("fashion-tagging", model=folder) for folder in args.models}
     print(runtime_line())
-    print(f"{args.single} photos one by one and {len(photos)} in batches of 32 per round, {args.repeats} rounds")
+    kind = "phone" if args.phone_photos else "product"
+    print(f"{args.single} {kind} photos one by one and {len(photos)} in batches of 32 per round, {args.repeats} rounds")
 
     def one_by_one(tagger):
         return lambda: [tagger(photo) for photo in photos[: args.single]]

@@ -133,7 +133,7 @@ def test_model_cost_benchmark_times_each_folder_against_the_first(capsys, tmp_pa
 
     results = bench_models.main([*folders, "--data-source", str(tmp_path / "products"), "--single", "2", "--repeats", "2"])
     output = capsys.readouterr().out
-    assert "2 photos one by one and 6 in batches of 32 per round, 2 rounds" in output
+    assert "2 product photos one by one and 6 in batches of 32 per round, 2 rounds" in output
     rows = {line.split("|")[1].strip(): line for line in output.splitlines() if line.split("|")[1:2] and line.split("|")[1].strip() in folders}
     assert "| test_efficientnet |" in rows[folders[0]] and "| test_efficientnet + test_efficientnet, with mirrored photos |" in rows[folders[1]]
     assert rows[folders[0]].count("| 1.00x (1.00-1.00) |") == 2  # the first against itself
