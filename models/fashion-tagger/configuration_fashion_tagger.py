@@ -308,6 +308,16 @@ OOD_LIMITS = ("distance", "uncertainty", "turned")
 QUARTER_TURNS = (90, 180, 270)
 
 
+def largest_image_size(sizes: list[list[int]]) -> list[int]:
+    """The `(height, width)` of most pixels among `sizes`; every other must fit inside it with the same aspect, so
+    that reducing the larger input gives each member the photo it was trained on (`image_size` of an ensemble)."""
+    largest = list(max(sizes, key=lambda size: size[0] * size[1]))
+    for size in sizes:
+        if size[0] > largest[0] or size[1] > largest[1] or size[0] * largest[1] != size[1] * largest[0]:
+            raise ValueError(f"ensemble members' input sizes must share one aspect ratio; got {sizes}")
+    return largest
+
+
 def _shared_fields(config: FashionTaggerConfig) -> dict:
     """The config's fields, without those that name its class or the members, to build another config from."""
     fields = config.to_dict()
@@ -321,8 +331,9 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
     Configuration of a [`FashionTaggerEnsembleModel`]: several fashion taggers trained on the same vocabulary, whose
     head probabilities and next-tag probabilities are averaged (optionally over each photo and its mirror image).
 
-    The vocabularies, input size and normalisation are shared and live at the top level as in
-    [`FashionTaggerConfig`]; each member differs only in its architecture.
+    The vocabularies and normalisation are shared and live at the top level as in [`FashionTaggerConfig`]; each
+    member differs in its architecture and may differ in its input size. The top-level `image_size` is the largest
+    member's, what the image processor makes; a member trained smaller sees each photo reduced to its own size.
 
     Args:
         members (`list[dict]`):
@@ -346,7 +357,7 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
 
     model_type = "fashion-tagger-ensemble"
     MEMBER_FIELDS = ("encoder_name", "encoder_kwargs", "decoder_type", "decoder_hidden_size", "decoder_num_layers",
-                     "tag_embedding_size")  # fmt: skip
+                     "tag_embedding_size", "image_size")  # fmt: skip
 
     def __init__(
         self,
@@ -402,17 +413,23 @@ class FashionTaggerEnsembleConfig(FashionTaggerConfig):
         `domain_fields`: `domains`, `member_domains` and `expert_min_weight`, for an ensemble with experts."""
         first = configs[0]
         for config in configs[1:]:
-            for field in ("attributes", "tags", "image_size", "image_mean", "image_std"):
+            for field in ("attributes", "tags", "image_mean", "image_std"):
                 if getattr(config, field) != getattr(first, field):
                     raise ValueError(f"ensemble members must share {field}; {config.encoder_name}'s differs")
         shared = _shared_fields(first)
+        shared["image_size"] = largest_image_size([config.image_size for config in configs])
         members = [{field: getattr(config, field) for field in cls.MEMBER_FIELDS} for config in configs]
         return cls(members=members, mirror_views=mirror_views, **shared, **domain_fields)
 
     @property
     def encoder_description(self) -> str:
+        def described_member(member: dict) -> str:  # the input size where it is not the first member's
+            size = member.get("image_size", self.image_size)
+            first = self.members[0].get("image_size", self.image_size)
+            return member["encoder_name"] + ("" if size == first else f" at {size[0]}x{size[1]}")
+
         def names(indices):
-            return " + ".join(self.members[index]["encoder_name"] for index in indices)
+            return " + ".join(described_member(self.members[index]) for index in indices)
 
         described = names(self.members_of(self.domains[0]))
         for domain in self.domains[1:]:

@@ -697,8 +697,18 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         weights = torch.cat([weights[:, :1], experts.masked_fill(experts < self.config.expert_min_weight, 0.0)], 1)
         return weights / weights.sum(-1, keepdim=True)
 
+    def member_pixel_values(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`pixel_values` at member `index`'s own input size. The processor makes the largest member's size; a
+        member trained smaller gets it reduced by area averaging (a box filter: the sizes share one aspect, and a
+        whole-number factor such as 320x240 -> 160x120 exports to ONNX as an average pool)."""
+        size = self.members[index].config.image_size
+        if size == self.config.image_size:  # the configs, not the tensor's shape: static when exported to ONNX
+            return pixel_values
+        return F.interpolate(pixel_values, size=tuple(size), mode="area")
+
     def encode_member_views(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
         """Member `index`'s embeddings of each view of each photo, `(views, batch, width)`: one encoder call."""
+        pixel_values = self.member_pixel_values(index, pixel_values)
         views = [pixel_values, pixel_values.flip(-1)] if self.config.mirror_views else [pixel_values]
         return self.members[index].encode_images(torch.cat(views)).view(len(views), pixel_values.shape[0], -1)
 
