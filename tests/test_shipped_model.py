@@ -6,6 +6,7 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 import torch
 from card_figures import card_mismatches
 from helpers import PRODUCT_IMAGES, REPO, SHARED_DATA
@@ -72,3 +73,20 @@ def test_the_gate_sends_phone_photos_to_the_user_photo_experts_and_catalogue_pho
     # 0.11; all 32 phone photos go to them, mean weight 0.98. Product accuracy is that of the catalogue members.
     assert (catalogue == 0).sum() >= PHOTOS * 2 // 3 and catalogue.mean() < 0.2, catalogue
     assert (phone > 0.5).sum() >= PHOTOS - 1 and phone.mean() > 0.9, phone
+
+
+def test_each_shipped_member_trained_frozen_continues_frozen():
+    """The next `--init-from models/fashion-tagger --feedback` run trains each expert by recipe.json's
+    `continue_with`; without it a member trained with its encoder frozen would be unfrozen (and take three times as
+    long) under the feedback config's settings."""
+    recipe = json.loads((SHIPPED / "recipe.json").read_text())
+    frozen = []
+    for member in recipe["members"]:
+        words = member["stages"][-1]["command"].split()
+        if "--config" not in words:
+            continue
+        config = yaml.safe_load((REPO / words[words.index("--config") + 1]).read_text())
+        if config.get("frozen_stages") == "all":
+            frozen.append(member["folder"])
+            assert member.get("continue_with") == {"frozen_stages": "all", "cache_views": config["cache_views"]}, member
+    assert frozen, "the shipped lite2 expert was trained with its encoder frozen"
