@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import PreTrainedConfig, get_cosine_schedule_with_warmup
+from transformers import AutoConfig, get_cosine_schedule_with_warmup
 
 from .. import FashionTaggerConfig, FashionTaggerImageProcessor, FashionTaggerModel
 from .. import data
@@ -87,9 +87,8 @@ def build_model(args, train_dataset, attributes, keep_detail_tags=()) -> Fashion
         add_detail_tags(model, keep_detail_tags)
         return model
     if args.vocabulary_from:  # a new member for that model's ensemble: the same labels and tags, in the same order
-        known, _ = PreTrainedConfig.get_config_dict(args.vocabulary_from)
-        heads = {name: known["attributes"][name] for name in known.get("attribute_order") or known["attributes"]}
-        tags = known["tags"]
+        known = AutoConfig.from_pretrained(args.vocabulary_from)  # a tagger's or an ensemble's: heads in their order
+        heads, tags = known.attributes, known.tags
     else:
         min_tag_count = default_min_tag_count(args, len(train_dataset))
         heads, tags = data.build_vocabulary(train_dataset, attributes, min_tag_count=min_tag_count,
