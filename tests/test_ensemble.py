@@ -28,7 +28,7 @@ from fashion_hf import (
 )
 from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID
 from fashion_hf.explain import grad_cam
-from fashion_hf.modeling_fashion_tagger import tag_conflicts
+from fashion_hf.modeling_fashion_tagger import area_resize, tag_conflicts
 from fashion_hf import evaluation
 from fashion_hf.training import ensemble as ensemble_script
 from fashion_hf.training import evaluate as evaluate_script
@@ -147,6 +147,14 @@ def test_a_member_trained_smaller_sees_the_photo_reduced_to_its_own_size(tmp_pat
     assert FashionTaggerImageProcessor.from_pretrained(tmp_path).size == {"height": 64, "width": 48}
     with pytest.raises(ValueError, match="share one aspect ratio"):
         FashionTaggerEnsembleConfig.from_members([small.config, tagging_model(image_size=(64, 32)).config])
+
+
+def test_the_reduction_averages_the_area_under_each_new_pixel_for_any_ratio():
+    x = torch.randn(2, 3, 8, 6)
+    torch.testing.assert_close(area_resize(x, (4, 3)), torch.nn.functional.avg_pool2d(x, 2))
+    row = torch.tensor([[[[3.0, 6.0, 9.0]]]])  # 3 pixels to 2: each new one covers one and a half old ones
+    torch.testing.assert_close(area_resize(row, (1, 2)), torch.tensor([[[[(3.0 + 6.0 / 2) / 1.5, (6.0 / 2 + 9.0) / 1.5]]]]))
+    torch.testing.assert_close(area_resize(torch.ones(1, 1, 384, 288), (160, 120)), torch.ones(1, 1, 160, 120))
 
 
 def test_an_ensemble_saved_before_members_had_their_own_size_runs_every_member_at_its_size():

@@ -96,10 +96,11 @@ def test_a_gated_ensembles_experts_run_only_on_the_photos_the_gate_gives_them(ro
     assert expert_rows == expected_rows
 
 
-def test_an_expert_with_a_larger_input_exports_with_the_catalogue_members_reduction_in_their_graph(tmp_path):
-    ensemble = gated_ensemble("all", expert_size=(128, 96))
+@pytest.mark.parametrize("expert_size", [(128, 96), (96, 72)], ids=["2x", "1.5x"])
+def test_an_expert_with_a_larger_input_exports_with_the_catalogue_members_reduction_in_their_graph(expert_size, tmp_path):
+    ensemble = gated_ensemble("all", expert_size=expert_size)
     onnx_tagger = OnnxTagger(ensemble, export_onnx(ensemble, tmp_path))
-    assert_same_answers(ensemble, onnx_tagger, pixels(size=(128, 96)))
+    assert_same_answers(ensemble, onnx_tagger, pixels(size=expert_size))
 
 
 class RecordingSession:
