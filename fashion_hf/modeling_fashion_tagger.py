@@ -639,12 +639,16 @@ def area_weights(size: int, new_size: int) -> torch.Tensor:
     return (covered / scale).float()
 
 
-def area_resize(pixel_values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """`(batch, channels, *size)` box-filtered from `pixel_values`. Two products with fixed weight matrices: they
-    export to ONNX for any ratio, such as 384x288 -> 160x120, where an adaptive average pool (`F.interpolate`'s
-    "area") exports only for whole-number ones."""
-    rows = area_weights(pixel_values.shape[-2], size[0]).to(pixel_values)
-    columns = area_weights(pixel_values.shape[-1], size[1]).to(pixel_values)
+def area_resize(pixel_values: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`(batch, channels, *size)` box-filtered from `pixel_values`: an average pool where the sizes divide, else two
+    products with fixed weight matrices, which export to ONNX for any ratio (such as 384x288 -> 160x120), where an
+    adaptive average pool (`F.interpolate`'s "area") exports only for whole-number ones. `input_size`, when given,
+    is `pixel_values`' height and width as plain numbers: an ONNX export then reads them as constants."""
+    height, width = input_size or pixel_values.shape[-2:]
+    if height % size[0] == 0 and width % size[1] == 0:
+        return F.avg_pool2d(pixel_values, (height // size[0], width // size[1]))
+    rows = area_weights(height, size[0]).to(pixel_values)
+    columns = area_weights(width, size[1]).to(pixel_values)
     return rows @ pixel_values @ columns.T
 
 
@@ -722,7 +726,7 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
         size = self.members[index].config.image_size
         if size == self.config.image_size:  # the configs, not the tensor's shape: static when exported to ONNX
             return pixel_values
-        return area_resize(pixel_values, tuple(size))
+        return area_resize(pixel_values, tuple(size), tuple(self.config.image_size))
 
     def encode_member_views(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
         """Member `index`'s embeddings of each view of each photo, `(views, batch, width)`: one encoder call."""

@@ -28,7 +28,7 @@ from fashion_hf import (
 )
 from fashion_hf.configuration_fashion_tagger import BOS_TAG_ID
 from fashion_hf.explain import grad_cam
-from fashion_hf.modeling_fashion_tagger import area_resize, tag_conflicts
+from fashion_hf.modeling_fashion_tagger import area_resize, area_weights, tag_conflicts
 from fashion_hf import evaluation
 from fashion_hf.training import ensemble as ensemble_script
 from fashion_hf.training import evaluate as evaluate_script
@@ -152,6 +152,8 @@ def test_a_member_trained_smaller_sees_the_photo_reduced_to_its_own_size(tmp_pat
 def test_the_reduction_averages_the_area_under_each_new_pixel_for_any_ratio():
     x = torch.randn(2, 3, 8, 6)
     torch.testing.assert_close(area_resize(x, (4, 3)), torch.nn.functional.avg_pool2d(x, 2))
+    torch.testing.assert_close(area_resize(x, (8, 3)), torch.nn.functional.avg_pool2d(x, (1, 2)))
+    torch.testing.assert_close(area_weights(8, 4) @ x @ area_weights(6, 3).T, torch.nn.functional.avg_pool2d(x, 2))
     row = torch.tensor([[[[3.0, 6.0, 9.0]]]])  # 3 pixels to 2: each new one covers one and a half old ones
     torch.testing.assert_close(area_resize(row, (1, 2)), torch.tensor([[[[(3.0 + 6.0 / 2) / 1.5, (6.0 / 2 + 9.0) / 1.5]]]]))
     torch.testing.assert_close(area_resize(torch.ones(1, 1, 384, 288), (160, 120)), torch.ones(1, 1, 160, 120))
