@@ -361,6 +361,28 @@ def test_init_from_an_ensemble_with_experts_trains_only_its_experts_and_fits_the
 
 
 @pytest.mark.slow
+def test_the_first_expert_added_to_a_catalogue_ensemble_gets_a_gate(trained, tiny_catalogue, tmp_path):
+    """An ensemble of catalogue members alone takes its first user-photo expert the same way: the members stay, the
+    expert joins them in a second domain, and a gate is fitted on the corrections against catalogue photos."""
+    from fashion_hf.training import ensemble as ensemble_script
+    from fashion_hf.training.combine import combine_models, save
+
+    first_stage, _ = trained
+    member = fashion_hf.FashionTaggerModel.from_pretrained(first_stage / "model", dtype=torch.float32)
+    save(combine_models([member, member]), fashion_hf.FashionTaggerImageProcessor.from_pretrained(first_stage / "model"),
+         tmp_path / "start", torch.float16)  # fmt: skip
+    (tmp_path / "start" / "recipe.json").write_text(json.dumps({"command": "ensemble.py ...", "members": [{"folder": "m"}] * 2}))
+    two_shirt_corrections(tmp_path / "feedback")
+    ensemble_script.main([str(first_stage / "model"), "--add-experts-to", str(tmp_path / "start"), "--feedback",
+                          str(tmp_path / "feedback"), "--data-source", str(tiny_catalogue), "--output-dir",
+                          str(tmp_path / "gated")])  # fmt: skip
+    model = AutoModel.from_pretrained(tmp_path / "gated")
+    assert model.config.domains == ["catalogue", "user-photos"] and model.gate is not None
+    assert model.config.member_domains == ["catalogue", "catalogue", "user-photos"]
+    assert json.loads((tmp_path / "gated" / "recipe.json").read_text())["gate"]["fitted_on"] == {"catalogue": 24, "user-photos": 2}
+
+
+@pytest.mark.slow
 def test_a_new_expert_with_its_own_encoder_and_input_size_joins_an_ensembles_experts(trained, tiny_catalogue, tmp_path):
     """train.py --vocabulary-from an ensemble trains a new model on its labels and tags (here at twice its input
     size); train/ensemble.py --add-experts-to adds it to the ensemble's user-photo experts, keeps every member it had

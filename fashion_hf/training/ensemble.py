@@ -44,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-split", default="validation")
     parser.add_argument("--limit-eval", type=int, default=None, help="evaluate on the first N images only")
     parser.add_argument("--add-experts-to", default=None, metavar="ENSEMBLE",
-                        help="add the members to this ensemble's user-photo experts and fit its gate again")  # fmt: skip
+                        help="add the members to this ensemble's user-photo experts (it may have none yet) and fit its gate")  # fmt: skip
     parser.add_argument("--feedback", default=None, help="with --add-experts-to: the feedback store the gate learns from")
     parser.add_argument("--mix-dataset", default=None, metavar="NAME",
                         help="with --add-experts-to: a built-in data set of user photos (its train split) for the gate")  # fmt: skip
@@ -100,13 +100,11 @@ def main(argv=None) -> Path:
 
 
 def with_added_experts(args):
-    """`--add-experts-to`: that ensemble with the members given as more user-photo experts and its gate fitted
-    again; returns the ensemble, its processor (at the largest member's input size) and the gate's record."""
+    """`--add-experts-to`: that ensemble with the members given as more user-photo experts (or its first) and its
+    gate fitted; returns the ensemble, its processor (at the largest member's input size) and the gate's record."""
     base = FashionTaggerEnsembleModel.from_pretrained(args.add_experts_to, dtype=torch.float32).drop_calibration()
     config = base.config
-    if USER_PHOTOS_DOMAIN not in config.domains:
-        raise SystemExit(f"{args.add_experts_to} has no {USER_PHOTOS_DOMAIN} experts to add to: train them first")
-    experts = [base.members[index] for index in config.members_of(USER_PHOTOS_DOMAIN)]
+    experts = [base.members[index] for index in config.members_of(USER_PHOTOS_DOMAIN)]  # none in a catalogue ensemble
     experts += [FashionTaggerModel.from_pretrained(folder, dtype=torch.float32) for folder in args.members]
     processor = FashionTaggerImageProcessor.from_pretrained(args.add_experts_to)
     ensemble, gate = combine_with_experts(args, base, config.members_of(config.domains[0]), experts, processor)
