@@ -629,6 +629,29 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         )
         return self._initial_decoder_state(image_embeds), step
 
+def area_weights(size: int, new_size: int) -> torch.Tensor:
+    """`(new_size, size)`: row i averages the input pixels under output pixel i, a pixel it covers in part weighed
+    by the part covered (a box filter)."""
+    scale = size / new_size
+    starts = torch.arange(new_size, dtype=torch.float64)[:, None] * scale
+    pixels = torch.arange(size, dtype=torch.float64)[None]
+    covered = (torch.minimum(starts + scale, pixels + 1) - torch.maximum(starts, pixels)).clamp(min=0)
+    return (covered / scale).float()
+
+
+def area_resize(pixel_values: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """`(batch, channels, *size)` box-filtered from `pixel_values`: an average pool where the sizes divide, else two
+    products with fixed weight matrices, which export to ONNX for any ratio (such as 384x288 -> 160x120), where an
+    adaptive average pool (`F.interpolate`'s "area") exports only for whole-number ones. `input_size`, when given,
+    is `pixel_values`' height and width as plain numbers: an ONNX export then reads them as constants."""
+    height, width = input_size or pixel_values.shape[-2:]
+    if height % size[0] == 0 and width % size[1] == 0:
+        return F.avg_pool2d(pixel_values, (height // size[0], width // size[1]))
+    rows = area_weights(height, size[0]).to(pixel_values)
+    columns = area_weights(width, size[1]).to(pixel_values)
+    return rows @ pixel_values @ columns.T
+
+
 def mean_of_probabilities(log_probs: list[torch.Tensor]) -> torch.Tensor:
     """log(mean(exp(x))) over a list of log-probability tensors: the log of the averaged distribution."""
     return torch.stack(log_probs).logsumexp(0) - math.log(len(log_probs))
@@ -699,12 +722,11 @@ class FashionTaggerEnsembleModel(FashionTaggerPreTrainedModel):
 
     def member_pixel_values(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
         """`pixel_values` at member `index`'s own input size. The processor makes the largest member's size; a
-        member trained smaller gets it reduced by area averaging (a box filter: the sizes share one aspect, and a
-        whole-number factor such as 320x240 -> 160x120 exports to ONNX as an average pool)."""
+        member trained smaller gets it reduced by area averaging."""
         size = self.members[index].config.image_size
         if size == self.config.image_size:  # the configs, not the tensor's shape: static when exported to ONNX
             return pixel_values
-        return F.interpolate(pixel_values, size=tuple(size), mode="area")
+        return area_resize(pixel_values, tuple(size), tuple(self.config.image_size))
 
     def encode_member_views(self, index: int, pixel_values: torch.Tensor) -> torch.Tensor:
         """Member `index`'s embeddings of each view of each photo, `(views, batch, width)`: one encoder call."""
