@@ -629,6 +629,7 @@ class FashionTaggerModel(FashionTaggerPreTrainedModel):
         )
         return self._initial_decoder_state(image_embeds), step
 
+
 def area_weights(size: int, new_size: int) -> torch.Tensor:
     """`(new_size, size)`: row i averages the input pixels under output pixel i, a pixel it covers in part weighed
     by the part covered (a box filter)."""
