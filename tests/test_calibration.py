@@ -322,6 +322,7 @@ def test_calibrate_writes_its_report_and_plots(calibrated_run):
     assert all(0.0 <= value <= 1.0 for value in searched["auroc"].values())
     assert set(report["rotated"]["sources"]["product"]) == {"0", "90", "180", "270"}
     assert report["upright_search"] == calibrate.UPRIGHT_SEARCH
+    assert report["ood_uncertainty_heads"] == ["masterCategory", "articleType"]  # the tiny model has no subCategory
 
 
 def test_the_calibrated_folder_keeps_the_weights_and_loads_with_its_calibration(calibrated_run):
@@ -334,6 +335,7 @@ def test_the_calibrated_folder_keeps_the_weights_and_loads_with_its_calibration(
     config = tagger.model.config
     assert config.attribute_temperatures == report["attribute_temperatures"]
     assert config.ood_thresholds == report["ood_thresholds"]
+    assert config.ood_uncertainty_heads == report["ood_uncertainty_heads"]
     result = tagger(Image.new("RGB", (48, 64), "white"))
     assert result["out_of_distribution"]["threshold"] == 1.0
     # The distance the limits were fitted with (numpy, `FeatureDensity`) is the one the model serves.
@@ -381,6 +383,7 @@ def test_evaluate_and_the_model_card_show_the_calibration(calibrated_run):
     as_served = card.split("as the pipeline answers")[1].split("Photos turned")[0]
     assert f"real photos of other things {searched['auroc']['photos']:.3f}" in as_served.split("; AUROC ")[1]
     assert "Where a turn looks more upright by over 0.4 but not clearly" in card
+    assert "(summed entropy of\nmasterCategory, articleType)" in card
 
 
 def test_the_turned_probe_and_the_joint_limits():
@@ -453,17 +456,24 @@ def test_turn_upright_tags_the_turn_that_looks_clearly_more_upright(monkeypatch)
     assert same is embeds and not none_turned.any() and not no_gain.any() and len(asked) == 1
 
 
-def test_a_turn_gain_over_the_flag_margin_flags_the_photo_as_turned():
+def model_with_detector(limits: dict[str, float]):
+    """A tiny model with a detector (zero means, identity precision, a turned probe that says 0.5) and these
+    limits, its embeddings and head logits of two photos."""
     model = tagging_model()
     processor = FashionTaggerImageProcessor(size={"height": 64, "width": 48})
     with torch.no_grad():
         embeds = model.encode_images(processor([Image.new("RGB", (48, 64), c) for c in ("red", "navy")], return_tensors="pt")["pixel_values"])
         width = model.ood_features(embeds).shape[1]
-        model.config.ood_thresholds = {"distance": 1e9, "uncertainty": 1e9, "turned": 0.5}
+        model.config.ood_thresholds = limits
         model.register_buffer("ood_means", torch.zeros(2, width))
         model.register_buffer("ood_precision", torch.eye(width))
-        model.register_buffer("ood_turned", torch.zeros(width + 1))  # the turned probe says 0.5: at its limit
-        logits = model(image_embeds=embeds).attribute_logits
+        model.register_buffer("ood_turned", torch.zeros(width + 1))
+        return model, embeds, model(image_embeds=embeds).attribute_logits
+
+
+def test_a_turn_gain_over_the_flag_margin_flags_the_photo_as_turned():
+    model, embeds, logits = model_with_detector({"distance": 1e9, "uncertainty": 1e9, "turned": 0.5})  # turned: at its limit
+    with torch.no_grad():
         turn_gain = torch.tensor([0.0, 0.3])
         model.config.upright_search = {"below": 0.5, "margin": 0.9}
         torch.testing.assert_close(model.ood_signals(embeds, logits, turn_gain)["turned"], torch.ones(2))
@@ -504,6 +514,26 @@ def test_the_pipeline_flags_a_photo_whose_turn_looked_more_upright_by_over_the_f
 def test_config_refuses_a_malformed_upright_search(search):
     with pytest.raises(ValueError, match="upright_search"):
         tiny_config(upright_search=search)
+
+
+def test_the_uncertainty_signal_sums_the_entropy_of_the_heads_the_config_names():
+    model, embeds, logits = model_with_detector({"distance": 1e9, "uncertainty": 2.0, "turned": 1e9})
+    with torch.no_grad():
+
+        def entropy(name):
+            log_probs = logits[name].log_softmax(-1)
+            return -(log_probs.exp() * log_probs).sum(-1)
+
+        every_head = sum(entropy(name) for name in logits)
+        torch.testing.assert_close(model.ood_signals(embeds, logits)["uncertainty"], every_head / 2.0)
+        model.config.ood_uncertainty_heads = ["masterCategory", "articleType"]
+        garment_heads = entropy("masterCategory") + entropy("articleType")
+        torch.testing.assert_close(model.ood_signals(embeds, logits)["uncertainty"], garment_heads / 2.0)
+        assert (garment_heads < every_head).all()
+    with pytest.raises(ValueError, match="ood_uncertainty_heads"):
+        tiny_config(ood_uncertainty_heads=["fabric"])
+    model.drop_calibration()
+    assert model.config.ood_uncertainty_heads is None
 
 
 def test_quarter_turns_are_the_photo_turned_at_the_model_size():

@@ -196,6 +196,7 @@ def _calibration_section(report: dict | None, model_folder: Path) -> dict | None
         "hierarchy": ", ".join(f"{name} from {finer}" for name, finer in report.get("label_hierarchy", {}).items()),
         "tags_before": f"{report['tags']['overall']['ece_before']:.3f}",
         "tags_after": f"{report['tags']['overall']['ece_after']:.3f}",
+        "uncertainty_heads": ", ".join(report.get("ood_uncertainty_heads") or []) or "every head",
         "fitting_budget": _percent(ood.get("fitting_budget")).replace(".0%", "%"),
         "flagged": _ood_figures(ood["flagged"], _percent),
         "auroc": _ood_figures(ood["auroc"], lambda value: f"{value:.3f}"),
