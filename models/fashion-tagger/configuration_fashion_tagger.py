@@ -103,9 +103,13 @@ class FashionTaggerConfig(PreTrainedConfig):
         ood_thresholds (`dict[str, float]`, *optional*):
             The out-of-distribution detector's limits, set with its statistics by `fashion-hf calibrate`: `distance`
             (of the photo's normalised embedding to the photos the model was trained on, a Mahalanobis distance),
-            `uncertainty` (the summed entropy of the calibrated heads) and `turned` (the probability that the photo
+            `uncertainty` (the summed entropy of the calibrated heads of `ood_uncertainty_heads`) and `turned` (the
+            probability that the photo
             is on its side or upside down, from a linear probe of the embedding). A photo beyond any of them does not
             look like an upright clothing or accessory photo (`ood_scores`). None: no detector.
+        ood_uncertainty_heads (`list[str]`, *optional*):
+            The heads whose summed entropy is the detector's `uncertainty` signal, chosen by `fashion-hf calibrate`:
+            the heads that say what the garment is. None: every head (models calibrated before the field existed).
         upright_search (`dict[str, float]`, *optional*):
             Photos that may be on their side or upside down, tagged the right way up: `below` is the upright
             probability (a four-way probe of the embedding, fitted by `fashion-hf calibrate`) under which the
@@ -157,6 +161,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         tag_score_scaling: dict[str, list[float]] | None = None,
         confidence_thresholds: dict[str, float] | None = None,
         ood_thresholds: dict[str, float] | None = None,
+        ood_uncertainty_heads: list[str] | None = None,
         upright_search: dict[str, float] | None = None,
         label_hierarchy: dict[str, dict] | None = None,
         attribute_order: list[str] | None = None,
@@ -205,6 +210,7 @@ class FashionTaggerConfig(PreTrainedConfig):
         self.tag_score_scaling = {group: list(scaling) for group, scaling in (tag_score_scaling or {}).items()}
         self.confidence_thresholds = dict(confidence_thresholds or {})
         self.ood_thresholds = dict(ood_thresholds) if ood_thresholds else None
+        self.ood_uncertainty_heads = list(ood_uncertainty_heads) if ood_uncertainty_heads else None
         self.upright_search = dict(upright_search) if upright_search else None
         self.label_hierarchy = {name: dict(link) for name, link in (label_hierarchy or {}).items()}
         self._check_calibration()
@@ -226,6 +232,8 @@ class FashionTaggerConfig(PreTrainedConfig):
                 raise ValueError(f"confidence_thresholds[{name!r}] = {threshold!r}: a head's threshold is in [0, 1]")
         if self.ood_thresholds is not None and sorted(self.ood_thresholds) != sorted(OOD_LIMITS):
             raise ValueError(f"ood_thresholds has the limits {list(OOD_LIMITS)}, got {self.ood_thresholds!r}")
+        if self.ood_uncertainty_heads is not None and not set(self.ood_uncertainty_heads) <= set(self.attributes):
+            raise ValueError(f"ood_uncertainty_heads names heads of `attributes`, got {self.ood_uncertainty_heads!r}")
         if self.upright_search is not None and not (
             {"below", "margin"} <= set(self.upright_search) <= {"below", "margin", "flag_margin"}
             and 0 < self.upright_search.get("flag_margin", 1.0) <= 1.0
@@ -260,7 +268,7 @@ class FashionTaggerConfig(PreTrainedConfig):
     def without_calibration(self) -> None:
         """Forget every fitted calibration value: they belong to these weights, and training changes them."""
         self.attribute_temperatures, self.tag_score_scaling, self.confidence_thresholds = {}, {}, {}
-        self.ood_thresholds = self.upright_search = None
+        self.ood_thresholds = self.ood_uncertainty_heads = self.upright_search = None
         self.label_hierarchy = {}
 
     @property
@@ -300,8 +308,8 @@ class FashionTaggerConfig(PreTrainedConfig):
 ENSEMBLE_FIELDS = ("members", "mirror_views", "domains", "member_domains", "expert_min_weight")
 # Fitted to one model's weights by `fashion-hf calibrate`: a member or a retrained model does not inherit them.
 CALIBRATION_FIELDS = (
-    "attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds", "upright_search",
-    "label_hierarchy",
+    "attribute_temperatures", "tag_score_scaling", "confidence_thresholds", "ood_thresholds", "ood_uncertainty_heads",
+    "upright_search", "label_hierarchy",
 )
 OOD_LIMITS = ("distance", "uncertainty", "turned")
 # The turns `upright_search` tries, counter-clockwise as PIL's `Image.rotate` turns (90 undoes a photo turned by 270).

@@ -288,9 +288,10 @@ class FashionTaggerPreTrainedModel(PreTrainedModel):
         limits = self.config.ood_thresholds
         if limits is None:
             return None
+        heads = self.config.ood_uncertainty_heads or list(attribute_logits)
         signals = {
             "distance": self.ood_distance(image_embeds),
-            "uncertainty": summed_entropy(attribute_logits),
+            "uncertainty": summed_entropy({name: attribute_logits[name] for name in heads}),
             "turned": self.turned_probability(image_embeds),
         }
         signals = {name: value / limits[name] for name, value in signals.items()}
