@@ -104,9 +104,9 @@ class FashionTaggerConfig(PreTrainedConfig):
             The out-of-distribution detector's limits, set with its statistics by `fashion-hf calibrate`: `distance`
             (of the photo's normalised embedding to the photos the model was trained on, a Mahalanobis distance),
             `uncertainty` (the summed entropy of the calibrated heads of `ood_uncertainty_heads`) and `turned` (the
-            probability that the photo
-            is on its side or upside down, from a linear probe of the embedding). A photo beyond any of them does not
-            look like an upright clothing or accessory photo (`ood_scores`). None: no detector.
+            probability that the photo is on its side or upside down, from a linear probe of the embedding). A photo
+            beyond any of them does not look like an upright clothing or accessory photo (`ood_scores`). None: no
+            detector.
         ood_uncertainty_heads (`list[str]`, *optional*):
             The heads whose summed entropy is the detector's `uncertainty` signal, chosen by `fashion-hf calibrate`:
             the heads that say what the garment is. None: every head (models calibrated before the field existed).
