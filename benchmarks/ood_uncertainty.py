@@ -17,13 +17,12 @@ import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 from bench_utils import PRODUCT_IMAGES  # noqa: F401  (sets HF_HUB_OFFLINE first)
 
 import torch  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
-from fashion_hf.calibration import FeatureDensity, collect, joint_limits, turned_probability  # noqa: E402
+from fashion_hf.calibration import FeatureDensity, collect, joint_limits  # noqa: E402
 from fashion_hf.image_processing_fashion_tagger import FashionTaggerImageProcessor  # noqa: E402
 from fashion_hf.training import calibrate  # noqa: E402
 
@@ -36,13 +35,11 @@ HEAD_SETS = {
 
 
 def scores_of(model, processor, args) -> dict:
-    """The model's uncalibrated scores: the fitting and held-out halves of each source, and the outside images."""
+    """The model's uncalibrated scores: the fitting (`"<source> fit"`) and held-out halves of each source, and the
+    outside images."""
     sources = calibrate.validation_sources(limit=args.product_photos)
-    scores = {}
-    for name, (dataset, keys) in sources.items():
-        collected = collect(model, processor, dataset, args.batch_size, with_tags=False, progress=False)
-        fit_rows, held_out_rows = calibrate.halves(keys)
-        scores[f"{name} fit"], scores[name] = collected.rows(fit_rows), collected.rows(held_out_rows)
+    fitting, held_out = calibrate.held_out_sources(model, processor, args, sources)
+    scores = {f"{name} fit": values for name, values in fitting.items()} | held_out
     for name, images in calibrate.outside_images(args).items():
         scores[name] = collect(model, processor, images, args.batch_size, with_tags=False, progress=False)
     return scores
@@ -55,6 +52,7 @@ def main() -> None:
     parser.add_argument("--ood-photos", type=Path, default=Path("/work/ood-photos/images"))
     parser.add_argument("--product-photos", type=int, default=600, help="product validation photos (phone: all 464)")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
     model = AutoModel.from_pretrained(args.model, dtype=torch.float32).eval()
@@ -68,14 +66,12 @@ def main() -> None:
         config.attribute_temperatures = calibrate.fit_temperatures(model, fitting)
         training_labels = calibrate.training_labels(argparse.Namespace(data_source=None))
         config.label_hierarchy = calibrate.fit_label_hierarchy(config, training_labels)
-    detector = AutoModel.from_pretrained(args.detector_from) if args.detector_from else model
-    density = FeatureDensity(detector.ood_means.numpy(), detector.ood_precision.numpy())
-    probe = detector.ood_turned.numpy()
-
-    def signals(name: str) -> dict[str, np.ndarray]:
-        features = scores[name].ood_features
-        return {"distance": density.scores(features), "uncertainty": calibrate.uncertainty_of(scores[name], config),
-                "turned": turned_probability(features, probe)}  # fmt: skip
+    calibrated = AutoModel.from_pretrained(args.detector_from) if args.detector_from else model
+    detector = calibrate.Detector(
+        FeatureDensity(calibrated.ood_means.numpy(), calibrated.ood_precision.numpy()),
+        calibrated.ood_turned.numpy(),
+        calibrated.ood_orientation.numpy(),
+    )
 
     measured = ["product", "phone", "generated", "photos"]
     print(f"{args.model}: flagged share of each held-out set (limits fitted on the other halves, "
@@ -84,12 +80,10 @@ def main() -> None:
     print("|---|" + "---:|" * (len(measured) + 1))
     for label, heads in HEAD_SETS.items():
         config.ood_uncertainty_heads = [name for name in heads if name in config.attributes] if heads else None
-        limits = joint_limits([signals("product fit"), signals("phone fit")], calibrate.IN_DISTRIBUTION_FLAGGED)
-        shares = []
-        for name in measured:
-            values = signals(name)
-            shares.append(np.any([values[signal] > limits[signal] for signal in values], axis=0).mean())
-        by_uncertainty = (signals("photos")["uncertainty"] > limits["uncertainty"]).mean()
+        signals = {name: calibrate.raw_signals(values, config, detector) for name, values in scores.items()}
+        limits = joint_limits([signals["product fit"], signals["phone fit"]], calibrate.IN_DISTRIBUTION_FLAGGED)
+        shares = [(calibrate.over_limits(signals[name], limits) > 1).mean() for name in measured]
+        by_uncertainty = (signals["photos"]["uncertainty"] > limits["uncertainty"]).mean()
         print(f"| {label} | " + " | ".join(f"{share:.1%}" for share in shares) + f" | {by_uncertainty:.1%} |")
     print(f"\nphotos held out: " + ", ".join(f"{name} {len(scores[name].domain_weights)}" for name in measured))
 
